@@ -1,0 +1,32 @@
+# Both targets set themselves up: a virtual environment in .venv and the pinned installs.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: serve test lint train
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.serve-installed
+
+## serve: the committed artifacts on 127.0.0.1:8000 under gunicorn
+serve: $(VENV)/.serve-installed
+	$(BIN)/gunicorn -c gunicorn.conf.py
+
+## test: lint, type-check and the pytest suite
+test: $(VENV)/.test-installed
+	$(BIN)/ruff check service training tests
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+## train: retrain on the default corpus (about an hour on 2 cores)
+train: $(VENV)/.test-installed
+	$(BIN)/python -m training.run

