@@ -112,7 +112,7 @@ def train_mlp(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(rows)
+            total += loss.item() * len(rows)
         model.eval()
         with torch.no_grad():
             _, val_loss = model(val_x, val_y)

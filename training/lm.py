@@ -152,7 +152,7 @@ def train_lm(
         bpc = loss.item() / LN2
         history.steps.append(step + 1)
         history.train_bpc.append(bpc)
-        bar.set_postfix(loss=f"{loss.item():.3f}", bpc=f"{bpc:.3f}", val=f"{history.best_val_bpc:.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", bpc=f"{bpc:.3f}", val=f"{history.best_val_bpc:.3f}", refresh=False)
 
         last_step = step + 1 == cfg.max_steps
         out_of_time = (time.monotonic() - started) / 60.0 >= cfg.max_minutes

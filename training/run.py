@@ -154,6 +154,7 @@ def train_classifier(
     if unknown:
         raise CorpusError(f"labels {sorted(unknown)} appear only in held-out data; give each label more examples")
     index = {label: i for i, label in enumerate(labels)}
+    cfg.model.num_labels = len(labels)
     print(f"classifier: {len(train.texts)} train, {len(val.texts)} validation, {len(test.texts)} test passages")
     x_train, x_val, x_test = (lm_features(lm, vocab, p.texts) for p in (train, val, test))
     y_train, y_val = (torch.tensor([index[y] for y in p.labels]) for p in (train, val))
@@ -297,9 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> int:
+def cli(argv: list[str] | None = None) -> int:
     try:
-        return main()
+        return main(argv)
     except CorpusError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny artifact set built by the real training code, and the app on top of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from flask import Flask
+from flask.testing import FlaskClient
+
+from service.app import create_app
+from service.settings import Settings
+from training.corpus import load_plays
+from training.run import main as train_main
+
+torch.set_num_threads(1)  # the tiny models are faster on one thread, and CI has only two cores
+
+REPO = Path(__file__).resolve().parent.parent
+COMMITTED_ARTIFACTS = REPO / "artifacts"
+
+# Small but real: two genres, four plays each, a slice of each play.
+TINY_PLAYS = {
+    "comedies": ["as-you-like-it", "twelfth-night", "much-ado-about-nothing", "the-comedy-of-errors"],
+    "tragedies": ["hamlet", "macbeth", "othello", "king-lear"],
+}
+TINY_TRAIN_ARGS = [
+    "--hidden-size", "32", "--layers", "1", "--embed-dim", "16", "--batch-size", "8", "--seq-len", "32",
+    "--max-steps", "40", "--eval-every", "20", "--train-passages", "20", "--eval-passages", "4",
+    "--classifier-hidden", "16", "--seed", "7",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    plays = {doc.name: doc for doc in load_plays()}
+    for genre, names in TINY_PLAYS.items():
+        (root / genre).mkdir()
+        for name in names:
+            (root / genre / f"{name}.txt").write_text(plays[f"{genre}/{name}"].text[:6000], encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "artifacts"
+    assert train_main(["--corpus", str(tiny_corpus), "--out", str(out), *TINY_TRAIN_ARGS]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def settings(tiny_artifacts: Path) -> Settings:
+    return Settings(artifacts_dir=tiny_artifacts, max_texts=4, max_text_chars=300, max_tokens=50, max_n=3)
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings) -> Flask:
+    application = create_app(settings)
+    application.config.update(TESTING=True)
+    return application
+
+
+@pytest.fixture()
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
