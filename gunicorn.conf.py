@@ -6,6 +6,8 @@ request I/O with the other requests' compute (torch releases the GIL while it co
 """
 
 import os
+import shutil
+import tempfile
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WORKERS", "2"))
@@ -21,6 +23,14 @@ loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 wsgi_app = "service.app:create_app()"
 control_socket_disable = True  # no runtime control socket: nothing should reconfigure a serving container
 
+# Each worker writes its Prometheus values to files here and /metrics sums them (prometheus-client's
+# multiprocess mode). It must be set before the app, and so prometheus_client, is imported.
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="charlm-metrics-")
+    _owned_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+else:
+    _owned_metrics_dir = ""
+
 # Torch reads this when a process starts; 1 thread per worker avoids oversubscribing the cores.
 os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("TORCH_THREADS", "1"))
 
@@ -29,3 +39,14 @@ def post_fork(server, worker):
     import torch
 
     torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "1")))
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _owned_metrics_dir:
+        shutil.rmtree(_owned_metrics_dir, ignore_errors=True)

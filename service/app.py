@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from typing import Any
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
 from service.engine import Engine
+from service.metrics import TOKENS_GENERATED
 from service.schemas import ErrorResponse
 from service.settings import Settings
 
@@ -36,7 +38,7 @@ class ModelRegistry:
 
     def load(self) -> None:
         started = time.perf_counter()
-        engine = Engine.from_dir(self.settings.artifacts_dir)
+        engine = Engine.from_dir(self.settings.artifacts_dir, on_generated=TOKENS_GENERATED.inc)
         self.load_seconds = time.perf_counter() - started
         self.engine = engine
         for card in engine.describe_models():
@@ -78,17 +80,37 @@ def parse(model: type[BaseModel]) -> Any:
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         param = ".".join(str(part) for part in first["loc"]) or None
-        message = first["msg"] if param is None else f"{param}: {first['msg']}"
+        detail = first["msg"].removeprefix("Value error, ")
+        message = detail if param is None else f"{param}: {detail}"
         if len(exc.errors()) > 1:
             message += f" (and {len(exc.errors()) - 1} more errors)"
         code = "invalid_json" if first["type"] == "json_invalid" else first["type"]
         raise ApiError(400, message, "invalid_request_error", param=param, code=code) from None
 
 
-def respond(payload: BaseModel, status: int = 200) -> Response:
-    response = jsonify(payload.model_dump(exclude_none=True))
+def respond(payload: BaseModel, status: int = 200, exclude_none: bool = True) -> Response:
+    response = jsonify(payload.model_dump(exclude_none=exclude_none))
     response.status_code = status
     return response
+
+
+def _require_api_key() -> None:
+    """With API_KEYS set, every /v1 route needs `Authorization: Bearer <key>`; probes stay open."""
+    keys = settings().api_key_list()
+    if not keys or not request.path.startswith("/v1/"):
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    presented = token.strip().encode()
+    matched = False
+    for key in keys:  # compare against every key, so the time taken does not reveal which one is close
+        matched |= hmac.compare_digest(presented, key.encode())
+    if scheme.lower() != "bearer" or not matched:
+        raise ApiError(
+            401,
+            "missing or invalid API key; send Authorization: Bearer <key>",
+            "invalid_request_error",
+            code="invalid_api_key",
+        )
 
 
 def _error_response(error: ApiError) -> Response:
@@ -125,12 +147,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["models"] = models
     models.load()  # fail fast: a missing or tampered artifact stops start-up with a clear message
 
+    app.before_request(_require_api_key)
     app.register_error_handler(ApiError, _error_response)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
 
-    from service.views import api, health
+    from service.views import api, completions, health
 
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(completions.bp)
     return app

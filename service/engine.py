@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ class NextToken:
 class TokenScore:
     token: str
     logprob: float
+    top_logprobs: dict[str, float] | None = None  # the most likely characters at this position
 
 
 @dataclass
@@ -64,6 +65,8 @@ class Choice:
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
+    tokens: list[TokenScore] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
 
 
 @dataclass
@@ -78,12 +81,18 @@ class Generation:
 
 @dataclass
 class Delta:
-    """A piece of one choice's text as it is produced; `finish_reason` is set on its last piece."""
+    """A piece of one choice's text as it is released; the last piece of a choice has `finish_reason`.
+
+    `tokens` holds one entry per released character, with its log-probability under the
+    model (before temperature, top-k/top-p or penalties) and, when asked, the top alternatives.
+    """
 
     index: int
     text: str
+    tokens: list[TokenScore]
     finish_reason: str | None = None
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # on the last piece: characters generated, a matched stop string included
+    cumulative_logprob: float = 0.0  # on the last piece: sum of the generated characters' log-probabilities
 
 
 @dataclass
@@ -92,34 +101,47 @@ class StopMatcher:
     so that a stop string split across steps is caught and never reaches the client."""
 
     stops: Sequence[str]
-    pending: str = ""
-    emitted: list[str] = field(default_factory=list)
+    pending: list[TokenScore] = field(default_factory=list)
 
-    def push(self, piece: str) -> tuple[str, bool]:
-        """Text safe to release now, and whether a stop string was found (its text is dropped)."""
-        self.pending += piece
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+    def push(self, token: TokenScore) -> tuple[list[TokenScore], bool]:
+        """Tokens safe to release now, and whether a stop string was found (its text is dropped)."""
+        self.pending.append(token)
+        text = "".join(t.token for t in self.pending)
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            out, self.pending = self.pending[: min(hits)], []
             return out, True
         hold = 0
         for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(stop[:size]):
+            for size in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:size]):
                     hold = max(hold, size)
                     break
         cut = len(self.pending) - hold
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, False
 
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
+    def flush(self) -> list[TokenScore]:
+        out, self.pending = self.pending, []
         return out
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    n: int = 1
+    top_logprobs: int = 0  # alternatives to report per generated character
+
+
 class Engine:
-    def __init__(self, models: LoadedModels) -> None:
+    def __init__(self, models: LoadedModels, on_generated: Callable[[int], None] | None = None) -> None:
+        """`on_generated(k)` is called after every generation step with the k characters it produced."""
         self.models = models
+        self.on_generated = on_generated
         self.lm = models.lm
         self.vocab = models.vocab
         self.classifier = models.classifier
@@ -129,8 +151,8 @@ class Engine:
         self._sampling_mask[0] = float("-inf")
 
     @classmethod
-    def from_dir(cls, artifacts_dir: Path | str) -> Engine:
-        return cls(load_artifacts(artifacts_dir))
+    def from_dir(cls, artifacts_dir: Path | str, on_generated: Callable[[int], None] | None = None) -> Engine:
+        return cls(load_artifacts(artifacts_dir), on_generated)
 
     # ------------------------------------------------------------------ metadata
 
@@ -193,7 +215,7 @@ class Engine:
         )
 
     @torch.inference_mode()
-    def score(self, texts: Sequence[str], include_tokens: bool) -> list[TextScore]:
+    def score(self, texts: Sequence[str], include_tokens: bool, top_logprobs: int = 0) -> list[TextScore]:
         """Log-probability of every character given all before it, the first from the start state.
 
         The texts run as one right-padded batch; per-token values are float64 and the total
@@ -208,10 +230,12 @@ class Engine:
             inputs[row, 1 : len(seq)] = torch.tensor(seq[:-1], dtype=torch.long)
             targets[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         logits, _, _ = self.lm(inputs)
-        picked = torch.log_softmax(logits.double(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        logprobs = torch.log_softmax(logits.double(), dim=-1)
+        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         results = []
         for row, text in enumerate(texts):
             values = picked[row, : len(text)].tolist()
+            alternatives = self.top_alternatives(logprobs[row, : len(text)], top_logprobs if include_tokens else 0)
             total = math.fsum(values)
             n = len(text)
             results.append(
@@ -221,7 +245,11 @@ class Engine:
                     logprob=total,
                     bits_per_char=-total / n / LN2,
                     perplexity=math.exp(-total / n),
-                    tokens=[TokenScore(ch, lp) for ch, lp in zip(text, values, strict=True)] if include_tokens else [],
+                    tokens=[
+                        TokenScore(ch, lp, alt or None) for ch, lp, alt in zip(text, values, alternatives, strict=True)
+                    ]
+                    if include_tokens
+                    else [],
                 )
             )
         return results
@@ -237,61 +265,78 @@ class Engine:
             results.append(Classification(self.labels[best], dict(zip(self.labels, row, strict=True))))
         return results
 
-    def stream(
-        self,
-        prompt: str,
-        max_tokens: int,
-        params: SamplingParams,
-        seed: int | None,
-        stop: Sequence[str],
-        n: int,
-    ) -> Iterator[Delta]:
-        """Generate `n` continuations stepped together as one batch, yielding text as it is released.
+    def top_alternatives(self, logprobs: torch.Tensor, k: int) -> list[dict[str, float]]:
+        """For each row of (N, V) log-probabilities, its k most likely characters."""
+        if k <= 0:
+            return [{} for _ in range(logprobs.size(0))]
+        top = torch.topk(logprobs, min(k, self.vocab.size), dim=-1)
+        return [
+            {self.vocab.chars[i]: lp for lp, i in zip(values, indices, strict=True)}
+            for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        ]
 
-        Every choice ends with one Delta whose finish_reason is "stop" or "length" and which
-        carries the number of characters generated for it.
+    def stream(self, req: GenerationRequest) -> Iterator[Delta]:
+        """Generate `req.n` continuations stepped together as one batch, yielding text as it is released.
+
+        Closing the iterator (a client that went away) stops the generation at once.
         """
-        generators = make_generators(seed, n)
-        matchers = [StopMatcher(stop) for _ in range(n)]
+        n, params = req.n, req.params
+        generators = make_generators(req.seed, n)
+        matchers = [StopMatcher(req.stop) for _ in range(n)]
         finished = [False] * n
         produced = [0] * n
+        cumulative = [0.0] * n
+        counts = torch.zeros(n, self.vocab.size)
+        penalized = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
         def sample(logits: torch.Tensor) -> torch.Tensor:
-            return choose(logits + self._sampling_mask, params, generators)
+            adjusted = logits + self._sampling_mask
+            if penalized:
+                adjusted = adjusted - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
+            return choose(adjusted, params, generators)
 
         with torch.inference_mode():
-            logits, state = self.lm.prefill([self.prompt_ids(prompt)])
+            logits, state = self.lm.prefill([self.prompt_ids(req.prompt)])
             logits = logits.expand(n, -1).contiguous()
             state = (state[0].expand(-1, n, -1).contiguous(), state[1].expand(-1, n, -1).contiguous())
-            for ids in self.lm.generate(logits, state, max_tokens, sample):
-                for row, token in enumerate(ids.tolist()):
+            for ids, step_logits in self.lm.generate(logits, state, req.max_tokens, sample):
+                counts[torch.arange(n), ids] += 1
+                logprobs = torch.log_softmax(step_logits.double(), dim=-1)
+                chosen = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()
+                alternatives = self.top_alternatives(logprobs, req.top_logprobs)
+                if self.on_generated is not None:
+                    self.on_generated(finished.count(False))
+                for row, token_id in enumerate(ids.tolist()):
                     if finished[row]:
                         continue
                     produced[row] += 1
-                    text, stopped = matchers[row].push(self.vocab.chars[token])
-                    if stopped or produced[row] == max_tokens:
+                    cumulative[row] += chosen[row]
+                    token = TokenScore(self.vocab.chars[token_id], chosen[row], alternatives[row] or None)
+                    released, stopped = matchers[row].push(token)
+                    if stopped or produced[row] == req.max_tokens:
                         finished[row] = True
-                        tail = "" if stopped else matchers[row].flush()
-                        yield Delta(row, text + tail, "stop" if stopped else "length", produced[row])
-                    elif text:
-                        yield Delta(row, text)
+                        released += [] if stopped else matchers[row].flush()
+                        yield Delta(
+                            row,
+                            "".join(t.token for t in released),
+                            released,
+                            "stop" if stopped else "length",
+                            produced[row],
+                            cumulative[row],
+                        )
+                    elif released:
+                        yield Delta(row, "".join(t.token for t in released), released)
                 if all(finished):
                     return
 
-    def generate(
-        self,
-        prompt: str,
-        max_tokens: int,
-        params: SamplingParams,
-        seed: int | None,
-        stop: Sequence[str],
-        n: int,
-    ) -> Generation:
-        choices = [Choice(i) for i in range(n)]
-        for delta in self.stream(prompt, max_tokens, params, seed, stop, n):
+    def generate(self, req: GenerationRequest) -> Generation:
+        choices = [Choice(i) for i in range(req.n)]
+        for delta in self.stream(req):
             choice = choices[delta.index]
             choice.text += delta.text
+            choice.tokens += delta.tokens
             if delta.finish_reason:
                 choice.finish_reason = delta.finish_reason
                 choice.completion_tokens = delta.completion_tokens
-        return Generation(choices, prompt_tokens=len(prompt))
+                choice.cumulative_logprob = delta.cumulative_logprob
+        return Generation(choices, prompt_tokens=len(req.prompt))

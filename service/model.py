@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,16 +173,16 @@ class CharLSTM(nn.Module):
         logits: torch.Tensor,
         state: LSTMState,
         max_new_tokens: int,
-        sample: Any,
-    ) -> Iterator[torch.Tensor]:
-        """Yield one batch of next-character ids per step, starting from `logits` and `state`.
+        sample: Callable[[torch.Tensor], torch.Tensor],
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (next-character ids, the logits they were drawn from) per step, from `logits` and `state`.
 
         `sample(logits) -> ids` chooses the characters (greedy, or seeded sampling per row);
-        the caller decides when to stop reading.
+        the caller decides when to stop reading, and no step runs until it asks.
         """
         for i in range(max_new_tokens):
             ids = sample(logits)
-            yield ids
+            yield ids, logits
             if i + 1 < max_new_tokens:
                 logits, state = self.step(ids, state)
 

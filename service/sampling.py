@@ -14,6 +14,8 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_k: int | None = None  # keep the k most likely characters
     top_p: float = 1.0  # keep the smallest set whose probability reaches top_p
+    presence_penalty: float = 0.0  # subtracted from the logit of every character already generated
+    frequency_penalty: float = 0.0  # subtracted once per earlier occurrence in the generated text
 
 
 def make_generators(seed: int | None, n: int) -> list[torch.Generator]:

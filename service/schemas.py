@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from service.settings import Settings
 
@@ -51,6 +51,21 @@ def _check_cap(value: int | None, info: ValidationInfo, cap_name: str) -> int | 
     return value
 
 
+def _check_stop(value: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(value, str) and not 1 <= len(value) <= 64:
+        raise ValueError("a stop string must have 1 to 64 characters")
+    if isinstance(value, list) and not 1 <= len(value) <= 4:
+        raise ValueError("give 1 to 4 stop strings")
+    return value
+
+
+def stop_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+StopStrings = str | list[Annotated[str, Field(min_length=1, max_length=64)]] | None
 NonEmptyText = Annotated[str, Field(min_length=1)]
 
 
@@ -91,10 +106,9 @@ class GenerateRequest(RequestModel):
     top_k: int | None = Field(None, ge=1, description="sample among the k most likely characters")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="choice i uses seed + i; same seed, same text")
-    stop: str | list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
-        None, description="up to 4 stop strings; the stop text is not returned"
-    )
+    stop: StopStrings = Field(None, description="up to 4 stop strings; the stop text is not returned")
     n: int = Field(1, ge=1, description="choices, generated together as one batch; capped by MAX_N")
+    stream: bool = Field(False, description="send server-sent events as the text is generated")
 
     _prompt = field_validator("prompt")(_check_text)
 
@@ -113,19 +127,10 @@ class GenerateRequest(RequestModel):
     def _top_k(cls, value: int | None, info: ValidationInfo) -> int | None:
         return _check_cap(value, info, "max_top_k")
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, str) and not 1 <= len(value) <= 64:
-            raise ValueError("a stop string must have 1 to 64 characters")
-        if isinstance(value, list) and not 1 <= len(value) <= 4:
-            raise ValueError("give 1 to 4 stop strings")
-        return value
+    _stop = field_validator("stop")(_check_stop)
 
     def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return stop_list(self.stop)
 
 
 class ChoiceOut(BaseModel):
@@ -224,3 +229,102 @@ class ErrorResponse(BaseModel):
     @classmethod
     def of(cls, message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
         return cls(error=ErrorBody(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+# --------------------------------------------------------------------------- OpenAI-compatible completions
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool = Field(False, description="send a last chunk with the usage and no choices")
+
+
+class CompletionRequest(RequestModel):
+    """The legacy OpenAI Completions request, with vLLM's `top_k`."""
+
+    model: str = Field(description="a model id from /v1/models; only the language model completes")
+    prompt: str | list[str] = Field("", description="one prompt or a list; token-id prompts are not supported")
+    max_tokens: int | None = Field(16, ge=0, description="0 is allowed with echo, to score the prompt")
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1, 0 or null turn it off")
+    n: int = Field(1, ge=1)
+    best_of: int | None = Field(None, ge=1, description="generate this many and return the n most likely")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=5, description="alternatives per token, up to 5")
+    echo: bool = False
+    stop: StopStrings = Field(None, description="up to 4 stop strings; the stop text is not returned")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    user: str | None = Field(None, max_length=256, description="end-user id; written to the access log")
+
+    _stop = field_validator("stop")(_check_stop)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        if isinstance(value, str):
+            return _check_text(value, info)
+        if not value:
+            raise ValueError("give at least one prompt")
+        return _check_texts(value, info)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _check_cap(value, info, "max_tokens")
+
+    @field_validator("n", "best_of")
+    @classmethod
+    def _n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _check_cap(value, info, "max_n")
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _check_cap(value, info, "max_top_k")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 is only allowed with echo, to score the prompt")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError("best_of must be at least n")
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise ValueError("best_of greater than n cannot be streamed")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream: true")
+        return self
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def stop_list(self) -> list[str]:
+        return stop_list(self.stop)
+
+    def effective_top_k(self) -> int | None:
+        return None if self.top_k is None or self.top_k <= 0 else self.top_k
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["length", "stop"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None

@@ -20,3 +20,7 @@ class Settings(BaseSettings):
     max_tokens: int = Field(1024, ge=1, description="cap on max_tokens for one generation")
     max_n: int = Field(8, ge=1, description="cap on n, the choices per generation")
     max_top_k: int = Field(1000, ge=1, description="cap on top_k")
+    api_keys: str = Field("", repr=False, description="comma-separated bearer keys for /v1/*; empty: no auth")
+
+    def api_key_list(self) -> list[str]:
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]

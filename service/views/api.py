@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from flask import Blueprint, Response
 
 from service.app import parse, registry, respond
-from service.engine import CLASSIFIER_ID, LM_ID
+from service.engine import CLASSIFIER_ID, LM_ID, Engine, GenerationRequest
 from service.sampling import SamplingParams
 from service.schemas import (
     ClassifyRequest,
@@ -18,6 +21,7 @@ from service.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
+from service.streaming import sse_response
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
@@ -39,17 +43,31 @@ def next_token() -> Response:
 def generate() -> Response:
     req = parse(GenerateRequest)
     params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p)
-    result = registry().require().generate(req.prompt, req.max_tokens, params, req.seed, req.stop_list(), req.n)
-    usage = {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    gen = GenerationRequest(req.prompt, req.max_tokens, params, req.seed, req.stop_list(), req.n)
+    engine = registry().require()
+    if req.stream:
+        return sse_response(generate_chunks(engine, gen))
+    result = engine.generate(gen)
+    body = {"model": LM_ID, "choices": result.choices, "usage": usage(result.prompt_tokens, result.completion_tokens)}
+    return respond(GenerateResponse.model_validate(body, from_attributes=True))
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
-    return respond(
-        GenerateResponse.model_validate(
-            {"model": LM_ID, "choices": result.choices, "usage": usage}, from_attributes=True
-        )
-    )
+
+
+def generate_chunks(engine: Engine, gen: GenerationRequest) -> Iterator[dict[str, Any]]:
+    """One chunk per released piece of text, then one with the usage and no choices."""
+    completion_tokens = 0
+    for delta in engine.stream(gen):
+        completion_tokens += delta.completion_tokens
+        choice = {"index": delta.index, "text": delta.text, "finish_reason": delta.finish_reason}
+        yield {"model": LM_ID, "choices": [choice]}
+    yield {"model": LM_ID, "choices": [], "usage": usage(len(gen.prompt), completion_tokens)}
 
 
 @bp.post("/score")

@@ -1,10 +1,11 @@
-"""Liveness and readiness probes; never authenticated."""
+"""Liveness and readiness probes and Prometheus metrics; never authenticated."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
 from service.app import registry
+from service.metrics import render
 
 bp = Blueprint("health", __name__)
 
@@ -12,6 +13,12 @@ bp = Blueprint("health", __name__)
 @bp.get("/healthz")
 def healthz() -> Response:
     return jsonify(status="ok")
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    body, content_type = render()
+    return Response(body, content_type=content_type)
 
 
 @bp.get("/readyz")

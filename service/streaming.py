@@ -1,0 +1,34 @@
+"""Server-sent events: `data: {json}\\n\\n` per chunk, then `data: [DONE]\\n\\n`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response, stream_with_context
+
+from service.metrics import GENERATIONS_CANCELLED
+
+
+def sse_response(chunks: Iterator[dict[str, Any]]) -> Response:
+    """Stream `chunks` as SSE. If the client goes away, the WSGI server closes this iterator at
+    its next write; closing `chunks` in turn stops the generation before another step runs."""
+
+    def events() -> Iterator[str]:
+        try:
+            for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False, allow_nan=False)}\n\n"
+            yield "data: [DONE]\n\n"
+        except GeneratorExit:
+            GENERATIONS_CANCELLED.inc()
+            raise
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    response = Response(stream_with_context(events()), mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # tell proxies such as nginx not to buffer the stream
+    return response

@@ -1,0 +1,35 @@
+"""OpenAI-compatible POST /v1/completions."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response
+
+from service.app import ApiError, parse, registry, respond
+from service.engine import LM_ID
+from service.openai_compat import complete, stream_chunks
+from service.schemas import CompletionRequest
+from service.streaming import sse_response
+
+bp = Blueprint("completions", __name__, url_prefix="/v1")
+log = logging.getLogger("service.completions")
+
+
+@bp.post("/completions")
+def completions() -> Response:
+    req = parse(CompletionRequest)
+    engine = registry().require()
+    if req.model != LM_ID:
+        raise ApiError(
+            404,
+            f"The model `{req.model}` does not exist or does not complete text; use `{LM_ID}`",
+            "invalid_request_error",
+            param="model",
+            code="model_not_found",
+        )
+    if req.user:
+        log.info("completion requested by user %r", req.user)
+    if req.stream:
+        return sse_response(stream_chunks(engine, req))
+    return respond(complete(engine, req), exclude_none=False)  # OpenAI sends "logprobs": null
