@@ -1,28 +1,47 @@
 # syntax=docker/dockerfile:1
-# Build stage: a venv with the CPU build of torch and the service's pinned dependencies.
+
+# ---- build: a venv with the CPU build of torch and the service's pinned dependencies
 FROM python:3.11-slim AS build
+# Empty by default; on machines whose registries need a local wheel folder or a private CA
+# (see README, "Container"), pass them in. pip reads both from the environment.
 ARG PIP_FIND_LINKS=""
 ARG PIP_CERT=""
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# PyTorch's documented way to get the CPU-only build; the default PyPI wheel bundles CUDA (GBs).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 WORKDIR /src
+RUN /opt/venv/bin/pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" torch==2.13.0+cpu
 COPY pyproject.toml README.md ./
 COPY service ./service
-# The CPU wheel index keeps the multi-GB CUDA build of torch out of the image.
-RUN /opt/venv/bin/pip install --extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && /opt/venv/bin/pip install --no-deps . \
- && /opt/venv/bin/pip install flask==3.1.3 gunicorn==27.0.1 pydantic==2.14.3 pydantic-settings==2.16.3 safetensors==0.8.0
+# Installs the service with the pins from pyproject.toml; torch==2.13.0 is already satisfied.
+# Headers and CMake files only serve C++ extension builds, which the runtime never does.
+RUN /opt/venv/bin/pip install --no-cache-dir . \
+ && rm -rf /opt/venv/lib/python3.11/site-packages/torch/include /opt/venv/lib/python3.11/site-packages/torch/share
 
-# Runtime stage: the venv, the gunicorn config and the committed artifacts; no compilers, no tests.
+# ---- runtime: the venv, the gunicorn config and the committed artifacts
 FROM python:3.11-slim
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin app
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 COPY gunicorn.conf.py ./
-COPY --chown=root:root artifacts ./artifacts
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 HOST=0.0.0.0 PORT=8000 ARTIFACTS_DIR=/app/artifacts
-USER app
+COPY artifacts ./artifacts
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOST=0.0.0.0 \
+    PORT=8000 \
+    WORKERS=2 \
+    THREADS=4 \
+    LOG_LEVEL=INFO \
+    ARTIFACTS_DIR=/app/artifacts
+USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8000')}/readyz\", timeout=4)"]
-CMD ["gunicorn", "-c", "/app/gunicorn.conf.py"]
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PORT', '8000'), timeout=4)"]
+# gunicorn runs as PID 1 (exec form), so SIGTERM from `docker stop` reaches it and it stops
+# gracefully: no new connections, in-flight requests get GRACEFUL_TIMEOUT seconds.
+STOPSIGNAL SIGTERM
+CMD ["gunicorn", "--config", "/app/gunicorn.conf.py"]
