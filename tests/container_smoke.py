@@ -68,7 +68,8 @@ def wait_ready(base: str, proc: subprocess.Popen[str], limit: float = 120) -> No
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the container's command exited with {proc.returncode} before it was ready")
+            output = proc.stdout.read() if proc.stdout else ""
+            raise RuntimeError(f"the container's command exited with {proc.returncode} before it was ready:\n{output}")
         try:
             if http("GET", f"{base}/readyz")[0] == 200:
                 return
@@ -135,6 +136,7 @@ def ensure_base_image() -> None:
         return
     log(f"{BASE} cannot be pulled; bootstrapping a stand-in from Debian packages")
     with tempfile.TemporaryDirectory(prefix="rootfs-") as rootfs:
+        os.chmod(rootfs, 0o755)  # it becomes the image's "/": a private 0700 root would lock out non-root users
         run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python-is-python3,ca-certificates",
              "bookworm", rootfs], stdout=subprocess.DEVNULL)  # fmt: skip
         Path(rootfs, "usr/lib/python3.11/EXTERNALLY-MANAGED").unlink(missing_ok=True)
