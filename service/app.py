@@ -12,8 +12,10 @@ from flask import Flask, Response, current_app, jsonify, request
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
+from service import observability
 from service.engine import Engine
-from service.metrics import TOKENS_GENERATED
+from service.metrics import MODEL_LOAD_SECONDS, TOKENS_GENERATED
+from service.observability import configure_logging
 from service.schemas import ErrorResponse
 from service.settings import Settings
 
@@ -40,6 +42,7 @@ class ModelRegistry:
         started = time.perf_counter()
         engine = Engine.from_dir(self.settings.artifacts_dir, on_generated=TOKENS_GENERATED.inc)
         self.load_seconds = time.perf_counter() - started
+        MODEL_LOAD_SECONDS.set(self.load_seconds)
         self.engine = engine
         for card in engine.describe_models():
             log.info(
@@ -135,7 +138,7 @@ def _unexpected(exc: Exception) -> Response:
 
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level)
     torch.set_num_threads(settings.torch_threads)
 
     app = Flask(__name__)
@@ -147,6 +150,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["models"] = models
     models.load()  # fail fast: a missing or tampered artifact stops start-up with a clear message
 
+    observability.install(app)  # first: request ids and metrics cover every response, 401s included
     app.before_request(_require_api_key)
     app.register_error_handler(ApiError, _error_response)
     app.register_error_handler(HTTPException, _http_error)

@@ -5,7 +5,31 @@ from __future__ import annotations
 
 import os
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest, multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+REQUESTS = Counter("charlm_http_requests_total", "HTTP requests", ["method", "route", "status"])
+REQUEST_LATENCY = Histogram(
+    "charlm_http_request_duration_seconds",
+    "Time to the response headers (for a stream: to its first byte)",
+    ["method", "route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+IN_FLIGHT = Gauge(
+    "charlm_http_requests_in_flight", "Requests being handled, streams until they close", multiprocess_mode="livesum"
+)
+CHARS_SCORED = Counter("charlm_chars_scored_total", "Characters scored by /v1/score and echoed prompts")
+CLASSIFIED = Counter("charlm_texts_classified_total", "Texts classified")
+MODEL_LOAD_SECONDS = Gauge(
+    "charlm_model_load_seconds", "Time to verify and load the artifacts at start-up", multiprocess_mode="max"
+)
 
 TOKENS_GENERATED = Counter("charlm_tokens_generated_total", "Characters generated, over all choices")
 GENERATIONS_CANCELLED = Counter(

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from service.engine import LM_ID, Choice, Engine, GenerationRequest, TokenScore
+from service.metrics import CHARS_SCORED
 from service.sampling import SamplingParams
 from service.schemas import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 
@@ -60,6 +61,7 @@ def logprobs_block(tokens: list[TokenScore], offset: int) -> CompletionLogprobs:
 def prompt_tokens(engine: Engine, req: CompletionRequest, prompt: str) -> list[TokenScore]:
     if not prompt or not req.echo:
         return []
+    CHARS_SCORED.inc(len(prompt))
     return engine.score([prompt], include_tokens=True, top_logprobs=req.logprobs or 0)[0].tokens
 
 

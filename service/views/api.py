@@ -9,6 +9,7 @@ from flask import Blueprint, Response
 
 from service.app import parse, registry, respond
 from service.engine import CLASSIFIER_ID, LM_ID, Engine, GenerationRequest
+from service.metrics import CHARS_SCORED, CLASSIFIED
 from service.sampling import SamplingParams
 from service.schemas import (
     ClassifyRequest,
@@ -74,6 +75,7 @@ def generate_chunks(engine: Engine, gen: GenerationRequest) -> Iterator[dict[str
 def score() -> Response:
     req = parse(ScoreRequest)
     results = registry().require().score(req.texts, req.include_tokens)
+    CHARS_SCORED.inc(sum(len(t) for t in req.texts))
     body = ScoreResponse.model_validate({"model": LM_ID, "results": results}, from_attributes=True)
     if not req.include_tokens:
         for item in body.results:
@@ -85,4 +87,5 @@ def score() -> Response:
 def classify() -> Response:
     req = parse(ClassifyRequest)
     results = registry().require().classify(req.texts)
+    CLASSIFIED.inc(len(req.texts))
     return respond(ClassifyResponse.model_validate({"model": CLASSIFIER_ID, "results": results}, from_attributes=True))
