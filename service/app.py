@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from flask import Flask, Response, current_app, jsonify, request
+from flask_cors import CORS
 from pydantic import BaseModel, ValidationError
 from werkzeug.exceptions import HTTPException
 
@@ -150,15 +151,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["models"] = models
     models.load()  # fail fast: a missing or tampered artifact stops start-up with a clear message
 
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:  # off unless configured: browsers on other origins cannot call the API
+        CORS(app, origins=origins, allow_headers=["Authorization", "Content-Type", "X-Request-ID"])
     observability.install(app)  # first: request ids and metrics cover every response, 401s included
     app.before_request(_require_api_key)
     app.register_error_handler(ApiError, _error_response)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
 
-    from service.views import api, completions, health
+    from service.views import api, completions, docs, health
 
-    app.register_blueprint(health.bp)
-    app.register_blueprint(api.bp)
-    app.register_blueprint(completions.bp)
+    for blueprint in (health.bp, api.bp, completions.bp, docs.bp):
+        app.register_blueprint(blueprint)
     return app

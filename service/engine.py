@@ -135,6 +135,7 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     n: int = 1
     top_logprobs: int = 0  # alternatives to report per generated character
+    deadline: float | None = None  # time.monotonic() after which every choice ends with finish_reason "deadline"
 
 
 class Engine:
@@ -313,17 +314,13 @@ class Engine:
                     cumulative[row] += chosen[row]
                     token = TokenScore(self.vocab.chars[token_id], chosen[row], alternatives[row] or None)
                     released, stopped = matchers[row].push(token)
-                    if stopped or produced[row] == req.max_tokens:
+                    out_of_time = req.deadline is not None and time.monotonic() >= req.deadline
+                    if stopped or produced[row] == req.max_tokens or out_of_time:
                         finished[row] = True
                         released += [] if stopped else matchers[row].flush()
-                        yield Delta(
-                            row,
-                            "".join(t.token for t in released),
-                            released,
-                            "stop" if stopped else "length",
-                            produced[row],
-                            cumulative[row],
-                        )
+                        reason = "stop" if stopped else "length" if produced[row] == req.max_tokens else "deadline"
+                        text = "".join(t.token for t in released)
+                        yield Delta(row, text, released, reason, produced[row], cumulative[row])
                     elif released:
                         yield Delta(row, "".join(t.token for t in released), released)
                 if all(finished):

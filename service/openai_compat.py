@@ -25,7 +25,7 @@ def new_completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
 
 
-def generation_request(req: CompletionRequest, prompt: str, n: int) -> GenerationRequest:
+def generation_request(req: CompletionRequest, prompt: str, n: int, deadline: float | None) -> GenerationRequest:
     params = SamplingParams(
         temperature=req.temperature,
         top_k=req.effective_top_k(),
@@ -41,6 +41,7 @@ def generation_request(req: CompletionRequest, prompt: str, n: int) -> Generatio
         stop=req.stop_list(),
         n=n,
         top_logprobs=req.logprobs or 0,
+        deadline=deadline,
     )
 
 
@@ -65,7 +66,7 @@ def prompt_tokens(engine: Engine, req: CompletionRequest, prompt: str) -> list[T
     return engine.score([prompt], include_tokens=True, top_logprobs=req.logprobs or 0)[0].tokens
 
 
-def complete(engine: Engine, req: CompletionRequest) -> CompletionResponse:
+def complete(engine: Engine, req: CompletionRequest, deadline: float | None = None) -> CompletionResponse:
     """A whole (non-streaming) completion: n choices per prompt, the best n of best_of when asked."""
     choices: list[CompletionChoice] = []
     prompt_total = completion_total = 0
@@ -76,7 +77,7 @@ def complete(engine: Engine, req: CompletionRequest) -> CompletionResponse:
         if req.max_tokens == 0:
             generated = [Choice(i, finish_reason="length") for i in range(req.n)]
         else:
-            result = engine.generate(generation_request(req, prompt, req.best_of or req.n))
+            result = engine.generate(generation_request(req, prompt, req.best_of or req.n, deadline))
             completion_total += result.completion_tokens
             generated = result.choices
             if req.best_of is not None and req.best_of > req.n:  # keep the n most likely of best_of
@@ -105,7 +106,7 @@ def complete(engine: Engine, req: CompletionRequest) -> CompletionResponse:
     )
 
 
-def stream_chunks(engine: Engine, req: CompletionRequest) -> Iterator[dict[str, Any]]:
+def stream_chunks(engine: Engine, req: CompletionRequest, deadline: float | None = None) -> Iterator[dict[str, Any]]:
     """Chunks for server-sent events, each one a text_completion with the choices that moved."""
     header = {"id": new_completion_id(), "object": "text_completion", "created": int(time.time()), "model": LM_ID}
 
@@ -127,7 +128,7 @@ def stream_chunks(engine: Engine, req: CompletionRequest) -> Iterator[dict[str, 
                 yield chunk(base + j, "", [] if want_logprobs else None, len(prompt), "length")
             continue
         offsets = [len(prompt)] * req.n
-        for delta in engine.stream(generation_request(req, prompt, req.n)):
+        for delta in engine.stream(generation_request(req, prompt, req.n, deadline)):
             yield chunk(
                 base + delta.index,
                 delta.text,

@@ -51,6 +51,12 @@ def _check_cap(value: int | None, info: ValidationInfo, cap_name: str) -> int | 
     return value
 
 
+def _check_total(total: int, info: ValidationInfo) -> None:
+    cap = _settings(info).max_total_tokens
+    if total > cap:
+        raise ValueError(f"this request would generate up to {total} characters; at most {cap} are allowed")
+
+
 def _check_stop(value: str | list[str] | None) -> str | list[str] | None:
     if isinstance(value, str) and not 1 <= len(value) <= 64:
         raise ValueError("a stop string must have 1 to 64 characters")
@@ -129,6 +135,11 @@ class GenerateRequest(RequestModel):
 
     _stop = field_validator("stop")(_check_stop)
 
+    @model_validator(mode="after")
+    def _total(self, info: ValidationInfo) -> GenerateRequest:
+        _check_total(self.n * self.max_tokens, info)
+        return self
+
     def stop_list(self) -> list[str]:
         return stop_list(self.stop)
 
@@ -136,7 +147,7 @@ class GenerateRequest(RequestModel):
 class ChoiceOut(BaseModel):
     index: int
     text: str
-    finish_reason: Literal["length", "stop"]
+    finish_reason: Literal["length", "stop", "deadline"]
 
 
 class Usage(BaseModel):
@@ -216,6 +227,15 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"]
+    manifest_sha256: str
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -286,7 +306,8 @@ class CompletionRequest(RequestModel):
         return _check_cap(value, info, "max_top_k")
 
     @model_validator(mode="after")
-    def _combinations(self) -> CompletionRequest:
+    def _combinations(self, info: ValidationInfo) -> CompletionRequest:
+        _check_total(len(self.prompts()) * (self.best_of or self.n) * (self.max_tokens or 0), info)
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens 0 is only allowed with echo, to score the prompt")
         if self.best_of is not None and self.best_of < self.n:
@@ -318,7 +339,7 @@ class CompletionChoice(BaseModel):
     text: str
     index: int
     logprobs: CompletionLogprobs | None
-    finish_reason: Literal["length", "stop"] | None
+    finish_reason: Literal["length", "stop", "deadline"] | None
 
 
 class CompletionResponse(BaseModel):

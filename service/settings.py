@@ -20,6 +20,13 @@ class Settings(BaseSettings):
     max_tokens: int = Field(1024, ge=1, description="cap on max_tokens for one generation")
     max_n: int = Field(8, ge=1, description="cap on n, the choices per generation")
     max_top_k: int = Field(1000, ge=1, description="cap on top_k")
+    max_total_tokens: int = Field(
+        4096, ge=1, description="cap on the characters one request may generate: n x max_tokens (x prompts)"
+    )
+    request_deadline_seconds: float = Field(
+        30.0, gt=0, description="a generation still running after this ends with finish_reason 'deadline'"
+    )
+    cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
     api_keys: str = Field("", repr=False, description="comma-separated bearer keys for /v1/*; empty: no auth")
 
     def api_key_list(self) -> list[str]:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 
 import pytest
 from flask.testing import FlaskClient
 
+from service.app import create_app
 from service.observability import RequestIdFilter, json_formatter
+from service.settings import Settings
 
 
 def test_request_id_is_echoed_or_generated(client: FlaskClient) -> None:
@@ -56,3 +59,12 @@ def test_metrics_count_requests_tokens_and_characters(client: FlaskClient) -> No
     assert re.search(r"^charlm_chars_scored_total \d+", text, re.M)
     assert re.search(r"^charlm_model_load_seconds [0-9.e-]+", text, re.M)
     assert "charlm_http_requests_in_flight" in text
+
+
+def test_cors_only_when_configured(tiny_artifacts: Path) -> None:
+    app = create_app(Settings(artifacts_dir=tiny_artifacts, cors_origins="https://app.example"))
+    client = app.test_client()
+    allowed = client.get("/v1/models", headers={"Origin": "https://app.example"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    other = client.get("/v1/models", headers={"Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers

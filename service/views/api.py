@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response
 
-from service.app import parse, registry, respond
+from service.app import parse, registry, respond, settings
 from service.engine import CLASSIFIER_ID, LM_ID, Engine, GenerationRequest
 from service.metrics import CHARS_SCORED, CLASSIFIED
+from service.openapi import documented
 from service.sampling import SamplingParams
 from service.schemas import (
     ClassifyRequest,
@@ -28,12 +30,14 @@ bp = Blueprint("api", __name__, url_prefix="/v1")
 
 
 @bp.get("/models")
+@documented("OpenAI-style list of the served models with their metadata", ModelList)
 def list_models() -> Response:
     engine = registry().require()
     return respond(ModelList.model_validate({"data": engine.describe_models()}))
 
 
 @bp.post("/next-token")
+@documented("The most likely next characters", NextTokenResponse, NextTokenRequest)
 def next_token() -> Response:
     req = parse(NextTokenRequest)
     result = registry().require().next_token(req.text, req.top_k)
@@ -41,10 +45,14 @@ def next_token() -> Response:
 
 
 @bp.post("/generate")
+@documented(
+    "Continuations of a prompt; server-sent events with stream: true", GenerateResponse, GenerateRequest, streams=True
+)
 def generate() -> Response:
     req = parse(GenerateRequest)
     params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p)
-    gen = GenerationRequest(req.prompt, req.max_tokens, params, req.seed, req.stop_list(), req.n)
+    deadline = time.monotonic() + settings().request_deadline_seconds
+    gen = GenerationRequest(req.prompt, req.max_tokens, params, req.seed, req.stop_list(), req.n, deadline=deadline)
     engine = registry().require()
     if req.stream:
         return sse_response(generate_chunks(engine, gen))
@@ -72,6 +80,7 @@ def generate_chunks(engine: Engine, gen: GenerationRequest) -> Iterator[dict[str
 
 
 @bp.post("/score")
+@documented("Log-probability of each text, optionally per character", ScoreResponse, ScoreRequest)
 def score() -> Response:
     req = parse(ScoreRequest)
     results = registry().require().score(req.texts, req.include_tokens)
@@ -84,6 +93,7 @@ def score() -> Response:
 
 
 @bp.post("/classify")
+@documented("Genre of each text", ClassifyResponse, ClassifyRequest)
 def classify() -> Response:
     req = parse(ClassifyRequest)
     results = registry().require().classify(req.texts)

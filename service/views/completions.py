@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from flask import Blueprint, Response
 
-from service.app import ApiError, parse, registry, respond
+from service.app import ApiError, parse, registry, respond, settings
 from service.engine import LM_ID
 from service.openai_compat import complete, stream_chunks
-from service.schemas import CompletionRequest
+from service.openapi import documented
+from service.schemas import CompletionRequest, CompletionResponse
 from service.streaming import sse_response
 
 bp = Blueprint("completions", __name__, url_prefix="/v1")
@@ -17,6 +19,12 @@ log = logging.getLogger("service.completions")
 
 
 @bp.post("/completions")
+@documented(
+    "OpenAI legacy Completions (vLLM-compatible); server-sent events with stream: true",
+    CompletionResponse,
+    CompletionRequest,
+    streams=True,
+)
 def completions() -> Response:
     req = parse(CompletionRequest)
     engine = registry().require()
@@ -30,6 +38,7 @@ def completions() -> Response:
         )
     if req.user:
         log.info("completion requested by user %r", req.user)
+    deadline = time.monotonic() + settings().request_deadline_seconds
     if req.stream:
-        return sse_response(stream_chunks(engine, req))
-    return respond(complete(engine, req), exclude_none=False)  # OpenAI sends "logprobs": null
+        return sse_response(stream_chunks(engine, req, deadline))
+    return respond(complete(engine, req, deadline), exclude_none=False)  # OpenAI sends "logprobs": null

@@ -6,22 +6,27 @@ from flask import Blueprint, Response, jsonify
 
 from service.app import registry
 from service.metrics import render
+from service.openapi import documented
+from service.schemas import HealthResponse, ReadyResponse
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@documented("Liveness: 200 while the process is alive", HealthResponse)
 def healthz() -> Response:
     return jsonify(status="ok")
 
 
 @bp.get("/metrics")
+@documented("Prometheus metrics, summed over the workers", content_type="text/plain")
 def metrics() -> Response:
     body, content_type = render()
     return Response(body, content_type=content_type)
 
 
 @bp.get("/readyz")
+@documented("Readiness: 200 once the models are loaded, 503 before", ReadyResponse)
 def readyz() -> tuple[Response, int]:
     models = registry()
     if models.engine is None:

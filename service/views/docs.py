@@ -1,0 +1,63 @@
+"""/openapi.json and a Swagger UI page at /docs, served from the swagger-ui-bundle package (no CDN)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, send_from_directory
+from swagger_ui_bundle import swagger_ui_path
+
+from service.app import settings
+from service.openapi import build_spec, documented
+
+bp = Blueprint("docs", __name__)
+
+# The docs page runs Swagger UI's own script and inline styles; nothing is loaded from elsewhere.
+DOCS_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'"
+)
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>charlm-serve API</title>
+<link rel="stylesheet" href="/docs/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/swagger-ui-bundle.js"></script><script src="/docs/init.js"></script></body></html>
+"""
+INIT = 'window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true});\n'
+
+
+def _cached_spec() -> dict[str, Any]:
+    spec: dict[str, Any] | None = current_app.extensions.get("openapi")
+    if spec is None:
+        spec = build_spec(current_app, settings())
+        current_app.extensions["openapi"] = spec
+    return spec
+
+
+@bp.get("/openapi.json")
+@documented("This OpenAPI document")
+def openapi_json() -> Response:
+    return jsonify(_cached_spec())
+
+
+@bp.get("/docs")
+@documented("Human-readable API documentation (Swagger UI)", content_type="text/html")
+def docs_page() -> Response:
+    response = Response(PAGE, mimetype="text/html")
+    response.headers["Content-Security-Policy"] = DOCS_POLICY
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+@bp.get("/docs/init.js")
+@documented("Swagger UI start-up script", content_type="text/javascript")
+def docs_init() -> Response:
+    return Response(INIT, mimetype="text/javascript")
+
+
+@bp.get("/docs/<any('swagger-ui.css', 'swagger-ui-bundle.js'):asset>")
+@documented("Swagger UI assets", content_type="application/octet-stream")
+def docs_asset(asset: str) -> Response:
+    response = send_from_directory(swagger_ui_path, asset, max_age=3600)
+    response.headers["Cache-Control"] = "public, max-age=3600"
+    return response
