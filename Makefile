@@ -21,10 +21,12 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 serve: $(VENV)/.serve-installed
 	$(BIN)/gunicorn -c gunicorn.conf.py
 
-## test: lint, type-check and the pytest suite
+## test: lint, format check, type-check, Dockerfile lint and the pytest suite
 test: $(VENV)/.test-installed
-	$(BIN)/ruff check service training tests
+	$(BIN)/ruff check service training tests gunicorn.conf.py
+	$(BIN)/ruff format --check service training tests gunicorn.conf.py
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 	$(BIN)/pytest
 
 ## train: retrain on the default corpus (about an hour on 2 cores)

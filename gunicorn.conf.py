@@ -20,7 +20,7 @@ preload_app = True  # load and verify the artifacts once, in the master, before 
 accesslog = None  # the app writes one JSON access line per request, with its request id
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
-wsgi_app = "service.app:create_app()"
+wsgi_app = "service.wsgi:application"
 control_socket_disable = True  # no runtime control socket: nothing should reconfigure a serving container
 
 # Each worker writes its Prometheus values to files here and /metrics sums them (prometheus-client's

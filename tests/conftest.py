@@ -46,9 +46,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@contextmanager
-def gunicorn_server(artifacts: Path, **env: str) -> Iterator[str]:
-    """The shipped gunicorn config on a free loopback port; yields the base URL once /readyz is 200."""
+def start_gunicorn(artifacts: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+    """The shipped gunicorn config on a free loopback port; returns the master process and base URL."""
     port = free_port()
     environment = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "ARTIFACTS_DIR": str(artifacts), **env}
     gunicorn = Path(sys.executable).with_name("gunicorn")
@@ -58,29 +57,50 @@ def gunicorn_server(artifacts: Path, **env: str) -> Iterator[str]:
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        text=True,
     )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else "gunicorn exited"
-            try:
-                if requests.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "gunicorn did not become ready within 60 s"
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen[str], base: str, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while True:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "gunicorn exited"
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+            if requests.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert time.monotonic() < deadline, f"gunicorn did not become ready within {limit:.0f} s"
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        output, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        output, _ = proc.communicate()
+    return output
+
+
+@contextmanager
+def gunicorn_process(artifacts: Path, **env: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A ready server; yields (master process, base URL) and stops it with SIGTERM afterwards."""
+    proc, base = start_gunicorn(artifacts, **env)
+    try:
+        wait_ready(proc, base)
+        yield proc, base
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def gunicorn_server(artifacts: Path, **env: str) -> Iterator[str]:
+    with gunicorn_process(artifacts, **env) as (_, base):
+        yield base
 
 
 @pytest.fixture(scope="session")

@@ -88,7 +88,7 @@ def test_disconnect_mid_stream_stops_generation(tiny_artifacts: Path) -> None:
     """A client reads a few events and hangs up: the server must stop generating at once.
     Checked with the server's own counters, not with timing."""
     cap = 100_000  # far more characters than the socket buffers hold, so only a cancel ends it early
-    with gunicorn_server(tiny_artifacts, WORKERS="1", MAX_TOKENS=str(cap)) as server:
+    with gunicorn_server(tiny_artifacts, WORKERS="1", MAX_TOKENS=str(cap), MAX_TOTAL_TOKENS=str(cap)) as server:
         host, port = server.removeprefix("http://").split(":")
         body = json.dumps({"prompt": "O", "max_tokens": cap, "seed": 1, "stream": True}).encode()
         with socket.create_connection((host, int(port)), timeout=10) as sock:
