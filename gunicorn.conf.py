@@ -11,7 +11,7 @@ import tempfile
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WORKERS", "2"))
-worker_class = "gthread"
+worker_class = "service.worker.GracefulThreadWorker"  # gthread, closing its listeners on SIGTERM
 threads = int(os.environ.get("THREADS", "4"))
 timeout = int(os.environ.get("TIMEOUT", "60"))  # a worker silent this long is restarted
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))  # SIGTERM: in-flight requests get this long

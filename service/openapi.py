@@ -23,17 +23,18 @@ def documented(
     summary: str,
     response: type[BaseModel] | None = None,
     request: type[BaseModel] | None = None,
-    streams: bool = False,
+    stream_chunk: type[BaseModel] | None = None,
     content_type: str = "application/json",
 ) -> Callable[[F], F]:
-    """Attach the OpenAPI facts of a view: its request and response models."""
+    """Attach the OpenAPI facts of a view: its request and response models, and the model of each
+    server-sent event's data when it can stream."""
 
     def attach(view: F) -> F:
         view.openapi = {  # type: ignore[attr-defined]
             "summary": summary,
             "request": request,
             "response": response,
-            "streams": streams,
+            "stream_chunk": stream_chunk,
             "content_type": content_type,
         }
         return view
@@ -62,6 +63,27 @@ def openapi_path(rule: str) -> tuple[str, list[dict[str, Any]]]:
     return _RULE_ARG.sub(lambda m: "{" + m.group(3) + "}", rule), parameters
 
 
+def sse_event_schema(chunk: type[BaseModel]) -> dict[str, Any]:
+    """Before OpenAPI 3.2's `itemSchema`, a text/event-stream `schema` describes each event, whose
+    `data` is a JSON chunk, or the literal `[DONE]` at the end."""
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "type": "string",
+                "anyOf": [
+                    {"const": "[DONE]"},
+                    {
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": REF.format(model=chunk.__name__)},
+                    },
+                ],
+            }
+        },
+    }
+
+
 def build_spec(app: Flask, settings: Settings) -> dict[str, Any]:
     operations: list[tuple[str, str, dict[str, Any]]] = []
     models: list[tuple[type[BaseModel], Any]] = [(ErrorResponse, "serialization")]
@@ -76,8 +98,9 @@ def build_spec(app: Flask, settings: Settings) -> dict[str, Any]:
             operations.append((url_rule.rule, method.lower(), facts))
             if facts["request"] is not None:
                 models.append((facts["request"], "validation"))
-            if facts["response"] is not None:
-                models.append((facts["response"], "serialization"))
+            for produced in (facts["response"], facts["stream_chunk"]):
+                if produced is not None:
+                    models.append((produced, "serialization"))
     _, schemas = models_json_schema(list(dict.fromkeys(models)), ref_template=REF)
 
     paths: dict[str, dict[str, Any]] = {}
@@ -89,8 +112,8 @@ def build_spec(app: Flask, settings: Settings) -> dict[str, Any]:
             }
         else:
             content = {facts["content_type"]: {"schema": {"type": "string"}}}
-        if facts["streams"]:
-            content["text/event-stream"] = {"schema": {"type": "string"}}
+        if facts["stream_chunk"] is not None:
+            content["text/event-stream"] = {"schema": sse_event_schema(facts["stream_chunk"])}
         responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
         operation: dict[str, Any] = {
             "summary": facts["summary"],

@@ -26,7 +26,11 @@ def make_generators(seed: int | None, n: int) -> list[torch.Generator]:
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits / temperature
+    """Shifting the row maximum to 0 first, and flooring the temperature at the dtype's smallest
+    normal number (a smaller one rounds to 0), keeps any positive temperature well defined: the best
+    character stays at 0 and the rest go towards -inf, never 0/0 or inf - inf."""
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
+    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
 
 
 def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -43,6 +47,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
     drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= p
+    drop_sorted[..., 0] = False  # a p below float32's range rounds to 0 and would otherwise drop every character
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -162,6 +162,20 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
+class ChoiceDelta(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["length", "stop", "deadline"] | None = Field(description="set on a choice's last chunk")
+
+
+class GenerateChunk(BaseModel):
+    """One server-sent event of a streamed /v1/generate; the last one has no choices and the usage."""
+
+    model: str
+    choices: list[ChoiceDelta]
+    usage: Usage | None = None
+
+
 # --------------------------------------------------------------------------- score
 
 

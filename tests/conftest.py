@@ -7,10 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 import requests
@@ -46,26 +48,34 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_gunicorn(artifacts: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
+class GunicornProcess(subprocess.Popen[str]):
+    """A gunicorn master whose output goes to a file: an unread pipe fills up under load and then
+    blocks every log write in the server, which looks like a hung master."""
+
+    def __init__(self, args: list[str], log: IO[str], **kwargs: Any) -> None:
+        super().__init__(args, stdout=log, stderr=subprocess.STDOUT, text=True, **kwargs)
+        self.log = log
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+
+def start_gunicorn(artifacts: Path, **env: str) -> tuple[GunicornProcess, str]:
     """The shipped gunicorn config on a free loopback port; returns the master process and base URL."""
     port = free_port()
     environment = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "ARTIFACTS_DIR": str(artifacts), **env}
     gunicorn = Path(sys.executable).with_name("gunicorn")
-    proc = subprocess.Popen(
-        [str(gunicorn), "-c", "gunicorn.conf.py"],
-        cwd=REPO,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - closed by stop()
+    proc = GunicornProcess([str(gunicorn), "-c", "gunicorn.conf.py"], log, cwd=REPO, env=environment)
     return proc, f"http://127.0.0.1:{port}"
 
 
-def wait_ready(proc: subprocess.Popen[str], base: str, limit: float = 60) -> None:
+def wait_ready(proc: GunicornProcess, base: str, limit: float = 60) -> None:
     deadline = time.monotonic() + limit
     while True:
-        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "gunicorn exited"
+        assert proc.poll() is None, proc.output()
         try:
             if requests.get(f"{base}/readyz", timeout=1).status_code == 200:
                 return
@@ -75,19 +85,22 @@ def wait_ready(proc: subprocess.Popen[str], base: str, limit: float = 60) -> Non
         time.sleep(0.2)
 
 
-def stop(proc: subprocess.Popen[str]) -> str:
+def stop(proc: GunicornProcess) -> str:
+    """SIGTERM (a graceful stop), then SIGKILL if it takes longer than 30 s; returns everything it logged."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
-        output, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-        output, _ = proc.communicate()
+        proc.wait()
+    output = proc.output()
+    proc.log.close()
     return output
 
 
 @contextmanager
-def gunicorn_process(artifacts: Path, **env: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def gunicorn_process(artifacts: Path, **env: str) -> Iterator[tuple[GunicornProcess, str]]:
     """A ready server; yields (master process, base URL) and stops it with SIGTERM afterwards."""
     proc, base = start_gunicorn(artifacts, **env)
     try:

@@ -150,6 +150,17 @@ def test_top_k_1_sampling_equals_greedy(client: FlaskClient) -> None:
     assert greedy["choices"] == sampled["choices"]
 
 
+@pytest.mark.parametrize(
+    "extreme", [{"top_p": 2.2e-311}, {"top_p": 1e-30}, {"temperature": 1e-300}, {"temperature": 5e-324}]
+)
+def test_vanishing_top_p_or_temperature_is_greedy(client: FlaskClient, extreme: dict[str, float]) -> None:
+    """Found by the fuzzer: a top_p or temperature below float32's range once dropped every character (a 500)."""
+    greedy = post(client, "/v1/generate", {"prompt": "Sir", "max_tokens": 20, "temperature": 0})[1]
+    status, body = post(client, "/v1/generate", {"prompt": "Sir", "max_tokens": 20, "seed": 3, **extreme})
+    assert status == 200, body
+    assert body["choices"] == greedy["choices"]
+
+
 def test_stop_sequence_is_honoured_and_not_returned(client: FlaskClient) -> None:
     greedy = post(client, "/v1/generate", {"prompt": "", "max_tokens": 40, "temperature": 0})[1]
     full = greedy["choices"][0]["text"]

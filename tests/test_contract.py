@@ -66,6 +66,31 @@ def test_real_responses_validate_against_the_spec(
     validate(spec, path, method, response.status_code, response.get_json())
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/generate", {"prompt": "Hark", "max_tokens": 6, "n": 2, "seed": 1, "stream": True}),
+        (
+            "/v1/completions",
+            {"model": LM_ID, "prompt": "Hark", "max_tokens": 4, "logprobs": 2, "echo": True, "stream": True,
+             "stream_options": {"include_usage": True}},
+        ),
+    ],
+)  # fmt: skip
+def test_streamed_events_validate_against_the_spec(
+    client: FlaskClient, spec: dict[str, Any], path: str, body: dict[str, Any]
+) -> None:
+    response = client.post(path, json=body)
+    assert response.status_code == 200 and response.mimetype == "text/event-stream"
+    event_schema = spec["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    chunk_schema = event_schema["properties"]["data"]["anyOf"][1]["contentSchema"]
+    events = [e.removeprefix("data: ") for e in response.get_data(as_text=True).split("\n\n") if e]
+    assert events[-1] == "[DONE]" and len(events) > 2
+    validator = Draft202012Validator({**chunk_schema, "components": spec["components"]})
+    for event in events[:-1]:
+        validator.validate(json.loads(event))
+
+
 def test_docs_page_is_self_contained(client: FlaskClient) -> None:
     page = client.get("/docs")
     assert page.status_code == 200 and page.mimetype == "text/html"

@@ -50,7 +50,8 @@ def test_bad_artifacts_stop_start_up_with_one_clear_line(tmp_path: Path, tiny_ar
         shutil.rmtree(artifacts)
         expected = "manifest.json: missing"
     proc, _ = start_gunicorn(artifacts)
-    output, _ = proc.communicate(timeout=60)
+    proc.wait(timeout=60)
+    output = stop(proc)
     assert proc.returncode not in (0, None)
     refusals = [line for line in output.splitlines() if "refusing to start" in line]
     assert len(refusals) == 1, output
@@ -82,15 +83,19 @@ def test_worker_killed_under_load_is_replaced(tiny_artifacts: Path) -> None:
                         failures.append(type(exc).__name__)
 
         with ThreadPoolExecutor(4) as pool:
-            for _ in range(4):
-                pool.submit(hammer)
-            time.sleep(0.5)
-            os.kill(workers[0], signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while sorted(children(master)) == sorted(workers) or len(children(master)) < 2:
-                assert time.monotonic() < deadline, "the master did not replace the worker"
-                time.sleep(0.1)
-            stop.set()
+            try:
+                for _ in range(4):
+                    pool.submit(hammer)
+                time.sleep(0.5)
+                os.kill(workers[0], signal.SIGKILL)
+                deadline = time.monotonic() + 30
+                while sorted(children(master)) == sorted(workers) or len(children(master)) < 2:
+                    assert time.monotonic() < deadline, (
+                        f"the master did not replace the worker: {children(master)}, {workers}"
+                    )
+                    time.sleep(0.1)
+            finally:
+                stop.set()  # the hammers must end even when an assertion fails, or the pool never exits
         assert len(failures) <= 4, failures  # at most the requests that were on the killed worker
         replacement = set(children(master)) - set(workers)
         assert len(replacement) == 1 and workers[1] in children(master)

@@ -16,6 +16,7 @@ from service.sampling import SamplingParams
 from service.schemas import (
     ClassifyRequest,
     ClassifyResponse,
+    GenerateChunk,
     GenerateRequest,
     GenerateResponse,
     ModelList,
@@ -46,7 +47,10 @@ def next_token() -> Response:
 
 @bp.post("/generate")
 @documented(
-    "Continuations of a prompt; server-sent events with stream: true", GenerateResponse, GenerateRequest, streams=True
+    "Continuations of a prompt; server-sent events with stream: true",
+    GenerateResponse,
+    GenerateRequest,
+    stream_chunk=GenerateChunk,
 )
 def generate() -> Response:
     req = parse(GenerateRequest)

@@ -23,7 +23,7 @@ log = logging.getLogger("service.completions")
     "OpenAI legacy Completions (vLLM-compatible); server-sent events with stream: true",
     CompletionResponse,
     CompletionRequest,
-    streams=True,
+    stream_chunk=CompletionResponse,
 )
 def completions() -> Response:
     req = parse(CompletionRequest)

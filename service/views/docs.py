@@ -55,9 +55,19 @@ def docs_init() -> Response:
     return Response(INIT, mimetype="text/javascript")
 
 
-@bp.get("/docs/<any('swagger-ui.css', 'swagger-ui-bundle.js'):asset>")
-@documented("Swagger UI assets", content_type="application/octet-stream")
-def docs_asset(asset: str) -> Response:
-    response = send_from_directory(swagger_ui_path, asset, max_age=3600)
+def _asset(name: str) -> Response:
+    response = send_from_directory(swagger_ui_path, name, max_age=3600)
     response.headers["Cache-Control"] = "public, max-age=3600"
     return response
+
+
+@bp.get("/docs/swagger-ui.css")
+@documented("Swagger UI style sheet", content_type="text/css")
+def docs_css() -> Response:
+    return _asset("swagger-ui.css")
+
+
+@bp.get("/docs/swagger-ui-bundle.js")
+@documented("Swagger UI script", content_type="text/javascript")
+def docs_js() -> Response:
+    return _asset("swagger-ui-bundle.js")
