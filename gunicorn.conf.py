@@ -8,6 +8,10 @@ request I/O with the other requests' compute (torch releases the GIL while it co
 import os
 import shutil
 import tempfile
+import warnings
+
+# The image leaves out numpy, which the service never uses; torch would warn about it at import.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WORKERS", "2"))

@@ -204,7 +204,10 @@ def smoke_buildah(keep_base: bool) -> None:
         assert health.returncode == 0, f"HEALTHCHECK failed: {health.stderr}"
         log("the image's HEALTHCHECK command passes")
 
-        [master] = [pid for pid, (_, parent) in gunicorns.items() if parent not in gunicorns]
+        # The workers are the gunicorn processes with no gunicorn children, and their common parent
+        # is the master (buildah's chroot helper above it also names gunicorn on its command line).
+        parents = {parent for _, parent in gunicorns.values()}
+        [master] = {parent for pid, (_, parent) in gunicorns.items() if pid not in parents}
         stop_started = time.monotonic()
         os.kill(master, signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)

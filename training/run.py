@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=lm.batch_size, help="parallel streams per LM step")
     p.add_argument("--seq-len", type=int, default=lm.seq_len, help="truncated-BPTT window")
     p.add_argument("--lr", type=float, default=lm.lr, help="peak AdamW learning rate (cosine schedule)")
+    p.add_argument("--weight-decay", type=float, default=lm.weight_decay, help="AdamW decay on the LM's matrices")
     p.add_argument("--eval-every", type=int, default=lm.eval_every, help="LM steps between validation passes")
     p.add_argument("--patience", type=int, default=lm.patience, help="validation passes without gain before stopping")
     p.add_argument("--min-count", type=int, default=lm.min_count, help="rarer training characters become U+FFFD")
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_len=args.seq_len,
         max_steps=args.max_steps,
         lr=args.lr,
+        weight_decay=args.weight_decay,
         eval_every=args.eval_every,
         patience=args.patience,
         max_minutes=args.max_minutes,
