@@ -34,7 +34,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOST=0.0.0.0 \
     PORT=8000 \
     WORKERS=2 \
-    THREADS=4 \
+    THREADS=32 \
     LOG_LEVEL=INFO \
     ARTIFACTS_DIR=/app/artifacts
 USER 10001:10001

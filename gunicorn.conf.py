@@ -1,8 +1,10 @@
 """Gunicorn settings for the service; each can be overridden by an environment variable.
 
 The machine this targets has 2 cores. Two worker processes each get one torch thread, so
-inference never runs more compute threads than cores; a few gthreads per worker overlap
-request I/O with the other requests' compute (torch releases the GIL while it computes).
+inference never runs more compute threads than cores. In each worker, one scheduler thread
+does all the model's work, stepping every concurrent request's sequences as one batch
+(BATCHING=1, the default); the request threads only parse, wait and write, so a worker
+needs many of them (THREADS) to serve many clients at once.
 """
 
 import os
@@ -16,7 +18,7 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WORKERS", "2"))
 worker_class = "service.worker.GracefulThreadWorker"  # gthread, closing its listeners on SIGTERM
-threads = int(os.environ.get("THREADS", "4"))
+threads = int(os.environ.get("THREADS", "32"))  # concurrent requests per worker
 timeout = int(os.environ.get("TIMEOUT", "60"))  # a worker silent this long is restarted
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))  # SIGTERM: in-flight requests get this long
 keepalive = 5

@@ -41,7 +41,12 @@ class ModelRegistry:
 
     def load(self) -> None:
         started = time.perf_counter()
-        engine = Engine.from_dir(self.settings.artifacts_dir, on_generated=TOKENS_GENERATED.inc)
+        engine = Engine.from_dir(
+            self.settings.artifacts_dir,
+            on_generated=TOKENS_GENERATED.inc,
+            batching=self.settings.batching,
+            max_batch_rows=self.settings.max_batch_rows,
+        )
         self.load_seconds = time.perf_counter() - started
         MODEL_LOAD_SECONDS.set(self.load_seconds)
         self.engine = engine

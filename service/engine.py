@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from service.model import CLASSIFIER_DIR, LM_DIR, WEIGHTS_FILE, LoadedModels, load_artifacts
-from service.sampling import SamplingParams, choose, make_generators
+from service.batching import DecodeBatch, Delta, GenerationRequest, Job, Scheduler, StopMatcher, TokenScore
+from service.model import CLASSIFIER_DIR, LM_DIR, WEIGHTS_FILE, FusedStep, LoadedModels, load_artifacts
+
+__all__ = ["CLASSIFIER_ID", "LM_ID", "Delta", "Engine", "GenerationRequest", "StopMatcher", "TokenScore"]
 
 LN2 = math.log(2.0)
 LM_ID = "char-lstm"
@@ -34,13 +36,6 @@ class Candidate:
 class NextToken:
     candidates: list[Candidate]
     entropy_bits: float
-
-
-@dataclass
-class TokenScore:
-    token: str
-    logprob: float
-    top_logprobs: dict[str, float] | None = None  # the most likely characters at this position
 
 
 @dataclass
@@ -79,81 +74,41 @@ class Generation:
         return sum(c.completion_tokens for c in self.choices)
 
 
-@dataclass
-class Delta:
-    """A piece of one choice's text as it is released; the last piece of a choice has `finish_reason`.
-
-    `tokens` holds one entry per released character, with its log-probability under the
-    model (before temperature, top-k/top-p or penalties) and, when asked, the top alternatives.
-    """
-
-    index: int
-    text: str
-    tokens: list[TokenScore]
-    finish_reason: str | None = None
-    completion_tokens: int = 0  # on the last piece: characters generated, a matched stop string included
-    cumulative_logprob: float = 0.0  # on the last piece: sum of the generated characters' log-probabilities
-
-
-@dataclass
-class StopMatcher:
-    """Finds stop strings in a growing text, holding back any tail that could still begin one,
-    so that a stop string split across steps is caught and never reaches the client."""
-
-    stops: Sequence[str]
-    pending: list[TokenScore] = field(default_factory=list)
-
-    def push(self, token: TokenScore) -> tuple[list[TokenScore], bool]:
-        """Tokens safe to release now, and whether a stop string was found (its text is dropped)."""
-        self.pending.append(token)
-        text = "".join(t.token for t in self.pending)
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], []
-            return out, True
-        hold = 0
-        for stop in self.stops:
-            for size in range(min(len(stop) - 1, len(text)), 0, -1):
-                if text.endswith(stop[:size]):
-                    hold = max(hold, size)
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> list[TokenScore]:
-        out, self.pending = self.pending, []
-        return out
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    max_tokens: int
-    params: SamplingParams = field(default_factory=SamplingParams)
-    seed: int | None = None
-    stop: Sequence[str] = ()
-    n: int = 1
-    top_logprobs: int = 0  # alternatives to report per generated character
-    deadline: float | None = None  # time.monotonic() after which every choice ends with finish_reason "deadline"
-
-
 class Engine:
-    def __init__(self, models: LoadedModels, on_generated: Callable[[int], None] | None = None) -> None:
-        """`on_generated(k)` is called after every generation step with the k characters it produced."""
+    def __init__(
+        self,
+        models: LoadedModels,
+        on_generated: Callable[[int], None] | None = None,
+        batching: bool = True,
+        max_batch_rows: int = 64,
+    ) -> None:
+        """`on_generated(k)` is called after every generation step with the k characters it produced.
+
+        With `batching`, next-token and generation requests of this process share a background
+        scheduler that steps all their sequences together; without it, each request computes alone
+        on its own thread (the same arithmetic, batch by batch).
+        """
         self.models = models
         self.on_generated = on_generated
         self.lm = models.lm
         self.vocab = models.vocab
         self.classifier = models.classifier
         self.labels = models.labels
-        # Generation never emits U+FFFD: it stands for "some unknown character", not for itself.
-        self._sampling_mask = torch.zeros(self.vocab.size)
-        self._sampling_mask[0] = float("-inf")
+        self.kernel = FusedStep(self.lm)
+        self.scheduler = Scheduler(self.new_batch, max_batch_rows) if batching else None
 
     @classmethod
-    def from_dir(cls, artifacts_dir: Path | str, on_generated: Callable[[int], None] | None = None) -> Engine:
-        return cls(load_artifacts(artifacts_dir), on_generated)
+    def from_dir(cls, artifacts_dir: Path | str, **options: Any) -> Engine:
+        return cls(load_artifacts(artifacts_dir), **options)
+
+    def new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.lm, self.kernel, self.vocab.chars, self.on_generated)
+
+    def run(self, job: Job) -> Generator[Any, None, None]:
+        """The job's results, from the shared scheduler or computed alone; closing this cancels the job."""
+        if self.scheduler is not None:
+            return self.scheduler.results(job)
+        return self.new_batch().run_alone(job)
 
     # ------------------------------------------------------------------ metadata
 
@@ -200,10 +155,15 @@ class Engine:
 
     # ------------------------------------------------------------------ endpoints
 
-    @torch.inference_mode()
     def next_token(self, text: str, top_k: int) -> NextToken:
-        logits, _ = self.lm.prefill([self.prompt_ids(text)])
-        logprobs = torch.log_softmax(logits[0].double(), dim=-1)
+        results = self.run(Job(self.prompt_ids(text)))
+        logits = next(results)
+        results.close()
+        return self._rank(logits, top_k)
+
+    @torch.inference_mode()
+    def _rank(self, logits: torch.Tensor, top_k: int) -> NextToken:
+        logprobs = torch.log_softmax(logits.double(), dim=-1)
         k = min(top_k, self.vocab.size)
         top = torch.topk(logprobs, k)
         entropy_bits = float(-(logprobs.exp() * logprobs).sum()) / LN2
@@ -277,54 +237,17 @@ class Engine:
         ]
 
     def stream(self, req: GenerationRequest) -> Iterator[Delta]:
-        """Generate `req.n` continuations stepped together as one batch, yielding text as it is released.
+        """Generate `req.n` continuations, yielding text as it is released. The choices step
+        together, and with batching alongside every other request's sequences.
 
-        Closing the iterator (a client that went away) stops the generation at once.
+        Closing the iterator (a client that went away) takes its sequences out of the batch
+        before the next step.
         """
-        n, params = req.n, req.params
-        generators = make_generators(req.seed, n)
-        matchers = [StopMatcher(req.stop) for _ in range(n)]
-        finished = [False] * n
-        produced = [0] * n
-        cumulative = [0.0] * n
-        counts = torch.zeros(n, self.vocab.size)
-        penalized = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-
-        def sample(logits: torch.Tensor) -> torch.Tensor:
-            adjusted = logits + self._sampling_mask
-            if penalized:
-                adjusted = adjusted - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
-            return choose(adjusted, params, generators)
-
-        with torch.inference_mode():
-            logits, state = self.lm.prefill([self.prompt_ids(req.prompt)])
-            logits = logits.expand(n, -1).contiguous()
-            state = (state[0].expand(-1, n, -1).contiguous(), state[1].expand(-1, n, -1).contiguous())
-            for ids, step_logits in self.lm.generate(logits, state, req.max_tokens, sample):
-                counts[torch.arange(n), ids] += 1
-                logprobs = torch.log_softmax(step_logits.double(), dim=-1)
-                chosen = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()
-                alternatives = self.top_alternatives(logprobs, req.top_logprobs)
-                if self.on_generated is not None:
-                    self.on_generated(finished.count(False))
-                for row, token_id in enumerate(ids.tolist()):
-                    if finished[row]:
-                        continue
-                    produced[row] += 1
-                    cumulative[row] += chosen[row]
-                    token = TokenScore(self.vocab.chars[token_id], chosen[row], alternatives[row] or None)
-                    released, stopped = matchers[row].push(token)
-                    out_of_time = req.deadline is not None and time.monotonic() >= req.deadline
-                    if stopped or produced[row] == req.max_tokens or out_of_time:
-                        finished[row] = True
-                        released += [] if stopped else matchers[row].flush()
-                        reason = "stop" if stopped else "length" if produced[row] == req.max_tokens else "deadline"
-                        text = "".join(t.token for t in released)
-                        yield Delta(row, text, released, reason, produced[row], cumulative[row])
-                    elif released:
-                        yield Delta(row, "".join(t.token for t in released), released)
-                if all(finished):
-                    return
+        results = self.run(Job(self.prompt_ids(req.prompt), req))
+        try:
+            yield from results
+        finally:
+            results.close()
 
     def generate(self, req: GenerationRequest) -> Generation:
         choices = [Choice(i) for i in range(req.n)]

@@ -203,6 +203,50 @@ class CharLSTM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class FusedStep:
+    """Inference-only single step of a trained CharLSTM, for decoding a batch one character at a time.
+
+    `nn.LSTM` called on one time step re-checks its weights, projects the input with its own matmul
+    and allocates every intermediate. Here the first layer's input projection (embedding x W_ih, plus
+    both biases) is a precomputed table indexed by character, every layer costs one addmm, and the
+    gate nonlinearities and the cell update run in place on the batch's state.
+    """
+
+    def __init__(self, lm: CharLSTM) -> None:
+        self.hidden_size = lm.config.hidden_size
+        weights: dict[str, torch.Tensor] = dict(lm.lstm.named_parameters())
+        with torch.no_grad():
+            bias0 = weights["bias_ih_l0"] + weights["bias_hh_l0"]
+            self.input_table = torch.addmm(bias0, lm.embed.weight, weights["weight_ih_l0"].t()).contiguous()
+            self.recurrent0 = weights["weight_hh_l0"].t().contiguous()  # (H, 4H)
+            self.upper: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer >= 1: ([W_ih; W_hh]^T, bias)
+            for layer in range(1, lm.config.num_layers):
+                w_ih, w_hh = weights[f"weight_ih_l{layer}"], weights[f"weight_hh_l{layer}"]
+                bias = weights[f"bias_ih_l{layer}"] + weights[f"bias_hh_l{layer}"]
+                self.upper.append((torch.cat([w_ih, w_hh], dim=1).t().contiguous(), bias.contiguous()))
+            self.head_weight = lm.head.weight.t().contiguous()
+            self.head_bias = lm.head.bias.detach().clone()
+
+    def _cell(self, gates: torch.Tensor, c: torch.Tensor, h: torch.Tensor) -> None:
+        """PyTorch's gate order is input, forget, cell, output; c and h (B, H) are updated in place."""
+        size = self.hidden_size
+        gates[:, : 2 * size].sigmoid_()
+        gates[:, 2 * size : 3 * size].tanh_()
+        gates[:, 3 * size :].sigmoid_()
+        c.mul_(gates[:, size : 2 * size]).addcmul_(gates[:, :size], gates[:, 2 * size : 3 * size])
+        torch.tanh(c, out=h)
+        h.mul_(gates[:, 3 * size :])
+
+    def __call__(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Feed characters `ids` (B,) to states h, c (layers, B, H), updated in place; returns logits (B, V)."""
+        gates = torch.addmm(self.input_table[ids], h[0], self.recurrent0)
+        self._cell(gates, c[0], h[0])
+        for layer, (weight, bias) in enumerate(self.upper, start=1):
+            gates = torch.addmm(bias, torch.cat([h[layer - 1], h[layer]], dim=1), weight)
+            self._cell(gates, c[layer], h[layer])
+        return torch.addmm(self.head_bias, h[-1], self.head_weight)
+
+
 # --------------------------------------------------------------------------- classifier
 
 

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     request_deadline_seconds: float = Field(
         30.0, gt=0, description="a generation still running after this ends with finish_reason 'deadline'"
     )
+    batching: bool = Field(
+        True, description="step concurrent requests' sequences together in each worker (continuous batching)"
+    )
+    max_batch_rows: int = Field(64, ge=1, le=4096, description="sequences one worker decodes together")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
     api_keys: str = Field("", repr=False, description="comma-separated bearer keys for /v1/*; empty: no auth")
 

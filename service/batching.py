@@ -1,0 +1,363 @@
+"""Continuous batching of LSTM state across requests. No Flask in here.
+
+A `DecodeBatch` holds the active sequences (one per generation choice) as rows of one (h, c)
+state and one logits tensor. Each step samples every row with its own seeded generator, hands
+the characters to their requests, drops the rows that finished or were cancelled, and runs one
+fused LSTM step for the rest. New prompts are encoded together (one packed `nn.LSTM` call) and
+join at the next step boundary.
+
+A `Scheduler` runs one `DecodeBatch` on a background thread of each worker process, so that
+concurrent requests share every step. With batching off, a request runs its own `DecodeBatch`
+on its own thread: the same code and the same arithmetic, one request at a time per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from service.model import CharLSTM, FusedStep
+from service.sampling import SamplingParams, choose, make_generators
+
+log = logging.getLogger("service.batching")
+
+
+@dataclass
+class TokenScore:
+    token: str
+    logprob: float
+    top_logprobs: dict[str, float] | None = None  # the most likely characters at this position
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    n: int = 1
+    top_logprobs: int = 0  # alternatives to report per generated character
+    deadline: float | None = None  # time.monotonic() after which every choice ends with finish_reason "deadline"
+
+
+@dataclass
+class Delta:
+    """A piece of one choice's text as it is released; the last piece of a choice has `finish_reason`.
+
+    `tokens` holds one entry per released character, with its log-probability under the
+    model (before temperature, top-k/top-p or penalties) and, when asked, the top alternatives.
+    """
+
+    index: int
+    text: str
+    tokens: list[TokenScore]
+    finish_reason: str | None = None
+    completion_tokens: int = 0  # on the last piece: characters generated, a matched stop string included
+    cumulative_logprob: float = 0.0  # on the last piece: sum of the generated characters' log-probabilities
+
+
+@dataclass
+class StopMatcher:
+    """Finds stop strings in a growing text, holding back any tail that could still begin one,
+    so that a stop string split across steps is caught and never reaches the client."""
+
+    stops: Sequence[str]
+    pending: list[TokenScore] = field(default_factory=list)
+
+    def push(self, token: TokenScore) -> tuple[list[TokenScore], bool]:
+        """Tokens safe to release now, and whether a stop string was found (its text is dropped)."""
+        self.pending.append(token)
+        text = "".join(t.token for t in self.pending)
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], []
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for size in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:size]):
+                    hold = max(hold, size)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> list[TokenScore]:
+        out, self.pending = self.pending, []
+        return out
+
+
+FINISHED = object()  # put on a job's queue after its last item
+
+
+class Job:
+    """One request's work: a prompt to encode, then either its logits (`request` is None: next-token)
+    or `request.n` sequences to decode. Results arrive on `results`, then FINISHED; an exception
+    raised while serving it arrives in their place."""
+
+    def __init__(self, prompt_ids: list[int], request: GenerationRequest | None = None) -> None:
+        self.prompt_ids = prompt_ids
+        self.request = request
+        self.results: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.cancelled = False  # set by the consumer when it goes away; its rows leave at the next step
+        self.open_choices = request.n if request is not None else 0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def next_result(self, block: bool = True) -> Any:
+        """The next item, FINISHED at the end; re-raises a failure of the batch that served this job.
+        Without `block`, raises queue.Empty when nothing is there yet."""
+        item = self.results.get(block=block)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+@dataclass
+class _Row:
+    """One generation choice inside the batch."""
+
+    job: Job
+    index: int
+    generator: torch.Generator
+    matcher: StopMatcher
+    counts: torch.Tensor | None  # characters generated so far, when a penalty needs them
+    produced: int = 0
+    cumulative: float = 0.0
+    finished: bool = False
+
+
+class DecodeBatch:
+    """The active sequences of one worker as rows of one state; see the module docstring."""
+
+    def __init__(
+        self,
+        lm: CharLSTM,
+        kernel: FusedStep,
+        chars: Sequence[str],
+        on_generated: Callable[[int], None] | None = None,
+    ) -> None:
+        self.lm = lm
+        self.kernel = kernel
+        self.chars = chars
+        self.on_generated = on_generated
+        self.rows: list[_Row] = []
+        self.h = self.c = self.logits = torch.empty(0)
+        # Generation never emits U+FFFD (index 0): it stands for "some unknown character", not for itself.
+        self.sampling_mask = torch.zeros(len(chars))
+        self.sampling_mask[0] = float("-inf")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def admit(self, jobs: Sequence[Job]) -> None:
+        """Encode every job's prompt as one batch. Next-token jobs get their logits and are done;
+        generation jobs add `n` rows that start from their prompt's state."""
+        jobs = [job for job in jobs if not job.cancelled]
+        if not jobs:
+            return
+        logits, (h, c) = self.lm.prefill([job.prompt_ids for job in jobs])
+        picks: list[int] = []
+        for source, job in enumerate(jobs):
+            req = job.request
+            if req is None:
+                job.results.put(logits[source].clone())
+                job.results.put(FINISHED)
+                continue
+            penalized = req.params.presence_penalty != 0.0 or req.params.frequency_penalty != 0.0
+            for index, generator in enumerate(make_generators(req.seed, req.n)):
+                counts = torch.zeros(len(self.chars)) if penalized else None
+                self.rows.append(_Row(job, index, generator, StopMatcher(req.stop), counts))
+                picks.append(source)
+        if not picks:
+            return
+        rows = torch.tensor(picks)
+        joining = (h[:, rows], c[:, rows], logits[rows])
+        if self.logits.numel() == 0:
+            self.h, self.c, self.logits = (t.contiguous() for t in joining)
+        else:
+            self.h = torch.cat([self.h, joining[0]], dim=1)
+            self.c = torch.cat([self.c, joining[1]], dim=1)
+            self.logits = torch.cat([self.logits, joining[2]], dim=0)
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.h = self.c = self.logits = torch.empty(0)
+            return
+        index = torch.tensor(keep)
+        self.h, self.c, self.logits = self.h[:, index], self.c[:, index], self.logits[index]
+
+    def _sample(self) -> torch.Tensor:
+        """One draw per row, rows of one request together; each row uses only its own generator,
+        so a row's characters do not depend on what else is in the batch."""
+        ids = torch.empty(len(self.rows), dtype=torch.long)
+        groups: dict[int, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            groups.setdefault(id(row.job), []).append(i)
+        for members in groups.values():
+            job = self.rows[members[0]].job
+            assert job.request is not None
+            params = job.request.params
+            index = torch.tensor(members)
+            adjusted = self.logits[index] + self.sampling_mask
+            if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+                counts = torch.stack([self.rows[i].counts for i in members])  # type: ignore[misc]
+                adjusted = adjusted - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
+            ids[index] = choose(adjusted, params, [self.rows[i].generator for i in members])
+        return ids
+
+    def _alternatives(self, logprobs: torch.Tensor, ks: list[int]) -> list[dict[str, float] | None]:
+        k = min(max(ks), len(self.chars))
+        if k <= 0:
+            return [None] * len(ks)
+        top = torch.topk(logprobs, k, dim=-1)
+        out: list[dict[str, float] | None] = []
+        for want, values, indices in zip(ks, top.values.tolist(), top.indices.tolist(), strict=True):
+            pairs = list(zip(indices, values, strict=True))[:want]
+            out.append({self.chars[i]: lp for i, lp in pairs} or None)
+        return out
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Sample a character for every row, deliver it, then advance the rows that go on."""
+        self._keep([i for i, row in enumerate(self.rows) if not row.job.cancelled])
+        if not self.rows:
+            return
+        ids = self._sample()
+        logprobs = torch.log_softmax(self.logits.double(), dim=-1)
+        chosen = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()
+        alternatives = self._alternatives(logprobs, [row.job.request.top_logprobs for row in self.rows])  # type: ignore[union-attr]
+        if self.on_generated is not None:
+            self.on_generated(len(self.rows))
+        now = time.monotonic()
+        for i, (row, token_id) in enumerate(zip(self.rows, ids.tolist(), strict=True)):
+            req = row.job.request
+            assert req is not None
+            row.produced += 1
+            row.cumulative += chosen[i]
+            if row.counts is not None:
+                row.counts[token_id] += 1
+            released, stopped = row.matcher.push(TokenScore(self.chars[token_id], chosen[i], alternatives[i]))
+            reason = None
+            if stopped:
+                reason = "stop"
+            elif row.produced == req.max_tokens:
+                reason = "length"
+            elif req.deadline is not None and now >= req.deadline:
+                reason = "deadline"
+            if reason is None:
+                if released:
+                    row.job.results.put(Delta(row.index, "".join(t.token for t in released), released))
+                continue
+            row.finished = True
+            released += [] if stopped else row.matcher.flush()
+            text = "".join(t.token for t in released)
+            row.job.results.put(Delta(row.index, text, released, reason, row.produced, row.cumulative))
+            row.job.open_choices -= 1
+            if row.job.open_choices == 0:
+                row.job.results.put(FINISHED)
+        going_on = [i for i, row in enumerate(self.rows) if not row.finished]
+        self._keep(going_on)
+        if self.rows:
+            self.logits = self.kernel(ids[going_on], self.h, self.c)
+
+    def fail(self, exc: BaseException, jobs: Sequence[Job] = ()) -> None:
+        """Hand `exc` to every job in the batch and to `jobs`, then empty the batch."""
+        for job in {id(j): j for j in [*jobs, *(row.job for row in self.rows)]}.values():
+            job.results.put(exc)
+        self._keep([])
+
+    def run_alone(self, job: Job) -> Generator[Any, None, None]:
+        """Serve one job on the calling thread (batching off); yields its results until FINISHED."""
+        try:
+            self.admit([job])
+            while True:
+                while True:
+                    try:
+                        item = job.next_result(block=False)
+                    except queue.Empty:
+                        break
+                    if item is FINISHED:
+                        return
+                    yield item
+                self.step()
+        finally:
+            job.cancel()
+
+
+class Scheduler:
+    """Continuous batching on a background thread of the current process (started on first use,
+    so that a gunicorn worker forked from a preloading master gets its own)."""
+
+    def __init__(self, make_batch: Callable[[], DecodeBatch], max_rows: int = 64) -> None:
+        self.make_batch = make_batch
+        self.max_rows = max_rows  # sequences decoded together; later jobs wait for rows to free up
+        self._waiting: list[Job] = []
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._owner_pid = 0
+        self.steps = 0  # decode steps run, for tests and the benchmark
+        self.max_batch_seen = 0
+
+    def submit(self, job: Job) -> None:
+        with self._wakeup:
+            if self._thread is None or self._owner_pid != os.getpid():
+                self._owner_pid = os.getpid()
+                self._waiting = []
+                self._thread = threading.Thread(target=self._loop, name="decode-scheduler", daemon=True)
+                self._thread.start()
+            self._waiting.append(job)
+            self._wakeup.notify()
+
+    def results(self, job: Job) -> Generator[Any, None, None]:
+        """Submit `job` and yield its results; closing the iterator cancels it."""
+        self.submit(job)
+        try:
+            while (item := job.next_result()) is not FINISHED:
+                yield item
+        finally:
+            job.cancel()
+
+    def _admissible(self, batch: DecodeBatch) -> list[Job]:
+        """Waiting jobs that fit beside the batch's rows (one job always fits an empty batch)."""
+        room = self.max_rows - len(batch)
+        taken: list[Job] = []
+        while self._waiting:
+            need = self._waiting[0].request.n if self._waiting[0].request is not None else 0
+            if need > room and (taken or len(batch)):
+                break
+            taken.append(self._waiting.pop(0))
+            room -= need
+        return taken
+
+    def _loop(self) -> None:
+        batch = self.make_batch()
+        while True:
+            with self._wakeup:
+                while not self._waiting and not len(batch):
+                    self._wakeup.wait()
+                jobs = self._admissible(batch)
+            try:
+                if jobs:
+                    batch.admit(jobs)
+                if len(batch):
+                    self.max_batch_seen = max(self.max_batch_seen, len(batch))
+                    batch.step()
+                    self.steps += 1
+            except Exception as exc:  # a bug must fail its requests, never the thread that serves the others
+                log.exception("decode step failed; failing the %d requests in the batch", len(batch) + len(jobs))
+                batch.fail(exc, jobs)

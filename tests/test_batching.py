@@ -1,0 +1,159 @@
+"""Continuous batching: the fused step, batched against unbatched output, joining, leaving and failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.batching import GenerationRequest
+from service.engine import Engine, Generation
+from service.model import FusedStep, LoadedModels, load_artifacts
+from service.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def models(tiny_artifacts: Path) -> LoadedModels:
+    return load_artifacts(tiny_artifacts)
+
+
+@pytest.fixture()
+def batched(models: LoadedModels) -> Engine:
+    return Engine(models, batching=True, max_batch_rows=64)
+
+
+@pytest.fixture(scope="module")
+def alone(models: LoadedModels) -> Engine:
+    return Engine(models, batching=False)
+
+
+REQUESTS = [
+    GenerationRequest("To be", 60, SamplingParams(temperature=1.0), seed=1, n=3),
+    GenerationRequest("", 45, SamplingParams(temperature=0.7, top_k=5), seed=2, stop=["e "]),
+    GenerationRequest("Hark! who goes there?", 80, SamplingParams(temperature=1.2, top_p=0.9), seed=3, n=2),
+    GenerationRequest("a", 30, SamplingParams(temperature=0.0)),
+    GenerationRequest(
+        "My lord", 50, SamplingParams(presence_penalty=0.5, frequency_penalty=0.3), seed=4, top_logprobs=3
+    ),
+    GenerationRequest("O", 70, SamplingParams(), seed=5, n=4),
+]
+
+
+def test_fused_step_matches_nn_lstm(models: LoadedModels) -> None:
+    lm, kernel = models.lm, FusedStep(models.lm)
+    generator = torch.Generator().manual_seed(0)
+    layers, hidden = lm.config.num_layers, lm.config.hidden_size
+    with torch.inference_mode():
+        for batch in (1, 7):
+            ids = torch.randint(0, models.vocab.size + 1, (batch,), generator=generator)
+            h = torch.randn(layers, batch, hidden, generator=generator)
+            c = torch.randn(layers, batch, hidden, generator=generator)
+            expected, (h_ref, c_ref) = lm.step(ids, (h.clone(), c.clone()))
+            logits = kernel(ids, h, c)
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-5)
+
+
+def run_concurrently(engine: Engine, requests: list[GenerationRequest]) -> list[Generation]:
+    results: list[Generation | None] = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def one(i: int) -> None:
+        start.wait()
+        results[i] = engine.generate(requests[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(r is not None for r in results)
+    return [r for r in results if r is not None]
+
+
+def test_batched_output_equals_unbatched_output(batched: Engine, alone: Engine) -> None:
+    together = run_concurrently(batched, REQUESTS)
+    assert batched.scheduler is not None and batched.scheduler.max_batch_seen > 4  # they really shared steps
+    for req, shared in zip(REQUESTS, together, strict=True):
+        single = alone.generate(req)
+        for a, b in zip(shared.choices, single.choices, strict=True):
+            assert (a.text, a.finish_reason, a.completion_tokens) == (b.text, b.finish_reason, b.completion_tokens)
+            assert [t.token for t in a.tokens] == [t.token for t in b.tokens]
+            torch.testing.assert_close([t.logprob for t in a.tokens], [t.logprob for t in b.tokens], rtol=0, atol=1e-5)
+            assert [sorted(t.top_logprobs or {}) for t in a.tokens] == [sorted(t.top_logprobs or {}) for t in b.tokens]
+
+
+def test_next_token_batched_equals_unbatched(batched: Engine, alone: Engine) -> None:
+    prompts = ["", "To be, or not to b", "Hark", "x" * 150]
+    answers: dict[str, list[str]] = {}
+
+    def one(prompt: str) -> None:
+        answers[prompt] = [c.token for c in batched.next_token(prompt, 5).candidates]
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for prompt in prompts:
+        single = alone.next_token(prompt, 5)
+        assert answers[prompt] == [c.token for c in single.candidates]
+
+
+def steps_settle(engine: Engine, limit: float = 10.0) -> int:
+    """The scheduler's step count once it stops changing (the batch is empty)."""
+    assert engine.scheduler is not None
+    deadline = time.monotonic() + limit
+    last = -1
+    while engine.scheduler.steps != last:
+        assert time.monotonic() < deadline, "the scheduler kept stepping"
+        last = engine.scheduler.steps
+        time.sleep(0.05)
+    return last
+
+
+def test_a_cancelled_sequence_leaves_the_batch(batched: Engine) -> None:
+    endless = GenerationRequest("a", 1_000_000, SamplingParams(), seed=1)
+    stream: Iterator = batched.stream(endless)
+    next(stream)
+    stream.close()
+    settled = steps_settle(batched)
+    assert settled < 1_000_000
+    time.sleep(0.2)
+    assert batched.scheduler is not None and batched.scheduler.steps == settled
+    # The batch serves later requests as before.
+    assert batched.generate(GenerationRequest("b", 5, seed=2)).choices[0].completion_tokens == 5
+
+
+def test_jobs_beyond_the_row_cap_wait_their_turn(models: LoadedModels, alone: Engine) -> None:
+    small = Engine(models, batching=True, max_batch_rows=3)
+    together = run_concurrently(small, REQUESTS)
+    assert small.scheduler is not None and small.scheduler.max_batch_seen == 4  # one job of n=4 always fits alone
+    for req, shared in zip(REQUESTS, together, strict=True):
+        assert [c.text for c in shared.choices] == [c.text for c in alone.generate(req).choices]
+
+
+class FailsOnce:
+    """A kernel that raises on its first call, then behaves."""
+
+    def __init__(self, kernel: FusedStep) -> None:
+        self.kernel, self.failed = kernel, False
+
+    def __call__(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected")
+        return self.kernel(ids, h, c)
+
+
+def test_a_failing_step_fails_its_requests_not_the_scheduler(models: LoadedModels) -> None:
+    engine = Engine(models, batching=True)
+    engine.kernel = FailsOnce(engine.kernel)  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.generate(GenerationRequest("a", 10, seed=1))
+    assert engine.generate(GenerationRequest("a", 10, seed=1)).choices[0].completion_tokens == 10
