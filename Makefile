@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint train
+.PHONY: serve test lint train bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -23,8 +23,8 @@ serve: $(VENV)/.serve-installed
 
 ## test: lint, format check, type-check, Dockerfile lint and the pytest suite
 test: $(VENV)/.test-installed
-	$(BIN)/ruff check service training tests gunicorn.conf.py
-	$(BIN)/ruff format --check service training tests gunicorn.conf.py
+	$(BIN)/ruff check service training tests benchmarks gunicorn.conf.py
+	$(BIN)/ruff format --check service training tests benchmarks gunicorn.conf.py
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/pytest
@@ -32,3 +32,7 @@ test: $(VENV)/.test-installed
 ## train: retrain on the default corpus (about an hour on 2 cores)
 train: $(VENV)/.test-installed
 	$(BIN)/python -m training.run
+
+## bench: the serving benchmark (about 5 minutes; writes benchmarks/results.json and results.md)
+bench: $(VENV)/.test-installed
+	$(BIN)/python -m benchmarks.serve

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,7 +236,7 @@ class Engine:
             for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True)
         ]
 
-    def stream(self, req: GenerationRequest) -> Iterator[Delta]:
+    def stream(self, req: GenerationRequest) -> Generator[Delta, None, None]:
         """Generate `req.n` continuations, yielding text as it is released. The choices step
         together, and with batching alongside every other request's sequences.
 

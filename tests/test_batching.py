@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -119,7 +118,7 @@ def steps_settle(engine: Engine, limit: float = 10.0) -> int:
 
 def test_a_cancelled_sequence_leaves_the_batch(batched: Engine) -> None:
     endless = GenerationRequest("a", 1_000_000, SamplingParams(), seed=1)
-    stream: Iterator = batched.stream(endless)
+    stream = batched.stream(endless)
     next(stream)
     stream.close()
     settled = steps_settle(batched)

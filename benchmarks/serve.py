@@ -1,0 +1,475 @@
+"""Serving benchmark: the shipped gunicorn server, the committed artifacts, loopback only.
+
+    python -m benchmarks.serve [--seconds 8] [--repeats 3] [--out benchmarks]
+
+It starts `gunicorn -c gunicorn.conf.py` twice (BATCHING=1, then BATCHING=0), drives each
+scenario from this process with an asyncio client (aiohttp; closed loop: each of C clients
+sends its next request when the previous answer is complete), measures the server's CPU use
+and each worker's memory with psutil, then measures in-process ceilings with the server
+stopped. It writes `results.json` and `results.md` into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import torch
+
+from service.batching import DecodeBatch, GenerationRequest, Job
+from service.engine import Engine
+from service.model import load_artifacts
+from service.sampling import SamplingParams
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "artifacts"
+PROMPT_100 = "HAMLET. To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer the sli"
+assert len(PROMPT_100) == 100
+TEXT_200 = (
+    "KING. Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds "
+    "that lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with victorious"
+)[:200]
+assert len(TEXT_200) == 200
+
+
+@dataclass
+class Scenario:
+    name: str
+    method: str
+    path: str
+    body: dict[str, Any] | None
+    concurrency: int
+    stream: bool = False
+
+
+@dataclass
+class Result:
+    scenario: str
+    batching: bool
+    concurrency: int
+    seconds: float
+    requests: int
+    errors: int
+    requests_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    chars_per_s: float | None = None
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    server_cpu_percent: float = 0.0  # of one core; the machine has os.cpu_count() of them
+    client_cpu_percent: float = 0.0
+    worker_rss_mib: list[float] = field(default_factory=list)
+    worker_pss_mib: list[float] = field(default_factory=list)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    def __init__(self, batching: bool) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        # A file, not a pipe: an unread pipe fills up and then blocks the server's logging.
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by stop()
+        env = {
+            **os.environ,
+            "PORT": str(self.port),
+            "HOST": "127.0.0.1",
+            "ARTIFACTS_DIR": str(ARTIFACTS),
+            "BATCHING": "1" if batching else "0",
+            "LOG_LEVEL": "WARNING",
+            "MAX_TOKENS": "1024",
+        }
+        gunicorn = Path(sys.executable).with_name("gunicorn")
+        self.proc = subprocess.Popen(
+            [str(gunicorn), "-c", "gunicorn.conf.py"], cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        self.master = psutil.Process(self.proc.pid)
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"gunicorn exited:\n{self.log.read()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    pass
+                import urllib.request
+
+                with urllib.request.urlopen(f"{self.base}/readyz", timeout=2) as response:
+                    if response.status == 200 and len(self.master.children()) >= 1:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("gunicorn did not become ready")
+
+    def processes(self) -> list[psutil.Process]:
+        return [self.master, *self.master.children(recursive=True)]
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for proc in self.processes():
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def worker_memory(self) -> tuple[list[float], list[float]]:
+        rss, pss = [], []
+        for proc in self.master.children():
+            info = proc.memory_full_info()
+            rss.append(round(info.rss / 2**20, 1))
+            pss.append(round(info.pss / 2**20, 1))
+        return rss, pss
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+# --------------------------------------------------------------------------- the client
+
+
+async def drive(base: str, scenario: Scenario, seconds: float) -> tuple[list[float], list[float], int, int, float]:
+    """Closed-loop load: latencies (s), times to first token (s), characters received, errors, wall time."""
+    latencies: list[float] = []
+    first_tokens: list[float] = []
+    counters = {"chars": 0, "errors": 0}
+    connector = aiohttp.TCPConnector(limit=scenario.concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as session:
+
+        async def one() -> None:
+            started = time.perf_counter()
+            async with session.request(scenario.method, scenario.path, json=scenario.body) as response:
+                if response.status != 200:
+                    counters["errors"] += 1
+                    await response.read()
+                    return
+                if scenario.stream:
+                    first = None
+                    async for raw in response.content:
+                        line = raw.strip()
+                        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        text = "".join(c["text"] for c in chunk["choices"])
+                        if text and first is None:
+                            first = time.perf_counter() - started
+                        counters["chars"] += len(text)
+                    if first is not None:
+                        first_tokens.append(first)
+                else:
+                    body = await response.json()
+                    if "choices" in body:
+                        counters["chars"] += sum(len(c["text"]) for c in body["choices"])
+            latencies.append(time.perf_counter() - started)
+
+        async def client(until: float) -> None:
+            while time.perf_counter() < until:
+                try:
+                    await one()
+                except (TimeoutError, aiohttp.ClientError):
+                    counters["errors"] += 1
+
+        warm_until = time.perf_counter() + min(1.0, seconds / 4)
+        await asyncio.gather(*(client(warm_until) for _ in range(scenario.concurrency)))
+        latencies.clear()
+        first_tokens.clear()
+        counters.update(chars=0, errors=0)
+        started = time.perf_counter()
+        await asyncio.gather(*(client(started + seconds) for _ in range(scenario.concurrency)))
+        wall = time.perf_counter() - started
+    return latencies, first_tokens, counters["chars"], counters["errors"], wall
+
+
+def measure(server: Server, scenario: Scenario, batching: bool, seconds: float) -> Result:
+    me = psutil.Process()
+    cpu_before, mine_before = server.cpu_seconds(), sum(me.cpu_times()[:2])
+    latencies, first_tokens, chars, errors, wall = asyncio.run(drive(server.base, scenario, seconds))
+    server_cpu = server.cpu_seconds() - cpu_before
+    client_cpu = sum(me.cpu_times()[:2]) - mine_before
+    rss, pss = server.worker_memory()
+    ms = [x * 1000 for x in latencies]
+    result = Result(
+        scenario=scenario.name,
+        batching=batching,
+        concurrency=scenario.concurrency,
+        seconds=round(wall, 2),
+        requests=len(latencies),
+        errors=errors,
+        requests_per_s=round(len(latencies) / wall, 1),
+        p50_ms=round(percentile(ms, 50), 2),
+        p95_ms=round(percentile(ms, 95), 2),
+        p99_ms=round(percentile(ms, 99), 2),
+        chars_per_s=round(chars / wall, 1) if chars else None,
+        ttft_p50_ms=round(percentile([x * 1000 for x in first_tokens], 50), 2) if first_tokens else None,
+        ttft_p95_ms=round(percentile([x * 1000 for x in first_tokens], 95), 2) if first_tokens else None,
+        server_cpu_percent=round(100 * server_cpu / wall, 1),
+        client_cpu_percent=round(100 * client_cpu / wall, 1),
+        worker_rss_mib=rss,
+        worker_pss_mib=pss,
+    )
+    print(
+        f"  {scenario.name:<28} c={scenario.concurrency:<3} {result.requests_per_s:>8.1f} req/s"
+        f"  p50 {result.p50_ms:>8.2f} ms  p99 {result.p99_ms:>8.2f} ms"
+        + (f"  {result.chars_per_s:>8.1f} chars/s" if result.chars_per_s else "")
+        + (f"  ttft p50 {result.ttft_p50_ms:.1f} ms" if result.ttft_p50_ms else "")
+        + f"  cpu {result.server_cpu_percent}%  errors {errors}",
+        flush=True,
+    )
+    return result
+
+
+def scenarios() -> list[Scenario]:
+    gen = {"prompt": "ROMEO.", "max_tokens": 200, "temperature": 0.8, "seed": 1, "stream": True}
+    out = [Scenario("no-op (GET /healthz)", "GET", "/healthz", None, c) for c in (1, 8, 32)]
+    out += [
+        Scenario("next-token, 100-char prompt", "POST", "/v1/next-token", {"text": PROMPT_100, "top_k": 5}, c)
+        for c in (1, 8, 32)
+    ]
+    out += [Scenario("score, 16 x 200 chars", "POST", "/v1/score", {"texts": [TEXT_200] * 16}, c) for c in (1, 8)]
+    out += [Scenario("generate 200 chars, streams", "POST", "/v1/generate", gen, c, stream=True) for c in (1, 32)]
+    return out
+
+
+HEADLINES = {
+    ("next-token, 100-char prompt", 8),
+    ("generate 200 chars, streams", 32),
+    ("generate 200 chars, streams", 1),
+}
+
+
+# --------------------------------------------------------------------------- in-process ceilings
+
+
+def timed(fn: Any, repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` calls, after one warm-up call."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def in_process(seconds: float) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    models = load_artifacts(ARTIFACTS)
+    lm, vocab = models.lm, models.vocab
+    engine = Engine(models, batching=False)
+    steps = 400
+    generator = torch.Generator().manual_seed(0)
+
+    @torch.inference_mode()
+    def naive() -> None:
+        """The textbook loop: nn.LSTM on one character at a time, then linear, softmax and a draw."""
+        x = torch.tensor([[vocab.bos_id]])
+        state = None
+        for _ in range(steps):
+            out, state = lm.lstm(lm.embed(x), state)
+            probs = torch.softmax(lm.head(out[:, -1]), dim=-1)
+            x = torch.multinomial(probs, 1, generator=generator)
+
+    def engine_rows(rows: int) -> float:
+        batch = DecodeBatch(lm, engine.kernel, vocab.chars)
+        req = GenerationRequest("ROMEO.", 10**9, SamplingParams(temperature=0.8), seed=1, n=rows)
+        batch.admit([Job(engine.prompt_ids("ROMEO."), req)])
+
+        def run() -> None:
+            for _ in range(steps):
+                batch.step()
+
+        return timed(run, 3)
+
+    prompt_ids = engine.prompt_ids(PROMPT_100)
+
+    @torch.inference_mode()
+    def prefill() -> None:
+        lm.prefill([prompt_ids])
+
+    naive_s = timed(naive, 3)
+    one, many = engine_rows(1), engine_rows(32)
+    prefill_s = timed(prefill, 50)
+    return {
+        "naive_nn_lstm_chars_per_s": round(steps / naive_s, 1),
+        "engine_batch1_chars_per_s": round(steps / one, 1),
+        "engine_batch32_chars_per_s": round(32 * steps / many, 1),
+        "engine_batch32_steps_per_s": round(steps / many, 1),
+        "prefill_100_chars_ms": round(prefill_s * 1000, 3),
+        "next_token_engine_ms": round(timed(lambda: engine.next_token(PROMPT_100, 5), 50) * 1000, 3),
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def summarize(results: list[Result], repeats: dict[str, list[float]], ceilings: dict[str, Any]) -> dict[str, Any]:
+    def pick(name: str, c: int, batching: bool) -> Result:
+        return next(r for r in results if r.scenario == name and r.concurrency == c and r.batching == batching)
+
+    nt, gen, noop = "next-token, 100-char prompt", "generate 200 chars, streams", "no-op (GET /healthz)"
+    nt8_on = statistics.median(repeats["next_token_c8_on"])
+    nt8_off = statistics.median(repeats["next_token_c8_off"])
+    g32 = statistics.median(repeats["generate_c32_on"])
+    g1 = statistics.median(repeats["generate_c1_on"])
+    budget = ceilings["next_token_engine_ms"] + pick(noop, 1, True).p50_ms
+    return {
+        "next_token_c8_batching_vs_off": {"ratio": ratio(nt8_on, nt8_off), "target": 3.0, "on": nt8_on, "off": nt8_off},
+        "generate_32_streams_vs_one": {"ratio": ratio(g32, g1), "target": 10.0, "c32": g32, "c1": g1},
+        "one_stream_vs_naive_loop": {
+            "ratio": ratio(g1, ceilings["naive_nn_lstm_chars_per_s"]),
+            "target": 3.0,
+            "stream_chars_per_s": g1,
+            "naive_chars_per_s": ceilings["naive_nn_lstm_chars_per_s"],
+        },
+        "next_token_c1_p50_vs_compute_plus_noop": {
+            "ratio": ratio(pick(nt, 1, True).p50_ms, budget),
+            "target": "<= 2",
+            "p50_ms": pick(nt, 1, True).p50_ms,
+            "compute_plus_noop_ms": round(budget, 3),
+        },
+        "errors": sum(r.errors for r in results),
+        "generate_c32_on_vs_off": ratio(pick(gen, 32, True).chars_per_s, pick(gen, 32, False).chars_per_s),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"Measured {report['date']} on {report['machine']} with `python -m benchmarks.serve "
+        f"--seconds {report['seconds']} --repeats {report['repeats']}`.",
+        "",
+        "| scenario | batching | c | req/s | p50 ms | p95 ms | p99 ms | chars/s | TTFT p50 ms | server CPU % "
+        "| worker RSS MiB (PSS) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        mem = ", ".join(f"{a:.0f} ({b:.0f})" for a, b in zip(r["worker_rss_mib"], r["worker_pss_mib"], strict=True))
+        lines.append(
+            f"| {r['scenario']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} "
+            f"| {r['requests_per_s']:.1f} | "
+            f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['chars_per_s'] or ''} | "
+            f"{r['ttft_p50_ms'] or ''} | {r['server_cpu_percent']} | {mem} |"
+        )
+    c = report["in_process"]
+    lines += [
+        "",
+        "In-process ceilings (one thread, no HTTP):",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in c.items()),
+        "",
+        "Targets (headline figures are medians of the repeats):",
+        "",
+        "| target | measured | goal |",
+        "|---|---|---|",
+    ]
+    s = report["summary"]
+    lines += [
+        f"| next-token c=8, batching on / off (req/s) | {s['next_token_c8_batching_vs_off']['ratio']} x | >= 3 x |",
+        f"| generate: 32 streams / 1 stream (chars/s) | {s['generate_32_streams_vs_one']['ratio']} x | >= 10 x |",
+        f"| one stream / naive nn.LSTM loop (chars/s) | {s['one_stream_vs_naive_loop']['ratio']} x | >= 3 x |",
+        f"| next-token c=1 p50 / (compute + no-op p50) "
+        f"| {s['next_token_c1_p50_vs_compute_plus_noop']['ratio']} x | <= 2 x |",
+        f"| errors in all scenarios | {s['errors']} | 0 |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per scenario")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each headline scenario")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for results.json/.md")
+    args = parser.parse_args(argv)
+
+    results: list[Result] = []
+    repeats: dict[str, list[float]] = {}
+    for batching in (True, False):
+        print(f"server with BATCHING={int(batching)}", flush=True)
+        server = Server(batching)
+        try:
+            server.wait_ready()
+            for scenario in scenarios():
+                if not batching and scenario.path in ("/healthz", "/v1/score"):
+                    continue  # neither touches the batching
+                runs = args.repeats if (scenario.name, scenario.concurrency) in HEADLINES else 1
+                measured = [measure(server, scenario, batching, args.seconds) for _ in range(runs)]
+                results.append(measured[len(measured) // 2])
+                key = {
+                    ("/v1/next-token", 8): "next_token_c8",
+                    ("/v1/generate", 32): "generate_c32",
+                    ("/v1/generate", 1): "generate_c1",
+                }.get((scenario.path, scenario.concurrency))
+                if key:
+                    value = [m.requests_per_s if "next" in key else (m.chars_per_s or 0.0) for m in measured]
+                    repeats[f"{key}_{'on' if batching else 'off'}"] = value
+        finally:
+            server.stop()
+    print("in-process ceilings", flush=True)
+    ceilings = in_process(args.seconds)
+    print(json.dumps(ceilings, indent=1), flush=True)
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
+        f"torch {torch.__version__}",
+        "seconds": args.seconds,
+        "repeats": args.repeats,
+        "results": [asdict(r) for r in results],
+        "repeat_values": repeats,
+        "in_process": ceilings,
+    }
+    report["summary"] = summarize(results, repeats, ceilings)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
