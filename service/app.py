@@ -46,6 +46,7 @@ class ModelRegistry:
             on_generated=TOKENS_GENERATED.inc,
             batching=self.settings.batching,
             max_batch_rows=self.settings.max_batch_rows,
+            step_dtype=getattr(torch, self.settings.step_dtype),
         )
         self.load_seconds = time.perf_counter() - started
         MODEL_LOAD_SECONDS.set(self.load_seconds)

@@ -81,6 +81,7 @@ class Engine:
         on_generated: Callable[[int], None] | None = None,
         batching: bool = True,
         max_batch_rows: int = 64,
+        step_dtype: torch.dtype = torch.float32,
     ) -> None:
         """`on_generated(k)` is called after every generation step with the k characters it produced.
 
@@ -94,7 +95,7 @@ class Engine:
         self.vocab = models.vocab
         self.classifier = models.classifier
         self.labels = models.labels
-        self.kernel = FusedStep(self.lm)
+        self.kernel = FusedStep(self.lm, step_dtype)
         self.scheduler = Scheduler(self.new_batch, max_batch_rows) if batching else None
 
     @classmethod

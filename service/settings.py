@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +31,10 @@ class Settings(BaseSettings):
         True, description="step concurrent requests' sequences together in each worker (continuous batching)"
     )
     max_batch_rows: int = Field(64, ge=1, le=4096, description="sequences one worker decodes together")
+    step_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="weights of the decode step; bfloat16 is faster for large batches on CPUs with AVX512-BF16",
+    )
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
     api_keys: str = Field("", repr=False, description="comma-separated bearer keys for /v1/*; empty: no auth")
 

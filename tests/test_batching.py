@@ -87,6 +87,14 @@ def test_batched_output_equals_unbatched_output(batched: Engine, alone: Engine) 
             assert [sorted(t.top_logprobs or {}) for t in a.tokens] == [sorted(t.top_logprobs or {}) for t in b.tokens]
 
 
+def test_bfloat16_steps_batched_equal_unbatched(models: LoadedModels) -> None:
+    half_batched = Engine(models, batching=True, step_dtype=torch.bfloat16)
+    half_alone = Engine(models, batching=False, step_dtype=torch.bfloat16)
+    together = run_concurrently(half_batched, REQUESTS)
+    for req, shared in zip(REQUESTS, together, strict=True):
+        assert [c.text for c in shared.choices] == [c.text for c in half_alone.generate(req).choices]
+
+
 def test_next_token_batched_equals_unbatched(batched: Engine, alone: Engine) -> None:
     prompts = ["", "To be, or not to b", "Hark", "x" * 150]
     answers: dict[str, list[str]] = {}

@@ -1,0 +1,123 @@
+"""Cheaper weights: held-out bits per character and step speed of the fused kernel in float32 and bfloat16.
+
+    python -m benchmarks.precision [--out benchmarks]
+
+The held-out text is the committed artifacts' test split (rebuilt from the manifest), read in
+segments of 8,192 characters from the start symbol, exactly as training evaluates; the
+float32 figure therefore reproduces `metrics.json`'s test_bpc. Writes precision.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.model import FusedStep, LoadedModels, load_artifacts
+from training.corpus import load_plays
+from training.run import EVAL_SEGMENT
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_text(models: LoadedModels) -> str:
+    names = models.manifest["split"]["test"]
+    by_name = {doc.name: doc for doc in load_plays()}
+    return "\n".join(by_name[name].text for name in names)
+
+
+@torch.inference_mode()
+def heldout_bpc(models: LoadedModels, kernel: FusedStep, text: str) -> float:
+    """Bits per character with every segment stepped through `kernel` as one batch."""
+    vocab = models.vocab
+    ids = torch.tensor(vocab.encode(text))
+    segments = [ids[i : i + EVAL_SEGMENT] for i in range(0, len(ids), EVAL_SEGMENT)]
+    rows, length = len(segments), max(len(s) for s in segments)
+    targets = torch.full((rows, length), -1, dtype=torch.long)
+    for row, segment in enumerate(segments):
+        targets[row, : len(segment)] = segment
+    layers, hidden = models.lm.config.num_layers, models.lm.config.hidden_size
+    h, c = torch.zeros(layers, rows, hidden), torch.zeros(layers, rows, hidden)
+    inputs = torch.full((rows,), vocab.bos_id, dtype=torch.long)
+    nats = 0.0
+    for t in range(length):
+        logits = kernel(inputs, h, c)
+        nats += float(torch.nn.functional.cross_entropy(logits, targets[:, t], ignore_index=-1, reduction="sum"))
+        inputs = targets[:, t].clamp_min(0)
+    return nats / len(ids) / math.log(2)
+
+
+def step_us(kernel: FusedStep, rows: int, hidden: int, layers: int) -> float:
+    ids = torch.zeros(rows, dtype=torch.long)
+    h, c = torch.zeros(layers, rows, hidden), torch.zeros(layers, rows, hidden)
+    samples = []
+    with torch.inference_mode():
+        for _ in range(20):
+            kernel(ids, h, c)
+        for _ in range(7):
+            started = time.perf_counter()
+            for _ in range(100):
+                kernel(ids, h, c)
+            samples.append((time.perf_counter() - started) / 100 * 1e6)
+    return statistics.median(samples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    models = load_artifacts(args.artifacts)
+    text = test_text(models)
+    hidden, layers = models.lm.config.hidden_size, models.lm.config.num_layers
+    rows: dict[str, dict[str, Any]] = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        kernel = FusedStep(models.lm, dtype)
+        started = time.perf_counter()
+        bpc = heldout_bpc(models, kernel, text)
+        rows[name] = {
+            "test_bpc": round(bpc, 5),
+            "eval_seconds": round(time.perf_counter() - started, 1),
+            **{f"step_us_batch{b}": round(step_us(kernel, b, hidden, layers), 1) for b in (1, 8, 32)},
+        }
+        print(name, rows[name], flush=True)
+    base, half = rows["float32"], rows["bfloat16"]
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "test_chars": len(text),
+        "metrics_json_test_bpc": models.manifest["metrics"]["lm"]["test_bpc"],
+        "kernels": rows,
+        "bpc_change_percent": round(100 * (half["test_bpc"] / base["test_bpc"] - 1), 3),
+        "speedup": {f"batch{b}": round(base[f"step_us_batch{b}"] / half[f"step_us_batch{b}"], 2) for b in (1, 8, 32)},
+    }
+    lines = [
+        f"Measured {report['date']} with `python -m benchmarks.precision` (one thread; the committed artifacts'",
+        f"test split, {len(text):,} characters; training's own evaluation gave {report['metrics_json_test_bpc']:.5f}).",
+        "",
+        "| weights | test bits/char | step us, batch 1 | batch 8 | batch 32 |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {n} | {r['test_bpc']:.5f} | {r['step_us_batch1']} | {r['step_us_batch8']} | {r['step_us_batch32']} |"
+            for n, r in rows.items()
+        ),
+        "",
+        f"bfloat16 changes held-out bits per character by {report['bpc_change_percent']:+.3f} %; "
+        f"speed-up per step: {report['speedup']}.",
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "precision.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "precision.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
