@@ -47,6 +47,7 @@ class ModelRegistry:
             batching=self.settings.batching,
             max_batch_rows=self.settings.max_batch_rows,
             step_dtype=getattr(torch, self.settings.step_dtype),
+            scoring_slots=self.settings.torch_threads,
         )
         self.load_seconds = time.perf_counter() - started
         MODEL_LOAD_SECONDS.set(self.load_seconds)

@@ -7,6 +7,7 @@ Each public method follows the handler shape: preprocess (text -> ids), inferenc
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ class Engine:
         batching: bool = True,
         max_batch_rows: int = 64,
         step_dtype: torch.dtype = torch.float32,
+        scoring_slots: int = 1,
     ) -> None:
         """`on_generated(k)` is called after every generation step with the k characters it produced.
 
@@ -97,6 +99,10 @@ class Engine:
         self.labels = models.labels
         self.kernel = FusedStep(self.lm, step_dtype)
         self.scheduler = Scheduler(self.new_batch, max_batch_rows) if batching else None
+        # Scoring and classification run on the request's own thread, one whole batch per call. More
+        # of them at once than the worker has torch threads only adds activation memory (about
+        # 100 MB for 16 texts of 200 characters), so they take turns for these slots.
+        self._scoring_slots = threading.BoundedSemaphore(scoring_slots)
 
     @classmethod
     def from_dir(cls, artifacts_dir: Path | str, **options: Any) -> Engine:
@@ -176,8 +182,16 @@ class Engine:
             entropy_bits=entropy_bits,
         )
 
-    @torch.inference_mode()
     def score(self, texts: Sequence[str], include_tokens: bool, top_logprobs: int = 0) -> list[TextScore]:
+        with self._scoring_slots:
+            return self._score(texts, include_tokens, top_logprobs)
+
+    def classify(self, texts: Sequence[str]) -> list[Classification]:
+        with self._scoring_slots:
+            return self._classify(texts)
+
+    @torch.inference_mode()
+    def _score(self, texts: Sequence[str], include_tokens: bool, top_logprobs: int) -> list[TextScore]:
         """Log-probability of every character given all before it, the first from the start state.
 
         The texts run as one right-padded batch; per-token values are float64 and the total
@@ -217,7 +231,7 @@ class Engine:
         return results
 
     @torch.inference_mode()
-    def classify(self, texts: Sequence[str]) -> list[Classification]:
+    def _classify(self, texts: Sequence[str]) -> list[Classification]:
         features = self.lm.pooled_features([self.prompt_ids(t) for t in texts])
         logits, _ = self.classifier(features)
         probs = torch.softmax(logits.double(), dim=-1)
