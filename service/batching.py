@@ -299,6 +299,28 @@ class DecodeBatch:
             job.cancel()
 
 
+def merge_deltas(items: list[Any]) -> list[Any]:
+    """Consecutive pieces of each choice joined into one Delta, choices in order of first appearance;
+    anything that is not a Delta passes through unchanged."""
+    merged: dict[int, Delta] = {}
+    out: list[Any] = []
+    for item in items:
+        if not isinstance(item, Delta):
+            out.append(item)
+            continue
+        head = merged.get(item.index)
+        if head is None:
+            head = merged[item.index] = Delta(item.index, item.text, list(item.tokens))
+            out.append(head)
+        else:
+            head.text += item.text
+            head.tokens.extend(item.tokens)
+        head.finish_reason = item.finish_reason
+        head.completion_tokens = item.completion_tokens
+        head.cumulative_logprob = item.cumulative_logprob
+    return out
+
+
 class Scheduler:
     """Continuous batching on a background thread of the current process (started on first use,
     so that a gunicorn worker forked from a preloading master gets its own)."""
@@ -324,11 +346,25 @@ class Scheduler:
             self._wakeup.notify()
 
     def results(self, job: Job) -> Generator[Any, None, None]:
-        """Submit `job` and yield its results; closing the iterator cancels it."""
+        """Submit `job` and yield its results; closing the iterator cancels it.
+
+        Deltas that are already waiting when the consumer comes back for more are merged per
+        choice: nothing is held back, but a consumer slower than the batch (a busy worker
+        writing many streams) sends fewer, larger chunks instead of falling further behind.
+        """
         self.submit(job)
         try:
-            while (item := job.next_result()) is not FINISHED:
-                yield item
+            while True:
+                pending = [job.next_result()]
+                while pending[-1] is not FINISHED:
+                    try:
+                        pending.append(job.next_result(block=False))
+                    except queue.Empty:
+                        break
+                finished = pending[-1] is FINISHED
+                yield from merge_deltas([item for item in pending if item is not FINISHED])
+                if finished:
+                    return
         finally:
             job.cancel()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.batching import GenerationRequest
+from service.batching import Delta, GenerationRequest, TokenScore, merge_deltas
 from service.engine import Engine, Generation
 from service.model import FusedStep, LoadedModels, load_artifacts
 from service.sampling import SamplingParams
@@ -164,3 +164,20 @@ def test_a_failing_step_fails_its_requests_not_the_scheduler(models: LoadedModel
     with pytest.raises(RuntimeError, match="injected"):
         engine.generate(GenerationRequest("a", 10, seed=1))
     assert engine.generate(GenerationRequest("a", 10, seed=1)).choices[0].completion_tokens == 10
+
+
+def test_waiting_deltas_merge_per_choice_in_order() -> None:
+    a, b = TokenScore("a", -1.0), TokenScore("b", -2.0)
+    items = [
+        Delta(0, "a", [a]),
+        Delta(1, "b", [b]),
+        Delta(0, "b", [b], "length", 2, -3.0),
+        Delta(1, "a", [a]),
+    ]
+    merged = merge_deltas(items)
+    assert [(d.index, d.text, d.finish_reason, d.completion_tokens) for d in merged] == [
+        (0, "ab", "length", 2),
+        (1, "ba", None, 0),
+    ]
+    assert [t.token for t in merged[0].tokens] == ["a", "b"] and merged[0].cumulative_logprob == -3.0
+    assert items[0].text == "a"  # the originals are left as they were
