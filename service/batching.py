@@ -48,6 +48,10 @@ class GenerationRequest:
     top_logprobs: int = 0  # alternatives to report per generated character
     deadline: float | None = None  # time.monotonic() after which every choice ends with finish_reason "deadline"
 
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_tokens < 1:
+            raise ValueError(f"a generation needs n >= 1 and max_tokens >= 1, not {self.n} and {self.max_tokens}")
+
 
 @dataclass
 class Delta:
@@ -164,6 +168,15 @@ class DecodeBatch:
     def admit(self, jobs: Sequence[Job]) -> None:
         """Encode every job's prompt as one batch. Next-token jobs get their logits and are done;
         generation jobs add `n` rows that start from their prompt's state."""
+        now = time.monotonic()
+        for job in jobs:
+            req = job.request
+            if not job.cancelled and req is not None and req.deadline is not None and now >= req.deadline:
+                # It waited for room past its deadline: it ends as documented, with nothing generated.
+                for index in range(req.n):
+                    job.results.put(Delta(index, "", [], "deadline", 0, 0.0))
+                job.results.put(FINISHED)
+                job.cancel()
         jobs = [job for job in jobs if not job.cancelled]
         if not jobs:
             return
@@ -255,7 +268,7 @@ class DecodeBatch:
             reason = None
             if stopped:
                 reason = "stop"
-            elif row.produced == req.max_tokens:
+            elif row.produced >= req.max_tokens:
                 reason = "length"
             elif req.deadline is not None and now >= req.deadline:
                 reason = "deadline"
@@ -276,10 +289,16 @@ class DecodeBatch:
             self.logits = self.kernel(ids[going_on], self.h, self.c)
 
     def fail(self, exc: BaseException, jobs: Sequence[Job] = ()) -> None:
-        """Hand `exc` to every job in the batch and to `jobs`, then empty the batch."""
-        for job in {id(j): j for j in [*jobs, *(row.job for row in self.rows)]}.values():
-            job.results.put(exc)
+        """Fail every job in the batch and `jobs` with `exc`, then empty the batch."""
+        self.fail_jobs(exc, [*jobs, *(row.job for row in self.rows)])
         self._keep([])
+
+    @staticmethod
+    def fail_jobs(exc: BaseException, jobs: Sequence[Job]) -> None:
+        for job in {id(j): j for j in jobs}.values():
+            failure = RuntimeError(f"the decode batch failed: {exc!r}")  # one per job: raised on its own thread
+            failure.__cause__ = exc
+            job.results.put(failure)
 
     def run_alone(self, job: Job) -> Generator[Any, None, None]:
         """Serve one job on the calling thread (batching off); yields its results until FINISHED."""
@@ -321,6 +340,10 @@ def merge_deltas(items: list[Any]) -> list[Any]:
     return out
 
 
+def _is_end(item: Any) -> bool:
+    return item is FINISHED or isinstance(item, BaseException)
+
+
 class Scheduler:
     """Continuous batching on a background thread of the current process (started on first use,
     so that a gunicorn worker forked from a preloading master gets its own)."""
@@ -328,22 +351,37 @@ class Scheduler:
     def __init__(self, make_batch: Callable[[], DecodeBatch], max_rows: int = 64) -> None:
         self.make_batch = make_batch
         self.max_rows = max_rows  # sequences decoded together; later jobs wait for rows to free up
+        self._reset()
+        # A gunicorn worker is forked from the master that built the engine: it must not inherit
+        # the master's lock (possibly held), queue or thread.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
         self._waiting: list[Job] = []
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._owner_pid = 0
         self.steps = 0  # decode steps run, for tests and the benchmark
         self.max_batch_seen = 0
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, job: Job) -> None:
         with self._wakeup:
-            if self._thread is None or self._owner_pid != os.getpid():
-                self._owner_pid = os.getpid()
-                self._waiting = []
+            if not self.alive():
                 self._thread = threading.Thread(target=self._loop, name="decode-scheduler", daemon=True)
                 self._thread.start()
             self._waiting.append(job)
             self._wakeup.notify()
+
+    def _next(self, job: Job) -> Any:
+        """The job's next result; raises if the scheduler thread is gone (nothing would ever come)."""
+        while True:
+            try:
+                return job.results.get(timeout=1.0)
+            except queue.Empty:
+                if not self.alive():
+                    raise RuntimeError("the decode scheduler stopped") from None
 
     def results(self, job: Job) -> Generator[Any, None, None]:
         """Submit `job` and yield its results; closing the iterator cancels it.
@@ -355,39 +393,55 @@ class Scheduler:
         self.submit(job)
         try:
             while True:
-                pending = [job.next_result()]
-                while pending[-1] is not FINISHED:
+                pending = [self._next(job)]
+                while pending[-1] is not FINISHED and not isinstance(pending[-1], BaseException):
                     try:
-                        pending.append(job.next_result(block=False))
+                        pending.append(job.results.get_nowait())
                     except queue.Empty:
                         break
-                finished = pending[-1] is FINISHED
-                yield from merge_deltas([item for item in pending if item is not FINISHED])
-                if finished:
+                last = pending[-1]
+                yield from merge_deltas([item for item in pending if item is not last or not _is_end(last)])
+                if isinstance(last, BaseException):
+                    raise last  # after the text that arrived before the failure
+                if last is FINISHED:
                     return
         finally:
             job.cancel()
 
     def _admissible(self, batch: DecodeBatch) -> list[Job]:
-        """Waiting jobs that fit beside the batch's rows (one job always fits an empty batch)."""
+        """Waiting jobs that fit beside the batch's rows, in arrival order (one job always fits an
+        empty batch). Next-token jobs take no rows and never wait; cancelled jobs are dropped."""
         room = self.max_rows - len(batch)
         taken: list[Job] = []
-        while self._waiting:
-            need = self._waiting[0].request.n if self._waiting[0].request is not None else 0
-            if need > room and (taken or len(batch)):
-                break
-            taken.append(self._waiting.pop(0))
-            room -= need
+        still_waiting: list[Job] = []
+        now = time.monotonic()
+        for job in self._waiting:
+            if job.cancelled:
+                continue
+            req = job.request
+            expired = req is not None and req.deadline is not None and now >= req.deadline
+            need = req.n if req is not None and not expired else 0  # an expired job ends in admit, rowless
+            if still_waiting and need:
+                still_waiting.append(job)  # keep the order among jobs that take rows
+            elif need <= room or not (taken or len(batch)):
+                taken.append(job)
+                room -= need
+            else:
+                still_waiting.append(job)
+        self._waiting = still_waiting
         return taken
 
     def _loop(self) -> None:
-        batch = self.make_batch()
+        batch: DecodeBatch | None = None
         while True:
-            with self._wakeup:
-                while not self._waiting and not len(batch):
-                    self._wakeup.wait()
-                jobs = self._admissible(batch)
+            jobs: list[Job] = []
             try:
+                if batch is None:
+                    batch = self.make_batch()
+                with self._wakeup:
+                    while not self._waiting and not len(batch):
+                        self._wakeup.wait()
+                    jobs = self._admissible(batch)
                 if jobs:
                     batch.admit(jobs)
                 if len(batch):
@@ -395,5 +449,10 @@ class Scheduler:
                     batch.step()
                     self.steps += 1
             except Exception as exc:  # a bug must fail its requests, never the thread that serves the others
-                log.exception("decode step failed; failing the %d requests in the batch", len(batch) + len(jobs))
-                batch.fail(exc, jobs)
+                log.exception("decode step failed; failing the requests in the batch")
+                if batch is None:  # no batch to serve them with: fail everything that waits
+                    with self._wakeup:
+                        jobs, self._waiting = [*jobs, *self._waiting], []
+                    DecodeBatch.fail_jobs(exc, jobs)
+                else:
+                    batch.fail(exc, jobs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 from service.engine import LM_ID, Choice, Engine, GenerationRequest, TokenScore
@@ -128,16 +129,17 @@ def stream_chunks(engine: Engine, req: CompletionRequest, deadline: float | None
                 yield chunk(base + j, "", [] if want_logprobs else None, len(prompt), "length")
             continue
         offsets = [len(prompt)] * req.n
-        for delta in engine.stream(generation_request(req, prompt, req.n, deadline)):
-            yield chunk(
-                base + delta.index,
-                delta.text,
-                delta.tokens if want_logprobs else None,
-                offsets[delta.index],
-                delta.finish_reason,
-            )
-            offsets[delta.index] += len(delta.text)
-            completion_total += delta.completion_tokens
+        with closing(engine.stream(generation_request(req, prompt, req.n, deadline))) as deltas:
+            for delta in deltas:
+                yield chunk(
+                    base + delta.index,
+                    delta.text,
+                    delta.tokens if want_logprobs else None,
+                    offsets[delta.index],
+                    delta.finish_reason,
+                )
+                offsets[delta.index] += len(delta.text)
+                completion_total += delta.completion_tokens
     if req.stream_options is not None and req.stream_options.include_usage:
         usage = Usage(
             prompt_tokens=prompt_total, completion_tokens=completion_total, total_tokens=prompt_total + completion_total

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 from flask import Response, stream_with_context
 
 from service.metrics import GENERATIONS_CANCELLED
+
+log = logging.getLogger("service.streaming")
 
 
 def sse_response(chunks: Iterator[dict[str, Any]]) -> Response:
@@ -23,6 +26,17 @@ def sse_response(chunks: Iterator[dict[str, Any]]) -> Response:
         except GeneratorExit:
             GENERATIONS_CANCELLED.inc()
             raise
+        except Exception:
+            # The status line is long gone: end the stream with an error event in the error envelope
+            # (as OpenAI's streams do) and no [DONE], so a client cannot mistake it for a full answer.
+            log.exception("stream failed")
+            error = {
+                "message": "internal server error",
+                "type": "server_error",
+                "param": None,
+                "code": "internal_error",
+            }
+            yield f"data: {json.dumps({'error': error})}\n\n"
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from flask import Flask
 
-from service.batching import Delta, GenerationRequest, TokenScore, merge_deltas
+from service.batching import DecodeBatch, Delta, GenerationRequest, TokenScore, merge_deltas
 from service.engine import Engine, Generation
 from service.model import FusedStep, LoadedModels, load_artifacts
 from service.sampling import SamplingParams
+from service.streaming import sse_response
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +186,49 @@ def test_waiting_deltas_merge_per_choice_in_order() -> None:
     ]
     assert [t.token for t in merged[0].tokens] == ["a", "b"] and merged[0].cumulative_logprob == -3.0
     assert items[0].text == "a"  # the originals are left as they were
+
+
+def test_generation_requests_need_at_least_one_choice_and_token() -> None:
+    for bad in ({"n": 0}, {"max_tokens": 0}):
+        with pytest.raises(ValueError, match="n >= 1 and max_tokens >= 1"):
+            GenerationRequest(**{"prompt": "a", "max_tokens": 5, **bad})  # type: ignore[arg-type]
+
+
+def test_a_job_that_waited_past_its_deadline_ends_with_deadline(models: LoadedModels) -> None:
+    engine = Engine(models, batching=True, max_batch_rows=1)
+    hog = engine.stream(GenerationRequest("a", 1_000_000, seed=1))
+    next(hog)  # the only row is taken
+    late = GenerationRequest("b", 50, seed=2, n=2, deadline=time.monotonic() + 0.05)
+    result = engine.generate(late)  # waits for room, which never comes before its deadline
+    hog.close()
+    assert [(c.text, c.finish_reason, c.completion_tokens) for c in result.choices] == [("", "deadline", 0)] * 2
+
+
+def test_a_batch_that_cannot_be_built_fails_its_requests_not_the_scheduler(models: LoadedModels) -> None:
+    engine = Engine(models, batching=True)
+    real = engine.new_batch
+    calls = {"n": 0}
+
+    def first_fails() -> DecodeBatch:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+        return real()
+
+    engine.scheduler.make_batch = first_fails  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.generate(GenerationRequest("a", 5, seed=1))
+    assert engine.generate(GenerationRequest("a", 5, seed=1)).choices[0].completion_tokens == 5
+
+
+def test_a_stream_that_fails_ends_with_an_error_event_and_no_done(app: Flask) -> None:
+    def chunks() -> Iterator[dict[str, Any]]:
+        yield {"model": "m", "choices": [{"index": 0, "text": "a", "finish_reason": None}]}
+        raise RuntimeError("injected")
+
+    with app.test_request_context():
+        body = "".join(sse_response(chunks()).response)  # type: ignore[arg-type]
+    events = [e for e in body.split("\n\n") if e]
+    assert json.loads(events[0].removeprefix("data: "))["choices"][0]["text"] == "a"
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "internal_error"
+    assert "[DONE]" not in body

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 from flask import Blueprint, Response
@@ -76,10 +77,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def generate_chunks(engine: Engine, gen: GenerationRequest) -> Iterator[dict[str, Any]]:
     """One chunk per released piece of text, then one with the usage and no choices."""
     completion_tokens = 0
-    for delta in engine.stream(gen):
-        completion_tokens += delta.completion_tokens
-        choice = {"index": delta.index, "text": delta.text, "finish_reason": delta.finish_reason}
-        yield {"model": LM_ID, "choices": [choice]}
+    with closing(engine.stream(gen)) as deltas:  # closed at once, not when collected: the rows leave the batch
+        for delta in deltas:
+            completion_tokens += delta.completion_tokens
+            choice = {"index": delta.index, "text": delta.text, "finish_reason": delta.finish_reason}
+            yield {"model": LM_ID, "choices": [choice]}
     yield {"model": LM_ID, "choices": [], "usage": usage(len(gen.prompt), completion_tokens)}
 
 
