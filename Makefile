@@ -33,6 +33,7 @@ test: $(VENV)/.test-installed
 train: $(VENV)/.test-installed
 	$(BIN)/python -m training.run
 
-## bench: the serving benchmark (about 5 minutes; writes benchmarks/results.json and results.md)
+## bench: serving and weight-precision benchmarks (about 10 minutes; write benchmarks/*.json and *.md)
 bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks.serve
+	$(BIN)/python -m benchmarks.precision
