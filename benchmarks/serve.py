@@ -382,8 +382,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"--seconds {report['seconds']} --repeats {report['repeats']}`.",
         "",
         "| scenario | batching | c | req/s | p50 ms | p95 ms | p99 ms | chars/s | TTFT p50 ms | server CPU % "
-        "| worker RSS MiB (PSS) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| client CPU % | worker RSS MiB (PSS) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         mem = ", ".join(f"{a:.0f} ({b:.0f})" for a, b in zip(r["worker_rss_mib"], r["worker_pss_mib"], strict=True))
@@ -391,7 +391,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['scenario']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} "
             f"| {r['requests_per_s']:.1f} | "
             f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['p99_ms']:.2f} | {r['chars_per_s'] or ''} | "
-            f"{r['ttft_p50_ms'] or ''} | {r['server_cpu_percent']} | {mem} |"
+            f"{r['ttft_p50_ms'] or ''} | {r['server_cpu_percent']} | {r['client_cpu_percent']} | {mem} |"
         )
     c = report["in_process"]
     lines += [
