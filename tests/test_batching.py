@@ -13,11 +13,15 @@ import pytest
 import torch
 from flask import Flask
 
+from benchmarks.precision import heldout_bpc
 from service.batching import DecodeBatch, Delta, GenerationRequest, TokenScore, merge_deltas
 from service.engine import Engine, Generation
 from service.model import FusedStep, LoadedModels, load_artifacts
 from service.sampling import SamplingParams
 from service.streaming import sse_response
+from training.corpus import load_plays
+from training.lm import evaluate_bpc
+from training.run import EVAL_SEGMENT
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +236,11 @@ def test_a_stream_that_fails_ends_with_an_error_event_and_no_done(app: Flask) ->
     assert json.loads(events[0].removeprefix("data: "))["choices"][0]["text"] == "a"
     assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "internal_error"
     assert "[DONE]" not in body
+
+
+def test_fused_kernel_reproduces_the_training_evaluation(models: LoadedModels) -> None:
+    """The decode kernel, stepped over long segments, gives the held-out figure training reports."""
+    text = "".join(doc.text[:9000] for doc in load_plays()[:2])  # two segments of 8,192 and a remainder
+    ids = torch.tensor(models.vocab.encode(text))
+    expected = evaluate_bpc(models.lm, ids, models.vocab.bos_id, EVAL_SEGMENT)
+    assert heldout_bpc(models, FusedStep(models.lm), text) == pytest.approx(expected, abs=1e-4)
