@@ -22,7 +22,7 @@ class LMTrainConfig:
     lr: float = 3e-3  # peak AdamW learning rate
     min_lr_ratio: float = 0.05  # cosine decay floor, as a fraction of `lr`
     warmup_steps: int = 100  # linear warm-up
-    weight_decay: float = 0.01  # AdamW decay on matrices only
+    weight_decay: float = 0.1  # AdamW decay on matrices only
     grad_clip: float = 1.0  # global gradient-norm clip
     reset_prob: float = 0.02  # chance per stream and window of restarting from the start symbol
     eval_every: int = 250  # optimizer steps between validation passes
