@@ -94,7 +94,7 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, batching: bool) -> None:
+    def __init__(self, batching: bool, step_dtype: str = "float32") -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         # A file, not a pipe: an unread pipe fills up and then blocks the server's logging.
@@ -105,6 +105,7 @@ class Server:
             "HOST": "127.0.0.1",
             "ARTIFACTS_DIR": str(ARTIFACTS),
             "BATCHING": "1" if batching else "0",
+            "STEP_DTYPE": step_dtype,
             "LOG_LEVEL": "WARNING",
             "MAX_TOKENS": "1024",
         }
@@ -379,7 +380,7 @@ def summarize(results: list[Result], repeats: dict[str, list[float]], ceilings: 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Measured {report['date']} on {report['machine']} with `python -m benchmarks.serve "
-        f"--seconds {report['seconds']} --repeats {report['repeats']}`.",
+        f"--seconds {report['seconds']} --repeats {report['repeats']} --step-dtype {report['step_dtype']}`.",
         "",
         "| scenario | batching | c | req/s | p50 ms | p95 ms | p99 ms | chars/s | TTFT p50 ms | server CPU % "
         "| client CPU % | worker RSS MiB (PSS) |",
@@ -424,13 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per scenario")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each headline scenario")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for results.json/.md")
+    parser.add_argument("--step-dtype", default="float32", choices=["float32", "bfloat16"], help="server's STEP_DTYPE")
     args = parser.parse_args(argv)
 
     results: list[Result] = []
     repeats: dict[str, list[float]] = {}
     for batching in (True, False):
         print(f"server with BATCHING={int(batching)}", flush=True)
-        server = Server(batching)
+        server = Server(batching, args.step_dtype)
         try:
             server.wait_ready()
             for scenario in scenarios():
@@ -459,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}",
         "seconds": args.seconds,
         "repeats": args.repeats,
+        "step_dtype": args.step_dtype,
         "results": [asdict(r) for r in results],
         "repeat_values": repeats,
         "in_process": ceilings,

@@ -348,9 +348,15 @@ class Scheduler:
     """Continuous batching on a background thread of the current process (started on first use,
     so that a gunicorn worker forked from a preloading master gets its own)."""
 
-    def __init__(self, make_batch: Callable[[], DecodeBatch], max_rows: int = 64) -> None:
+    def __init__(
+        self, make_batch: Callable[[], DecodeBatch], max_rows: int = 64, gather_seconds: float = 0.002
+    ) -> None:
         self.make_batch = make_batch
         self.max_rows = max_rows  # sequences decoded together; later jobs wait for rows to free up
+        # When the batch is idle and the last prompt batch held several requests (so clients are
+        # concurrent), wait this long for more prompts before encoding: closed-loop clients come
+        # back a millisecond or so apart, and one encode of k prompts costs far less than k encodes.
+        self.gather_seconds = gather_seconds
         self._reset()
         # A gunicorn worker is forked from the master that built the engine: it must not inherit
         # the master's lock (possibly held), queue or thread.
@@ -362,6 +368,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run, for tests and the benchmark
         self.max_batch_seen = 0
+        self.prefills = 0  # prompt batches encoded, and the prompts in them
+        self.prefilled_prompts = 0
+        self._last_prefill_size = 0
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -441,9 +450,16 @@ class Scheduler:
                 with self._wakeup:
                     while not self._waiting and not len(batch):
                         self._wakeup.wait()
+                    if not len(batch) and self._last_prefill_size > 1:
+                        until = time.monotonic() + self.gather_seconds
+                        while len(self._waiting) < self._last_prefill_size and (left := until - time.monotonic()) > 0:
+                            self._wakeup.wait(left)
                     jobs = self._admissible(batch)
                 if jobs:
                     batch.admit(jobs)
+                    self.prefills += 1
+                    self.prefilled_prompts += len(jobs)
+                    self._last_prefill_size = len(jobs)
                 if len(batch):
                     self.max_batch_seen = max(self.max_batch_seen, len(batch))
                     batch.step()

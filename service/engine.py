@@ -84,6 +84,7 @@ class Engine:
         max_batch_rows: int = 64,
         step_dtype: torch.dtype = torch.float32,
         scoring_slots: int = 1,
+        batch_gather_seconds: float = 0.002,
     ) -> None:
         """`on_generated(k)` is called after every generation step with the k characters it produced.
 
@@ -98,7 +99,7 @@ class Engine:
         self.classifier = models.classifier
         self.labels = models.labels
         self.kernel = FusedStep(self.lm, step_dtype)
-        self.scheduler = Scheduler(self.new_batch, max_batch_rows) if batching else None
+        self.scheduler = Scheduler(self.new_batch, max_batch_rows, batch_gather_seconds) if batching else None
         # Scoring and classification run on the request's own thread, one whole batch per call. More
         # of them at once than the worker has torch threads only adds activation memory (about
         # 100 MB for 16 texts of 200 characters), so they take turns for these slots.

@@ -31,6 +31,12 @@ class Settings(BaseSettings):
         True, description="step concurrent requests' sequences together in each worker (continuous batching)"
     )
     max_batch_rows: int = Field(64, ge=1, le=4096, description="sequences one worker decodes together")
+    batch_gather_ms: float = Field(
+        2.0,
+        ge=0,
+        le=100,
+        description="an idle worker with concurrent clients waits this long to encode prompts together",
+    )
     step_dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
         description="weights of the decode step; bfloat16 is faster for large batches on CPUs with AVX512-BF16",
