@@ -25,6 +25,15 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def booted_workers(master: int, count: int, limit: float = 30) -> list[int]:
+    """The master's workers once all `count` have forked (/readyz answers as soon as the first is up)."""
+    deadline = time.monotonic() + limit
+    while len(found := children(master)) < count:
+        assert time.monotonic() < deadline, f"only {found} of {count} workers started"
+        time.sleep(0.1)
+    return found
+
+
 def rss_kib(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
@@ -66,7 +75,7 @@ def test_bad_artifacts_stop_start_up_with_one_clear_line(tmp_path: Path, tiny_ar
 def test_worker_killed_under_load_is_replaced(tiny_artifacts: Path) -> None:
     with gunicorn_process(tiny_artifacts, WORKERS="2", THREADS="2") as (proc, base):
         master = proc.pid
-        workers = children(master)
+        workers = booted_workers(master, 2)
         assert len(workers) == 2
         session = requests.Session()
         stop = threading.Event()
@@ -183,7 +192,7 @@ def test_soak_mixed_requests_no_errors_flat_memory(tiny_artifacts: Path) -> None
     ]
     with gunicorn_process(tiny_artifacts, WORKERS="2", THREADS="4") as (proc, base):
         master = proc.pid
-        workers = children(master)
+        workers = booted_workers(master, 2)
         warm = [requests.post(f"{base}{p}", json=b, timeout=10).status_code for p, b in bodies * 20]
         assert set(warm) == {200}
         first = {pid: rss_kib(pid) for pid in workers}
