@@ -456,10 +456,10 @@ class Scheduler:
                             self._wakeup.wait(left)
                     jobs = self._admissible(batch)
                 if jobs:
-                    batch.admit(jobs)
-                    self.prefills += 1
+                    self.prefills += 1  # counted first: admit hands out results, and a reader may look at once
                     self.prefilled_prompts += len(jobs)
                     self._last_prefill_size = len(jobs)
+                    batch.admit(jobs)
                 if len(batch):
                     self.max_batch_seen = max(self.max_batch_seen, len(batch))
                     batch.step()

@@ -244,3 +244,22 @@ def test_fused_kernel_reproduces_the_training_evaluation(models: LoadedModels) -
     ids = torch.tensor(models.vocab.encode(text))
     expected = evaluate_bpc(models.lm, ids, models.vocab.bos_id, EVAL_SEGMENT)
     assert heldout_bpc(models, FusedStep(models.lm), text) == pytest.approx(expected, abs=1e-4)
+
+
+def test_concurrent_prompts_are_encoded_together(models: LoadedModels) -> None:
+    engine = Engine(models, batching=True)
+    start = threading.Barrier(8)
+
+    def client(i: int) -> None:
+        start.wait()
+        for j in range(5):
+            engine.next_token(f"{i} and {j}: to be, or not to be", 3)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert engine.scheduler is not None
+    assert engine.scheduler.prefilled_prompts == 40
+    assert engine.scheduler.prefills < 40  # some encodes served several requests at once
