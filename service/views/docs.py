@@ -1,16 +1,29 @@
-"""/openapi.json and a Swagger UI page at /docs, served from the swagger-ui-bundle package (no CDN)."""
+"""/openapi.json and a Swagger UI page at /docs, served from the swagger-ui-py package (no CDN)."""
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, send_from_directory
-from swagger_ui_bundle import swagger_ui_path
 
 from service.app import settings
 from service.openapi import build_spec, documented
 
 bp = Blueprint("docs", __name__)
+
+
+def _swagger_ui_static() -> Path:
+    """swagger-ui-py ships Swagger UI 5 (the first to read OpenAPI 3.1) as static files; only those are
+    used, so the package itself, with its framework adapters, is never imported."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the swagger-ui-py package is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+SWAGGER_UI_STATIC = _swagger_ui_static()
 
 # The docs page runs Swagger UI's own script and inline styles; nothing is loaded from elsewhere.
 DOCS_POLICY = (
@@ -18,7 +31,7 @@ DOCS_POLICY = (
     "connect-src 'self'; frame-ancestors 'none'"
 )
 PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>charlm-serve API</title>
+<html lang="en"><head><meta charset="utf-8"><title>charlm-serve API</title><link rel="icon" href="data:,">
 <link rel="stylesheet" href="/docs/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
 <script src="/docs/swagger-ui-bundle.js"></script><script src="/docs/init.js"></script></body></html>
@@ -56,7 +69,7 @@ def docs_init() -> Response:
 
 
 def _asset(name: str) -> Response:
-    response = send_from_directory(swagger_ui_path, name, max_age=3600)
+    response = send_from_directory(SWAGGER_UI_STATIC, name, max_age=3600)
     response.headers["Cache-Control"] = "public, max-age=3600"
     return response
 
