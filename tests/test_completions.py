@@ -171,7 +171,7 @@ def test_streamed_completion_equals_the_whole_one(client: FlaskClient) -> None:
     request = {"model": LM_ID, "prompt": ["Good", "Bad"], "max_tokens": 30, "seed": 8, "n": 2, "logprobs": 2}
     whole = post(client, "/v1/completions", request)[1]
     chunks = read_events(client.post("/v1/completions", json={**request, "stream": True}))
-    assert len(chunks) > 4  # text arrives piece by piece
+    assert len(chunks) >= 4  # a chunk per choice at least; characters waiting together arrive merged
     assert {c["id"] for c in chunks} == {chunks[0]["id"]}
     assert all(c["object"] == "text_completion" and c["model"] == LM_ID for c in chunks)
     assert stream_text(chunks) == {c["index"]: c["text"] for c in whole["choices"]}
