@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,10 +123,6 @@ class Server:
                 self.log.seek(0)
                 raise RuntimeError(f"gunicorn exited:\n{self.log.read()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    pass
-                import urllib.request
-
                 with urllib.request.urlopen(f"{self.base}/readyz", timeout=2) as response:
                     if response.status == 200 and len(self.master.children()) >= 1:
                         return

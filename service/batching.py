@@ -48,6 +48,9 @@ class GenerationRequest:
     top_logprobs: int = 0  # alternatives to report per generated character
     deadline: float | None = None  # time.monotonic() after which every choice ends with finish_reason "deadline"
 
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_tokens < 1:
             raise ValueError(f"a generation needs n >= 1 and max_tokens >= 1, not {self.n} and {self.max_tokens}")
@@ -100,6 +103,18 @@ class StopMatcher:
         return out
 
 
+def top_alternatives(logprobs: torch.Tensor, wanted: Sequence[int], chars: Sequence[str]) -> list[dict[str, float]]:
+    """For row i of (N, V) log-probabilities, its `wanted[i]` most likely characters (empty for 0)."""
+    k = min(max(wanted, default=0), len(chars))
+    if k <= 0:
+        return [{} for _ in wanted]
+    top = torch.topk(logprobs, k, dim=-1)
+    return [
+        {chars[i]: lp for i, lp in list(zip(indices, values, strict=True))[:want]}
+        for want, values, indices in zip(wanted, top.values.tolist(), top.indices.tolist(), strict=True)
+    ]
+
+
 FINISHED = object()  # put on a job's queue after its last item
 
 
@@ -118,13 +133,24 @@ class Job:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def next_result(self, block: bool = True) -> Any:
-        """The next item, FINISHED at the end; re-raises a failure of the batch that served this job.
-        Without `block`, raises queue.Empty when nothing is there yet."""
-        item = self.results.get(block=block)
-        if isinstance(item, BaseException):
-            raise item
-        return item
+    def waiting(self) -> list[Any]:
+        """Every result already on the queue, without blocking."""
+        items = []
+        while True:
+            try:
+                items.append(self.results.get_nowait())
+            except queue.Empty:
+                return items
+
+
+def _release(items: list[Any]) -> Generator[Any, None, bool]:
+    """Yield `items` with each choice's deltas merged, up to an end marker (always the last item):
+    re-raise a failure of the batch after the text that came before it; True at FINISHED."""
+    end = items[-1] if items and (items[-1] is FINISHED or isinstance(items[-1], BaseException)) else None
+    yield from merge_deltas(items[:-1] if end is not None else items)
+    if isinstance(end, BaseException):
+        raise end
+    return end is FINISHED
 
 
 @dataclass
@@ -171,7 +197,7 @@ class DecodeBatch:
         now = time.monotonic()
         for job in jobs:
             req = job.request
-            if not job.cancelled and req is not None and req.deadline is not None and now >= req.deadline:
+            if not job.cancelled and req is not None and req.expired(now):
                 # It waited for room past its deadline: it ends as documented, with nothing generated.
                 for index in range(req.n):
                     job.results.put(Delta(index, "", [], "deadline", 0, 0.0))
@@ -188,9 +214,8 @@ class DecodeBatch:
                 job.results.put(logits[source].clone())
                 job.results.put(FINISHED)
                 continue
-            penalized = req.params.presence_penalty != 0.0 or req.params.frequency_penalty != 0.0
             for index, generator in enumerate(make_generators(req.seed, req.n)):
-                counts = torch.zeros(len(self.chars)) if penalized else None
+                counts = torch.zeros(len(self.chars)) if req.params.penalized else None
                 self.rows.append(_Row(job, index, generator, StopMatcher(req.stop), counts))
                 picks.append(source)
         if not picks:
@@ -227,22 +252,11 @@ class DecodeBatch:
             params = job.request.params
             index = torch.tensor(members)
             adjusted = self.logits[index] + self.sampling_mask
-            if params.presence_penalty != 0.0 or params.frequency_penalty != 0.0:
+            if params.penalized:
                 counts = torch.stack([self.rows[i].counts for i in members])  # type: ignore[misc]
                 adjusted = adjusted - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
             ids[index] = choose(adjusted, params, [self.rows[i].generator for i in members])
         return ids
-
-    def _alternatives(self, logprobs: torch.Tensor, ks: list[int]) -> list[dict[str, float] | None]:
-        k = min(max(ks), len(self.chars))
-        if k <= 0:
-            return [None] * len(ks)
-        top = torch.topk(logprobs, k, dim=-1)
-        out: list[dict[str, float] | None] = []
-        for want, values, indices in zip(ks, top.values.tolist(), top.indices.tolist(), strict=True):
-            pairs = list(zip(indices, values, strict=True))[:want]
-            out.append({self.chars[i]: lp for i, lp in pairs} or None)
-        return out
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -253,7 +267,8 @@ class DecodeBatch:
         ids = self._sample()
         logprobs = torch.log_softmax(self.logits.double(), dim=-1)
         chosen = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()
-        alternatives = self._alternatives(logprobs, [row.job.request.top_logprobs for row in self.rows])  # type: ignore[union-attr]
+        wanted = [row.job.request.top_logprobs for row in self.rows]  # type: ignore[union-attr]
+        alternatives = top_alternatives(logprobs, wanted, self.chars)
         if self.on_generated is not None:
             self.on_generated(len(self.rows))
         now = time.monotonic()
@@ -264,13 +279,13 @@ class DecodeBatch:
             row.cumulative += chosen[i]
             if row.counts is not None:
                 row.counts[token_id] += 1
-            released, stopped = row.matcher.push(TokenScore(self.chars[token_id], chosen[i], alternatives[i]))
+            released, stopped = row.matcher.push(TokenScore(self.chars[token_id], chosen[i], alternatives[i] or None))
             reason = None
             if stopped:
                 reason = "stop"
             elif row.produced >= req.max_tokens:
                 reason = "length"
-            elif req.deadline is not None and now >= req.deadline:
+            elif req.expired(now):
                 reason = "deadline"
             if reason is None:
                 if released:
@@ -304,15 +319,7 @@ class DecodeBatch:
         """Serve one job on the calling thread (batching off); yields its results until FINISHED."""
         try:
             self.admit([job])
-            while True:
-                while True:
-                    try:
-                        item = job.next_result(block=False)
-                    except queue.Empty:
-                        break
-                    if item is FINISHED:
-                        return
-                    yield item
+            while not (yield from _release(job.waiting())):
                 self.step()
         finally:
             job.cancel()
@@ -338,10 +345,6 @@ def merge_deltas(items: list[Any]) -> list[Any]:
         head.completion_tokens = item.completion_tokens
         head.cumulative_logprob = item.cumulative_logprob
     return out
-
-
-def _is_end(item: Any) -> bool:
-    return item is FINISHED or isinstance(item, BaseException)
 
 
 class Scheduler:
@@ -401,19 +404,8 @@ class Scheduler:
         """
         self.submit(job)
         try:
-            while True:
-                pending = [self._next(job)]
-                while pending[-1] is not FINISHED and not isinstance(pending[-1], BaseException):
-                    try:
-                        pending.append(job.results.get_nowait())
-                    except queue.Empty:
-                        break
-                last = pending[-1]
-                yield from merge_deltas([item for item in pending if item is not last or not _is_end(last)])
-                if isinstance(last, BaseException):
-                    raise last  # after the text that arrived before the failure
-                if last is FINISHED:
-                    return
+            while not (yield from _release([self._next(job), *job.waiting()])):
+                pass
         finally:
             job.cancel()
 
@@ -428,8 +420,7 @@ class Scheduler:
             if job.cancelled:
                 continue
             req = job.request
-            expired = req is not None and req.deadline is not None and now >= req.deadline
-            need = req.n if req is not None and not expired else 0  # an expired job ends in admit, rowless
+            need = req.n if req is not None and not req.expired(now) else 0  # an expired job ends in admit, rowless
             if still_waiting and need:
                 still_waiting.append(job)  # keep the order among jobs that take rows
             elif need <= room or not (taken or len(batch)):

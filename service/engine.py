@@ -16,7 +16,16 @@ from typing import Any
 
 import torch
 
-from service.batching import DecodeBatch, Delta, GenerationRequest, Job, Scheduler, StopMatcher, TokenScore
+from service.batching import (
+    DecodeBatch,
+    Delta,
+    GenerationRequest,
+    Job,
+    Scheduler,
+    StopMatcher,
+    TokenScore,
+    top_alternatives,
+)
 from service.model import CLASSIFIER_DIR, LM_DIR, WEIGHTS_FILE, FusedStep, LoadedModels, load_artifacts
 
 __all__ = ["CLASSIFIER_ID", "LM_ID", "Delta", "Engine", "GenerationRequest", "StopMatcher", "TokenScore"]
@@ -212,7 +221,8 @@ class Engine:
         results = []
         for row, text in enumerate(texts):
             values = picked[row, : len(text)].tolist()
-            alternatives = self.top_alternatives(logprobs[row, : len(text)], top_logprobs if include_tokens else 0)
+            wanted = [top_logprobs if include_tokens else 0] * len(text)
+            alternatives = top_alternatives(logprobs[row, : len(text)], wanted, self.vocab.chars)
             total = math.fsum(values)
             n = len(text)
             results.append(
@@ -241,16 +251,6 @@ class Engine:
             best = max(range(len(row)), key=row.__getitem__)
             results.append(Classification(self.labels[best], dict(zip(self.labels, row, strict=True))))
         return results
-
-    def top_alternatives(self, logprobs: torch.Tensor, k: int) -> list[dict[str, float]]:
-        """For each row of (N, V) log-probabilities, its k most likely characters."""
-        if k <= 0:
-            return [{} for _ in range(logprobs.size(0))]
-        top = torch.topk(logprobs, min(k, self.vocab.size), dim=-1)
-        return [
-            {self.vocab.chars[i]: lp for lp, i in zip(values, indices, strict=True)}
-            for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-        ]
 
     def stream(self, req: GenerationRequest) -> Generator[Delta, None, None]:
         """Generate `req.n` continuations, yielding text as it is released. The choices step

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,24 +167,6 @@ class CharLSTM(nn.Module):
         padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
         last = padded[torch.arange(len(sequences)), lengths - 1]
         return self.head(last), state
-
-    def generate(
-        self,
-        logits: torch.Tensor,
-        state: LSTMState,
-        max_new_tokens: int,
-        sample: Callable[[torch.Tensor], torch.Tensor],
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (next-character ids, the logits they were drawn from) per step, from `logits` and `state`.
-
-        `sample(logits) -> ids` chooses the characters (greedy, or seeded sampling per row);
-        the caller decides when to stop reading, and no step runs until it asks.
-        """
-        for i in range(max_new_tokens):
-            ids = sample(logits)
-            yield ids, logits
-            if i + 1 < max_new_tokens:
-                logits, state = self.step(ids, state)
 
     def pooled_features(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Classifier features: mean, max and last of the top-layer outputs over each sequence."""

@@ -17,6 +17,11 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted from the logit of every character already generated
     frequency_penalty: float = 0.0  # subtracted once per earlier occurrence in the generated text
 
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling needs the counts of the characters generated so far."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
 
 def make_generators(seed: int | None, n: int) -> list[torch.Generator]:
     """Row i uses seed + i, so choice i of a request equals choice 0 of a request with seed + i.

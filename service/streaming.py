@@ -10,6 +10,7 @@ from typing import Any
 from flask import Response, stream_with_context
 
 from service.metrics import GENERATIONS_CANCELLED
+from service.schemas import ErrorResponse
 
 log = logging.getLogger("service.streaming")
 
@@ -30,13 +31,8 @@ def sse_response(chunks: Iterator[dict[str, Any]]) -> Response:
             # The status line is long gone: end the stream with an error event in the error envelope
             # (as OpenAI's streams do) and no [DONE], so a client cannot mistake it for a full answer.
             log.exception("stream failed")
-            error = {
-                "message": "internal server error",
-                "type": "server_error",
-                "param": None,
-                "code": "internal_error",
-            }
-            yield f"data: {json.dumps({'error': error})}\n\n"
+            error = ErrorResponse.of("internal server error", "server_error", code="internal_error")
+            yield f"data: {json.dumps(error)}\n\n"
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
