@@ -15,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from service import observability
 from service.engine import Engine
-from service.metrics import MODEL_LOAD_SECONDS, TOKENS_GENERATED
+from service.metrics import MODEL_LOAD_SECONDS, PREFILL_BATCH_PROMPTS, record_decode_step
 from service.observability import configure_logging
 from service.schemas import ErrorResponse
 from service.settings import Settings
@@ -43,7 +43,8 @@ class ModelRegistry:
         started = time.perf_counter()
         engine = Engine.from_dir(
             self.settings.artifacts_dir,
-            on_generated=TOKENS_GENERATED.inc,
+            on_generated=record_decode_step,
+            on_prefill=PREFILL_BATCH_PROMPTS.observe,
             batching=self.settings.batching,
             max_batch_rows=self.settings.max_batch_rows,
             step_dtype=getattr(torch, self.settings.step_dtype),

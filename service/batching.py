@@ -176,11 +176,13 @@ class DecodeBatch:
         kernel: FusedStep,
         chars: Sequence[str],
         on_generated: Callable[[int], None] | None = None,
+        on_prefill: Callable[[int], None] | None = None,
     ) -> None:
         self.lm = lm
         self.kernel = kernel
         self.chars = chars
-        self.on_generated = on_generated
+        self.on_generated = on_generated  # called with the rows of every decode step
+        self.on_prefill = on_prefill  # called with the prompts of every prompt batch
         self.rows: list[_Row] = []
         self.h = self.c = self.logits = torch.empty(0)
         # Generation never emits U+FFFD (index 0): it stands for "some unknown character", not for itself.
@@ -207,6 +209,8 @@ class DecodeBatch:
         if not jobs:
             return
         logits, (h, c) = self.lm.prefill([job.prompt_ids for job in jobs])
+        if self.on_prefill is not None:
+            self.on_prefill(len(jobs))
         picks: list[int] = []
         for source, job in enumerate(jobs):
             req = job.request
@@ -240,23 +244,19 @@ class DecodeBatch:
         self.h, self.c, self.logits = self.h[:, index], self.c[:, index], self.logits[index]
 
     def _sample(self) -> torch.Tensor:
-        """One draw per row, rows of one request together; each row uses only its own generator,
-        so a row's characters do not depend on what else is in the batch."""
-        ids = torch.empty(len(self.rows), dtype=torch.long)
-        groups: dict[int, list[int]] = {}
-        for i, row in enumerate(self.rows):
-            groups.setdefault(id(row.job), []).append(i)
-        for members in groups.values():
-            job = self.rows[members[0]].job
-            assert job.request is not None
-            params = job.request.params
-            index = torch.tensor(members)
-            adjusted = self.logits[index] + self.sampling_mask
-            if params.penalized:
-                counts = torch.stack([self.rows[i].counts for i in members])  # type: ignore[misc]
-                adjusted = adjusted - params.presence_penalty * (counts > 0) - params.frequency_penalty * counts
-            ids[index] = choose(adjusted, params, [self.rows[i].generator for i in members])
-        return ids
+        """One draw per row from its own generator (see `choose`), so a row's characters do not
+        depend on what else is in the batch."""
+        adjusted = self.logits + self.sampling_mask
+        penalized = [i for i, row in enumerate(self.rows) if row.counts is not None]
+        if penalized:
+            index = torch.tensor(penalized)
+            counts = torch.stack([self.rows[i].counts for i in penalized])  # type: ignore[misc]
+            params = [self.rows[i].job.request.params for i in penalized]  # type: ignore[union-attr]
+            presence = torch.tensor([p.presence_penalty for p in params])[:, None]
+            frequency = torch.tensor([p.frequency_penalty for p in params])[:, None]
+            adjusted[index] -= presence * (counts > 0) + frequency * counts
+        params = [row.job.request.params for row in self.rows]  # type: ignore[union-attr]
+        return choose(adjusted, params, [row.generator for row in self.rows])
 
     @torch.inference_mode()
     def step(self) -> None:

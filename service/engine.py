@@ -89,13 +89,15 @@ class Engine:
         self,
         models: LoadedModels,
         on_generated: Callable[[int], None] | None = None,
+        on_prefill: Callable[[int], None] | None = None,
         batching: bool = True,
         max_batch_rows: int = 64,
         step_dtype: torch.dtype = torch.float32,
         scoring_slots: int = 1,
         batch_gather_seconds: float = 0.002,
     ) -> None:
-        """`on_generated(k)` is called after every generation step with the k characters it produced.
+        """`on_generated(k)` is called after every generation step with the k characters it produced,
+        and `on_prefill(k)` after every batch of k prompts is encoded.
 
         With `batching`, next-token and generation requests of this process share a background
         scheduler that steps all their sequences together; without it, each request computes alone
@@ -103,6 +105,7 @@ class Engine:
         """
         self.models = models
         self.on_generated = on_generated
+        self.on_prefill = on_prefill
         self.lm = models.lm
         self.vocab = models.vocab
         self.classifier = models.classifier
@@ -119,7 +122,7 @@ class Engine:
         return cls(load_artifacts(artifacts_dir), **options)
 
     def new_batch(self) -> DecodeBatch:
-        return DecodeBatch(self.lm, self.kernel, self.vocab.chars, self.on_generated)
+        return DecodeBatch(self.lm, self.kernel, self.vocab.chars, self.on_generated, self.on_prefill)
 
     def run(self, job: Job) -> Generator[Any, None, None]:
         """The job's results, from the shared scheduler or computed alone; closing this cancels the job."""

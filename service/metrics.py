@@ -32,9 +32,23 @@ MODEL_LOAD_SECONDS = Gauge(
 )
 
 TOKENS_GENERATED = Counter("charlm_tokens_generated_total", "Characters generated, over all choices")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+DECODE_BATCH_ROWS = Histogram(
+    "charlm_decode_batch_rows",
+    "Sequences stepped together in each decode step (cross-request batching)",
+    buckets=BATCH_BUCKETS,
+)
+PREFILL_BATCH_PROMPTS = Histogram(
+    "charlm_prefill_batch_prompts", "Prompts encoded together in each prompt batch", buckets=BATCH_BUCKETS
+)
 GENERATIONS_CANCELLED = Counter(
     "charlm_generations_cancelled_total", "Streaming generations stopped early because the client went away"
 )
+
+
+def record_decode_step(rows: int) -> None:
+    TOKENS_GENERATED.inc(rows)
+    DECODE_BATCH_ROWS.observe(rows)
 
 
 def render() -> tuple[bytes, str]:

@@ -16,7 +16,7 @@ from flask import Flask
 from benchmarks.precision import heldout_bpc
 from service.batching import DecodeBatch, Delta, GenerationRequest, TokenScore, merge_deltas
 from service.engine import Engine, Generation
-from service.model import FusedStep, LoadedModels, load_artifacts
+from service.model import FusedStep, LoadedModels, PackedLinear, load_artifacts
 from service.sampling import SamplingParams
 from service.streaming import sse_response
 from training.corpus import load_plays
@@ -65,6 +65,29 @@ def test_fused_step_matches_nn_lstm(models: LoadedModels) -> None:
             torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_matches_addmm_and_rows_do_not_depend_on_each_other() -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 40, generator=generator), torch.randn(96, generator=generator)
+    x = torch.randn(33, 40, generator=generator)
+    linear = PackedLinear(weight, bias)
+    assert linear.uses_onednn  # the path the service runs on; the fallback is tested below
+    together = linear(x)
+    torch.testing.assert_close(together, torch.addmm(bias, x, weight.t()), rtol=1e-5, atol=1e-5)
+    for rows in (slice(0, 1), slice(5, 8), slice(1, 33)):
+        assert torch.equal(linear(x[rows]), together[rows])  # so batched decoding equals unbatched decoding
+
+
+def test_packed_linear_falls_back_to_addmm_without_onednn(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(*args: Any) -> torch.Tensor:
+        raise RuntimeError("no oneDNN in this build")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing)
+    weight, bias, x = torch.randn(8, 5), torch.randn(8), torch.randn(3, 5)
+    linear = PackedLinear(weight, bias)
+    assert not linear.uses_onednn
+    torch.testing.assert_close(linear(x), torch.addmm(bias, x, weight.t()))
 
 
 def run_concurrently(engine: Engine, requests: list[GenerationRequest]) -> list[Generation]:

@@ -61,6 +61,27 @@ def test_metrics_count_requests_tokens_and_characters(client: FlaskClient) -> No
     assert "charlm_http_requests_in_flight" in text
 
 
+def metric_value(text: str, name: str) -> float:
+    match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_metrics_show_decode_and_prompt_batch_sizes(client: FlaskClient) -> None:
+    names = [
+        "charlm_decode_batch_rows_count",
+        "charlm_decode_batch_rows_sum",
+        "charlm_prefill_batch_prompts_count",
+        "charlm_prefill_batch_prompts_sum",
+    ]
+    before = client.get("/metrics").get_data(as_text=True)
+    response = client.post("/v1/generate", json={"prompt": "a", "max_tokens": 7, "n": 3, "seed": 1})
+    assert response.status_code == 200
+    after = client.get("/metrics").get_data(as_text=True)
+    steps, rows, batches, prompts = (metric_value(after, n) - metric_value(before, n) for n in names)
+    assert (steps, rows, batches, prompts) == (7, 21, 1, 1)  # 7 steps of 3 rows; one prompt, encoded once
+    assert 'charlm_decode_batch_rows_bucket{le="4.0"}' in after
+
+
 def test_cors_only_when_configured(tiny_artifacts: Path) -> None:
     app = create_app(Settings(artifacts_dir=tiny_artifacts, cors_origins="https://app.example"))
     client = app.test_client()
