@@ -3,7 +3,7 @@
 A `DecodeBatch` holds the active sequences (one per generation choice) as rows of one (h, c)
 state and one logits tensor. Each step samples every row with its own seeded generator, hands
 the characters to their requests, drops the rows that finished or were cancelled, and runs one
-fused LSTM step for the rest. New prompts are encoded together (one packed `nn.LSTM` call) and
+fused LSTM step for the rest. New prompts are encoded together (`FusedStep.prefill`) and
 join at the next step boundary.
 
 A `Scheduler` runs one `DecodeBatch` on a background thread of each worker process, so that
@@ -13,6 +13,7 @@ on its own thread: the same code and the same arithmetic, one request at a time 
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -208,7 +209,7 @@ class DecodeBatch:
         jobs = [job for job in jobs if not job.cancelled]
         if not jobs:
             return
-        logits, (h, c) = self.lm.prefill([job.prompt_ids for job in jobs])
+        logits, (h, c) = self.kernel.prefill([job.prompt_ids for job in jobs])
         if self.on_prefill is not None:
             self.on_prefill(len(jobs))
         picks: list[int] = []
@@ -356,9 +357,11 @@ class Scheduler:
     ) -> None:
         self.make_batch = make_batch
         self.max_rows = max_rows  # sequences decoded together; later jobs wait for rows to free up
-        # When the batch is idle and the last prompt batch held several requests (so clients are
-        # concurrent), wait this long for more prompts before encoding: closed-loop clients come
-        # back a millisecond or so apart, and one encode of k prompts costs far less than k encodes.
+        # When the batch is idle and recent prompt batches held several requests (so clients are
+        # concurrent), wait up to this long for as many prompts as the largest of them before
+        # encoding: clients come back a few milliseconds apart, and one encode of k prompts costs
+        # far less than k encodes. Matching only the last batch's size let a group of clients split
+        # into smaller groups that stayed apart.
         self.gather_seconds = gather_seconds
         self._reset()
         # A gunicorn worker is forked from the master that built the engine: it must not inherit
@@ -373,7 +376,7 @@ class Scheduler:
         self.max_batch_seen = 0
         self.prefills = 0  # prompt batches encoded, and the prompts in them
         self.prefilled_prompts = 0
-        self._last_prefill_size = 0
+        self._recent_prefill_sizes: collections.deque[int] = collections.deque(maxlen=8)
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -441,15 +444,16 @@ class Scheduler:
                 with self._wakeup:
                     while not self._waiting and not len(batch):
                         self._wakeup.wait()
-                    if not len(batch) and self._last_prefill_size > 1:
+                    expected = max(self._recent_prefill_sizes, default=0)
+                    if not len(batch) and expected > 1:
                         until = time.monotonic() + self.gather_seconds
-                        while len(self._waiting) < self._last_prefill_size and (left := until - time.monotonic()) > 0:
+                        while len(self._waiting) < expected and (left := until - time.monotonic()) > 0:
                             self._wakeup.wait(left)
                     jobs = self._admissible(batch)
                 if jobs:
                     self.prefills += 1  # counted first: admit hands out results, and a reader may look at once
                     self.prefilled_prompts += len(jobs)
-                    self._last_prefill_size = len(jobs)
+                    self._recent_prefill_sizes.append(len(jobs))
                     batch.admit(jobs)
                 if len(batch):
                     self.max_batch_seen = max(self.max_batch_seen, len(batch))

@@ -149,24 +149,12 @@ class CharLSTM(nn.Module):
         return logits[:, -1, :], new_state
 
     def prefill(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, LSTMState]:
-        """Run each input sequence (start symbol first) from the zero state, as one padded batch.
-
-        Returns the logits after each sequence's last input (B, V) and the state there.
-        Right padding is safe because the LSTM is causal; each row's state is picked
-        at its own last position.
-        """
-        lengths = torch.tensor([len(s) for s in sequences])
-        batch = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            batch[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        if bool((lengths == lengths[0]).all()):
-            logits, _, state = self(batch)
-            return logits[:, -1, :], state
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(batch), lengths, batch_first=True, enforce_sorted=False)
-        out, state = self.lstm(packed)
-        padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
-        last = padded[torch.arange(len(sequences)), lengths - 1]
-        return self.head(last), state
+        """Run input sequences of one length (start symbol first) from the zero state: the logits
+        after the last input (B, V) and the state there."""
+        if len({len(s) for s in sequences}) != 1:
+            raise ValueError("prefill takes sequences of one length")
+        out, state = self.hidden(torch.tensor(sequences, dtype=torch.long))
+        return self.head(out[:, -1, :]), state
 
     def pooled_features(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Classifier features: mean, max and last of the top-layer outputs over each sequence."""
@@ -246,33 +234,54 @@ class FusedStep:
     def __init__(self, lm: CharLSTM, dtype: torch.dtype = torch.float32) -> None:
         """`dtype` is that of the matmul weights (see `PackedLinear`); the state, the gates and the
         input table stay float32 either way."""
-        self.hidden_size = lm.config.hidden_size
+        self.lm = lm
+        self.hidden_size = size = lm.config.hidden_size
         self.dtype = dtype
         weights: dict[str, torch.Tensor] = dict(lm.lstm.named_parameters())
+        # PyTorch stacks the gates as input, forget, cell, output; here they are input, forget,
+        # output, cell, so that one sigmoid covers the first three.
+        gate_order = torch.cat(
+            [torch.arange(0, 2 * size), torch.arange(3 * size, 4 * size), torch.arange(2 * size, 3 * size)]
+        )
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name][gate_order]
+
+        def bias(layer: int) -> torch.Tensor:
+            return w(f"bias_ih_l{layer}") + w(f"bias_hh_l{layer}")
+
         with torch.no_grad():
-            bias0 = weights["bias_ih_l0"] + weights["bias_hh_l0"]
-            self.input_table = torch.addmm(bias0, lm.embed.weight, weights["weight_ih_l0"].t()).contiguous()
-            self.recurrent0 = PackedLinear(weights["weight_hh_l0"], None, dtype)
+            self.input_table = torch.addmm(bias(0), lm.embed.weight, w("weight_ih_l0").t()).contiguous()
+            self.recurrent0 = PackedLinear(w("weight_hh_l0"), None, dtype)
             self.upper: list[PackedLinear] = []  # per layer >= 1: [x, h] -> gates, with both biases
             for layer in range(1, lm.config.num_layers):
-                w_ih, w_hh = weights[f"weight_ih_l{layer}"], weights[f"weight_hh_l{layer}"]
-                bias = weights[f"bias_ih_l{layer}"] + weights[f"bias_hh_l{layer}"]
-                self.upper.append(PackedLinear(torch.cat([w_ih, w_hh], dim=1), bias, dtype))
+                stacked = torch.cat([w(f"weight_ih_l{layer}"), w(f"weight_hh_l{layer}")], dim=1)
+                self.upper.append(PackedLinear(stacked, bias(layer), dtype))
             self.head = PackedLinear(lm.head.weight, lm.head.bias, dtype)
+            # Prompt encoding runs layer by layer: a layer's input projection for a whole stretch of
+            # the prompt is one large matmul, and each time step only multiplies the recurrent weights.
+            self.input_projection: list[PackedLinear] = []  # per layer >= 1, with both biases
+            self.recurrent: list[PackedLinear] = [self.recurrent0]
+            for layer in range(1, lm.config.num_layers):
+                self.input_projection.append(PackedLinear(w(f"weight_ih_l{layer}"), bias(layer), dtype))
+                self.recurrent.append(PackedLinear(w(f"weight_hh_l{layer}"), None, dtype))
+
+    PREFILL_CHUNK = 128  # time steps whose input projections are computed at once; bounds the memory of long prompts
+    NN_LSTM_MIN_STEPS = 48  # prompts of one length at least this long are encoded by nn.LSTM (see prefill)
 
     @property
     def uses_onednn(self) -> bool:
-        return all(layer.uses_onednn for layer in (self.recurrent0, *self.upper, self.head))
+        linears = (*self.recurrent, *self.upper, *self.input_projection, self.head)
+        return all(linear.uses_onednn for linear in linears)
 
     def _cell(self, gates: torch.Tensor, c: torch.Tensor, h: torch.Tensor) -> None:
-        """PyTorch's gate order is input, forget, cell, output; c and h (B, H) are updated in place."""
+        """Gates in the order input, forget, output, cell; c and h (B, H) are updated in place."""
         size = self.hidden_size
-        gates[:, : 2 * size].sigmoid_()
-        gates[:, 2 * size : 3 * size].tanh_()
-        gates[:, 3 * size :].sigmoid_()
-        c.mul_(gates[:, size : 2 * size]).addcmul_(gates[:, :size], gates[:, 2 * size : 3 * size])
+        gates[:, : 3 * size].sigmoid_()
+        gates[:, 3 * size :].tanh_()
+        c.mul_(gates[:, size : 2 * size]).addcmul_(gates[:, :size], gates[:, 3 * size :])
         torch.tanh(c, out=h)
-        h.mul_(gates[:, 3 * size :])
+        h.mul_(gates[:, 2 * size : 3 * size])
 
     def __call__(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Feed characters `ids` (B,) to states h, c (layers, B, H), updated in place; returns logits (B, V)."""
@@ -282,6 +291,53 @@ class FusedStep:
             gates = affine(torch.cat([h[layer - 1], h[layer]], dim=1))
             self._cell(gates, c[layer], h[layer])
         return self.head(h[-1])
+
+    def prefill(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, LSTMState]:
+        """Run each input sequence (start symbol first) from the zero state: the logits after its last
+        input (B, V) and the state there (layers, B, H), rows in the order given.
+
+        `nn.LSTM` runs a step faster than this module's loop, but converts its weights to oneDNN's
+        layout on every call, which costs about 3 ms, as much as 30 to 50 steps. So it encodes
+        long prompts of one length (in float32), and the loop encodes the rest.
+        """
+        lengths = {len(s) for s in sequences}
+        if len(lengths) == 1 and min(lengths) >= self.NN_LSTM_MIN_STEPS and self.dtype == torch.float32:
+            return self.lm.prefill(sequences)
+        return self.prefill_steps(sequences)
+
+    def prefill_steps(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, LSTMState]:
+        """`prefill` by this module's own loop. Sequences of different lengths are aligned at their
+        ends: sorted longest first, a row joins the batch at the step where its sequence starts, so
+        that every step works on a prefix of the rows and no padding is computed."""
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        lengths = [len(sequences[i]) for i in order]
+        steps, rows = lengths[0], len(order)
+        ids = torch.zeros(steps, rows, dtype=torch.long)
+        for row, source in enumerate(order):
+            ids[steps - lengths[row] :, row] = torch.tensor(sequences[source], dtype=torch.long)
+        started = torch.tensor(lengths).flip(0)  # ascending: rows active at step t = lengths >= steps - t
+        active = (rows - torch.searchsorted(started, steps - torch.arange(steps), right=False)).tolist()
+        layers, size = len(self.recurrent), self.hidden_size
+        h, c = torch.zeros(layers, rows, size), torch.zeros(layers, rows, size)
+        for begin in range(0, steps, self.PREFILL_CHUNK):
+            end = min(begin + self.PREFILL_CHUNK, steps)
+            x = self.input_table[ids[begin:end]]  # gate inputs of layer 0, (t, B, 4H)
+            for layer in range(layers):
+                # The layer's outputs over the chunk, which the next layer reads; zero where a row has not started.
+                below = torch.zeros(end - begin, rows, size) if layer < layers - 1 else None
+                recurrent, h_all, c_all = self.recurrent[layer], h[layer], c[layer]
+                for t in range(end - begin):
+                    k = active[begin + t]
+                    h_k, c_k = (h_all, c_all) if k == rows else (h_all[:k], c_all[:k])
+                    gates = recurrent(h_k).add_(x[t, :k])
+                    self._cell(gates, c_k, h_k)
+                    if below is not None:
+                        below[t, :k] = h_k
+                if below is not None:
+                    x = self.input_projection[layer](below.view(-1, size)).view(end - begin, rows, -1)
+        logits = self.head(h[-1])
+        back = torch.tensor(order).argsort()
+        return logits[back], (h[:, back], c[:, back])
 
 
 # --------------------------------------------------------------------------- classifier

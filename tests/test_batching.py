@@ -16,7 +16,7 @@ from flask import Flask
 from benchmarks.precision import heldout_bpc
 from service.batching import DecodeBatch, Delta, GenerationRequest, TokenScore, merge_deltas
 from service.engine import Engine, Generation
-from service.model import FusedStep, LoadedModels, PackedLinear, load_artifacts
+from service.model import CharLSTM, FusedStep, LMConfig, LoadedModels, PackedLinear, load_artifacts
 from service.sampling import SamplingParams
 from service.streaming import sse_response
 from training.corpus import load_plays
@@ -51,13 +51,22 @@ REQUESTS = [
 ]
 
 
-def test_fused_step_matches_nn_lstm(models: LoadedModels) -> None:
-    lm, kernel = models.lm, FusedStep(models.lm)
+@pytest.fixture(scope="module", params=["trained", "two-layer"])
+def lm(request: pytest.FixtureRequest, models: LoadedModels) -> CharLSTM:
+    """The tiny trained model (one layer), and an untrained two-layer one for the upper layers' path."""
+    if request.param == "trained":
+        return models.lm
+    torch.manual_seed(0)
+    return CharLSTM(LMConfig(vocab_size=20, embed_dim=8, hidden_size=24, num_layers=2)).eval()
+
+
+def test_fused_step_matches_nn_lstm(lm: CharLSTM) -> None:
+    kernel = FusedStep(lm)
     generator = torch.Generator().manual_seed(0)
     layers, hidden = lm.config.num_layers, lm.config.hidden_size
     with torch.inference_mode():
         for batch in (1, 7):
-            ids = torch.randint(0, models.vocab.size + 1, (batch,), generator=generator)
+            ids = torch.randint(0, lm.config.vocab_size + 1, (batch,), generator=generator)
             h = torch.randn(layers, batch, hidden, generator=generator)
             c = torch.randn(layers, batch, hidden, generator=generator)
             expected, (h_ref, c_ref) = lm.step(ids, (h.clone(), c.clone()))
@@ -65,6 +74,22 @@ def test_fused_step_matches_nn_lstm(models: LoadedModels) -> None:
             torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [[1], [7, 7, 7], [1, 60, 5, 131, 60], [130, 2]])
+def test_prefill_matches_nn_lstm_on_each_sequence_alone(lm: CharLSTM, lengths: list[int]) -> None:
+    """Both paths (nn.LSTM for long prompts of one length, the step loop for the rest), across the
+    loop's chunk boundary, with rows joining at different steps."""
+    kernel = FusedStep(lm)
+    generator = torch.Generator().manual_seed(sum(lengths))
+    sequences = [torch.randint(0, lm.config.vocab_size + 1, (n,), generator=generator).tolist() for n in lengths]
+    with torch.inference_mode():
+        logits, (h, c) = kernel.prefill(sequences)
+        for row, sequence in enumerate(sequences):
+            expected, (h_ref, c_ref) = lm.prefill([sequence])
+            torch.testing.assert_close(logits[row], expected[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(h[:, row], h_ref[:, 0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(c[:, row], c_ref[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def test_packed_linear_matches_addmm_and_rows_do_not_depend_on_each_other() -> None:
@@ -188,6 +213,9 @@ class FailsOnce:
             self.failed = True
             raise RuntimeError("injected")
         return self.kernel(ids, h, c)
+
+    def prefill(self, sequences: list[list[int]]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        return self.kernel.prefill(sequences)
 
 
 def test_a_failing_step_fails_its_requests_not_the_scheduler(models: LoadedModels) -> None:
