@@ -9,7 +9,6 @@ One torch thread, as in a worker. Writes matmul.json and matmul.md.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -20,7 +19,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.serve import timed
+from benchmarks.serve import timed, write_report
 from service.model import PackedLinear
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,10 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, kernels in results.items():
         for kernel, by_rows in kernels.items():
             lines.append(f"| {name} | {kernel} | " + " | ".join(f"{by_rows[r]:.0f}" for r in ROWS) + " |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "matmul.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "matmul.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "matmul", report, "\n".join(lines) + "\n")
     return 0
 
 

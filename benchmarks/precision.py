@@ -10,7 +10,6 @@ float32 figure therefore reproduces `metrics.json`'s test_bpc. Writes precision.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.serve import timed
+from benchmarks.serve import timed, write_report
 from service.model import FusedStep, LoadedModels, load_artifacts
 from training.corpus import load_plays
 from training.run import EVAL_SEGMENT, join
@@ -109,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         f"bfloat16 changes held-out bits per character by {report['bpc_change_percent']:+.3f} %; "
         f"speed-up per step: {report['speedup']}.",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "precision.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "precision.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "precision", report, "\n".join(lines) + "\n")
     return 0
 
 

@@ -290,6 +290,14 @@ HEADLINES = {
 # --------------------------------------------------------------------------- in-process ceilings
 
 
+def write_report(folder: Path, stem: str, report: dict[str, Any], table: str) -> None:
+    """`stem`.json and `stem`.md in `folder`, and the table on stdout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / f"{stem}.md").write_text(table)
+    print(table)
+
+
 def timed(fn: Any, repeats: int) -> float:
     """Median seconds of `fn()` over `repeats` calls, after one warm-up call."""
     fn()
@@ -479,10 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         "in_process": ceilings,
     }
     report["summary"] = summarize(results, repeats, ceilings)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "results.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(args.out, "results", report, markdown(report))
     return 0
 
 
