@@ -13,6 +13,8 @@ import shutil
 import tempfile
 import warnings
 
+from service.worker import claim_slot, create_connection_table, release_slot
+
 
 def _limit_malloc_arenas() -> None:
     """glibc gives threads their own malloc arenas (up to 8 per core) and keeps what is freed in them,
@@ -64,10 +66,20 @@ def post_fork(server, worker):
     torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "1")))
 
 
+# Workers spread connections evenly through a table in shared memory (see service/worker.py); a
+# few spare rows cover workers added at run time (TTIN) and replacements starting while others exit.
+create_connection_table(slots=2 * workers + 8)
+
+
+def pre_fork(server, worker):
+    claim_slot(worker)
+
+
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+    release_slot(worker)
 
 
 def on_exit(server):

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
-from tests.conftest import COMMITTED_ARTIFACTS, gunicorn_server
+from tests.conftest import COMMITTED_ARTIFACTS, gunicorn_process, gunicorn_server
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +56,31 @@ def test_errors_over_http(server: str) -> None:
     )
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
     assert requests.get(f"{server}/readyz", timeout=5).status_code == 200  # still up
+
+
+def established(worker: psutil.Process, port: int) -> int:
+    return sum(1 for c in worker.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
+
+
+def test_a_burst_of_keep_alive_connections_is_spread_over_the_workers(tiny_artifacts: Path) -> None:
+    """Without balancing, all 8 often landed on one worker (4 of 12 tries), leaving a core idle."""
+    with gunicorn_process(tiny_artifacts, WORKERS="2") as (proc, base):
+        port = int(base.rsplit(":", 1)[1])
+        master = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 30
+        while len(workers := master.children()) < 2:
+            assert time.monotonic() < deadline, "the second worker did not start"
+            time.sleep(0.1)
+        for _ in range(5):
+            sessions = [requests.Session() for _ in range(8)]
+            with ThreadPoolExecutor(8) as pool:
+                statuses = list(pool.map(lambda s: s.get(f"{base}/healthz", timeout=10).status_code, sessions))
+            assert statuses == [200] * 8
+            counts = sorted(established(worker, port) for worker in workers)
+            assert sum(counts) == 8 and counts[0] >= 3, counts
+            for session in sessions:
+                session.close()
+            deadline = time.monotonic() + 10
+            while any(established(worker, port) for worker in workers):  # the next burst starts from zero
+                assert time.monotonic() < deadline, "closed connections stayed open on the server"
+                time.sleep(0.05)
