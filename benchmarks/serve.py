@@ -273,7 +273,8 @@ def measure(server: Server, scenario: Scenario, batching: bool, seconds: float) 
         f"  p50 {result.p50_ms:>8.2f} ms  p99 {result.p99_ms:>8.2f} ms"
         + (f"  {result.chars_per_s:>8.1f} chars/s" if result.chars_per_s else "")
         + (f"  ttft p50 {result.ttft_p50_ms:.1f} ms" if result.ttft_p50_ms else "")
-        + f"  cpu {result.server_cpu_percent}%  errors {result.errors} {errors or ''}",
+        + f"  cpu {result.server_cpu_percent}% (client {result.client_cpu_percent}%)"
+        + f"  errors {result.errors} {errors or ''}",
         flush=True,
     )
     return result

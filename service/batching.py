@@ -353,7 +353,7 @@ class Scheduler:
     so that a gunicorn worker forked from a preloading master gets its own)."""
 
     def __init__(
-        self, make_batch: Callable[[], DecodeBatch], max_rows: int = 64, gather_seconds: float = 0.002
+        self, make_batch: Callable[[], DecodeBatch], max_rows: int = 64, gather_seconds: float = 0.005
     ) -> None:
         self.make_batch = make_batch
         self.max_rows = max_rows  # sequences decoded together; later jobs wait for rows to free up

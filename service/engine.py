@@ -94,7 +94,7 @@ class Engine:
         max_batch_rows: int = 64,
         step_dtype: torch.dtype = torch.float32,
         scoring_slots: int = 1,
-        batch_gather_seconds: float = 0.002,
+        batch_gather_seconds: float = 0.005,
     ) -> None:
         """`on_generated(k)` is called after every generation step with the k characters it produced,
         and `on_prefill(k)` after every batch of k prompts is encoded.

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     )
     max_batch_rows: int = Field(64, ge=1, le=4096, description="sequences one worker decodes together")
     batch_gather_ms: float = Field(
-        2.0,
+        5.0,
         ge=0,
         le=100,
         description="an idle worker with concurrent clients waits this long to encode prompts together",
