@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import itertools
 import json
 import os
 import platform
@@ -47,6 +48,15 @@ TEXT_200 = (
     "that lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with victorious"
 )[:200]
 assert len(TEXT_200) == 200
+# Every request of a scenario gets its own text (a window of this one, at an offset that follows the
+# request's number) and its own seed, so that no request's work repeats another's: a server that
+# cached or shared work between identical requests would otherwise look faster than it is.
+SOURCE = PROMPT_100 + " " + TEXT_200 + " "
+
+
+def window(number: int, length: int) -> str:
+    start = number % len(SOURCE)
+    return (SOURCE + SOURCE)[start : start + length]
 
 
 @dataclass
@@ -54,7 +64,7 @@ class Scenario:
     name: str
     method: str
     path: str
-    body: dict[str, Any] | None
+    body: Callable[[int], dict[str, Any]] | None  # the body of request number n
     concurrency: int
     stream: bool = False
 
@@ -182,6 +192,7 @@ async def drive(
     first_tokens: list[float] = []
     counters = {"chars": 0}
     errors: collections.Counter[str] = collections.Counter()  # by kind
+    numbers = itertools.count()
     connector = aiohttp.TCPConnector(limit=scenario.concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as session:
@@ -189,7 +200,8 @@ async def drive(
         async def one() -> tuple[str | None, int, float | None]:
             """An error kind or None, the characters received, and the time to the first one."""
             started = time.perf_counter()
-            async with session.request(scenario.method, scenario.path, json=scenario.body) as response:
+            body = scenario.body(next(numbers)) if scenario.body else None
+            async with session.request(scenario.method, scenario.path, json=body) as response:
                 if response.status != 200:
                     await response.read()
                     return f"HTTP {response.status}", 0, None
@@ -281,14 +293,19 @@ def measure(server: Server, scenario: Scenario, batching: bool, seconds: float) 
 
 
 def scenarios() -> list[Scenario]:
-    gen = {"prompt": "ROMEO.", "max_tokens": 200, "temperature": 0.8, "seed": 1, "stream": True}
+    def next_token(n: int) -> dict[str, Any]:
+        return {"text": window(n, 100), "top_k": 5}
+
+    def score(n: int) -> dict[str, Any]:
+        return {"texts": [window(16 * n + i, 200) for i in range(16)]}
+
+    def generate(n: int) -> dict[str, Any]:
+        return {"prompt": "ROMEO.", "max_tokens": 200, "temperature": 0.8, "seed": n, "stream": True}
+
     out = [Scenario("no-op (GET /healthz)", "GET", "/healthz", None, c) for c in (1, 8, 32)]
-    out += [
-        Scenario("next-token, 100-char prompt", "POST", "/v1/next-token", {"text": PROMPT_100, "top_k": 5}, c)
-        for c in (1, 8, 32)
-    ]
-    out += [Scenario("score, 16 x 200 chars", "POST", "/v1/score", {"texts": [TEXT_200] * 16}, c) for c in (1, 8)]
-    out += [Scenario("generate 200 chars, streams", "POST", "/v1/generate", gen, c, stream=True) for c in (1, 32)]
+    out += [Scenario("next-token, 100-char prompt", "POST", "/v1/next-token", next_token, c) for c in (1, 8, 32)]
+    out += [Scenario("score, 16 x 200 chars", "POST", "/v1/score", score, c) for c in (1, 8)]
+    out += [Scenario("generate 200 chars, streams", "POST", "/v1/generate", generate, c, stream=True) for c in (1, 32)]
     return out
 
 
