@@ -68,7 +68,9 @@ def post_fork(server, worker):
 
 # Workers spread connections evenly through a table in shared memory (see service/worker.py); a
 # few spare rows cover workers added at run time (TTIN) and replacements starting while others exit.
-create_connection_table(slots=2 * workers + 8)
+# BALANCE_CONNECTIONS=0 leaves accepting to gunicorn's stock behaviour (whichever worker wakes first).
+if os.environ.get("BALANCE_CONNECTIONS", "1") != "0":
+    create_connection_table(slots=2 * workers + 8)
 
 
 def pre_fork(server, worker):

@@ -12,6 +12,7 @@ import psutil
 import pytest
 import requests
 
+from benchmarks.balance import established
 from tests.conftest import COMMITTED_ARTIFACTS, gunicorn_process, gunicorn_server
 
 
@@ -58,12 +59,8 @@ def test_errors_over_http(server: str) -> None:
     assert requests.get(f"{server}/readyz", timeout=5).status_code == 200  # still up
 
 
-def established(worker: psutil.Process, port: int) -> int:
-    return sum(1 for c in worker.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port)
-
-
 def test_a_burst_of_keep_alive_connections_is_spread_over_the_workers(tiny_artifacts: Path) -> None:
-    """Without balancing, all 8 often landed on one worker (4 of 12 tries), leaving a core idle."""
+    """Without balancing, all 8 often landed on one worker (`python -m benchmarks.balance --off`)."""
     with gunicorn_process(tiny_artifacts, WORKERS="2") as (proc, base):
         port = int(base.rsplit(":", 1)[1])
         master = psutil.Process(proc.pid)
