@@ -357,7 +357,7 @@ def in_process(seconds: float) -> dict[str, Any]:
             x = torch.multinomial(probs, 1, generator=generator)
 
     def engine_rows(rows: int) -> float:
-        batch = DecodeBatch(lm, engine.kernel, vocab.chars)
+        batch = DecodeBatch(engine.kernel, vocab.chars)
         req = GenerationRequest("ROMEO.", 10**9, SamplingParams(temperature=0.8), seed=1, n=rows)
         batch.admit([Job(engine.prompt_ids("ROMEO."), req)])
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from service.model import CharLSTM, FusedStep
+from service.model import FusedStep
 from service.sampling import SamplingParams, choose, make_generators
 
 log = logging.getLogger("service.batching")
@@ -173,14 +173,12 @@ class DecodeBatch:
 
     def __init__(
         self,
-        lm: CharLSTM,
         kernel: FusedStep,
         chars: Sequence[str],
         on_generated: Callable[[int], None] | None = None,
         on_prefill: Callable[[int], None] | None = None,
     ) -> None:
-        self.lm = lm
-        self.kernel = kernel
+        self.kernel = kernel  # the model's decode step and prompt encoder
         self.chars = chars
         self.on_generated = on_generated  # called with the rows of every decode step
         self.on_prefill = on_prefill  # called with the prompts of every prompt batch

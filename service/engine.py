@@ -122,7 +122,7 @@ class Engine:
         return cls(load_artifacts(artifacts_dir), **options)
 
     def new_batch(self) -> DecodeBatch:
-        return DecodeBatch(self.lm, self.kernel, self.vocab.chars, self.on_generated, self.on_prefill)
+        return DecodeBatch(self.kernel, self.vocab.chars, self.on_generated, self.on_prefill)
 
     def run(self, job: Job) -> Generator[Any, None, None]:
         """The job's results, from the shared scheduler or computed alone; closing this cancels the job."""
