@@ -50,6 +50,7 @@ class ModelRegistry:
             step_dtype=getattr(torch, self.settings.step_dtype),
             scoring_slots=self.settings.torch_threads,
             batch_gather_seconds=self.settings.batch_gather_ms / 1000,
+            stream_interval_seconds=self.settings.stream_interval_ms / 1000,
         )
         self.load_seconds = time.perf_counter() - started
         MODEL_LOAD_SECONDS.set(self.load_seconds)

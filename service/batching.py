@@ -351,10 +351,18 @@ class Scheduler:
     so that a gunicorn worker forked from a preloading master gets its own)."""
 
     def __init__(
-        self, make_batch: Callable[[], DecodeBatch], max_rows: int = 64, gather_seconds: float = 0.005
+        self,
+        make_batch: Callable[[], DecodeBatch],
+        max_rows: int = 64,
+        gather_seconds: float = 0.005,
+        stream_interval_seconds: float = 0.005,
     ) -> None:
         self.make_batch = make_batch
         self.max_rows = max_rows  # sequences decoded together; later jobs wait for rows to free up
+        # After a job's first piece, its reader waits this long before taking what has accumulated.
+        # A piece per character cost a thread wake-up, a JSON event and a socket write each, on the
+        # cores that also run the model; a few milliseconds merges several characters per piece.
+        self.stream_interval_seconds = stream_interval_seconds
         # When the batch is idle and recent prompt batches held several requests (so clients are
         # concurrent), wait up to this long for as many prompts as the largest of them before
         # encoding: clients come back a few milliseconds apart, and one encode of k prompts costs
@@ -399,14 +407,21 @@ class Scheduler:
     def results(self, job: Job) -> Generator[Any, None, None]:
         """Submit `job` and yield its results; closing the iterator cancels it.
 
-        Deltas that are already waiting when the consumer comes back for more are merged per
-        choice: nothing is held back, but a consumer slower than the batch (a busy worker
-        writing many streams) sends fewer, larger chunks instead of falling further behind.
+        Deltas that are waiting when the consumer comes back for more are merged per choice.
+        After the first piece (so the time to the first character is unchanged), the consumer
+        waits `stream_interval_seconds` once a new piece is there, and takes everything that came
+        meanwhile: fewer, larger chunks, each at most that much later.
         """
         self.submit(job)
+        first = True
         try:
-            while not (yield from _release([self._next(job), *job.waiting()])):
-                pass
+            while True:
+                item = self._next(job)
+                if isinstance(item, Delta) and not first and self.stream_interval_seconds > 0:
+                    time.sleep(self.stream_interval_seconds)
+                first = False
+                if (yield from _release([item, *job.waiting()])):
+                    return
         finally:
             job.cancel()
 

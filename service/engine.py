@@ -95,6 +95,7 @@ class Engine:
         step_dtype: torch.dtype = torch.float32,
         scoring_slots: int = 1,
         batch_gather_seconds: float = 0.005,
+        stream_interval_seconds: float = 0.005,
     ) -> None:
         """`on_generated(k)` is called after every generation step with the k characters it produced,
         and `on_prefill(k)` after every batch of k prompts is encoded.
@@ -111,7 +112,11 @@ class Engine:
         self.classifier = models.classifier
         self.labels = models.labels
         self.kernel = FusedStep(self.lm, step_dtype)
-        self.scheduler = Scheduler(self.new_batch, max_batch_rows, batch_gather_seconds) if batching else None
+        self.scheduler = (
+            Scheduler(self.new_batch, max_batch_rows, batch_gather_seconds, stream_interval_seconds)
+            if batching
+            else None
+        )
         # Scoring and classification run on the request's own thread, one whole batch per call. More
         # of them at once than the worker has torch threads only adds activation memory (about
         # 100 MB for 16 texts of 200 characters), so they take turns for these slots.

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
         le=100,
         description="an idle worker with concurrent clients waits this long to encode prompts together",
     )
+    stream_interval_ms: float = Field(
+        5.0,
+        ge=0,
+        le=1000,
+        description="after a stream's first piece, it sends what has accumulated at most this often",
+    )
     step_dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
         description="weights of the decode step; bfloat16 is faster for large batches on CPUs with AVX512-BF16",

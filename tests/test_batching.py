@@ -226,6 +226,32 @@ def test_a_failing_step_fails_its_requests_not_the_scheduler(models: LoadedModel
     assert engine.generate(GenerationRequest("a", 10, seed=1)).choices[0].completion_tokens == 10
 
 
+class SlowSteps:
+    """A kernel whose every decode step takes at least 3 ms, slower than any reader."""
+
+    def __init__(self, kernel: FusedStep) -> None:
+        self.kernel = kernel
+
+    def __call__(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.003)
+        return self.kernel(ids, h, c)
+
+    def prefill(self, sequences: list[list[int]]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        return self.kernel.prefill(sequences)
+
+
+def test_the_stream_interval_merges_pieces_and_keeps_the_text(models: LoadedModels) -> None:
+    req = GenerationRequest("To be", 60, SamplingParams(temperature=1.0), seed=9)
+    pieces = {}
+    for interval in (0.0, 0.05):
+        engine = Engine(models, batching=True, stream_interval_seconds=interval)
+        engine.kernel = SlowSteps(engine.kernel)  # type: ignore[assignment]
+        pieces[interval] = [delta.text for delta in engine.stream(req)]
+    assert "".join(pieces[0.0]) == "".join(pieces[0.05]) and len("".join(pieces[0.0])) == 60
+    assert len(pieces[0.0]) >= 20  # about one piece per 3 ms step
+    assert len(pieces[0.05]) <= 10  # about one piece per 50 ms
+
+
 def test_waiting_deltas_merge_per_choice_in_order() -> None:
     a, b = TokenScore("a", -1.0), TokenScore("b", -2.0)
     items = [
