@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -258,21 +259,32 @@ class FusedStep:
                 stacked = torch.cat([w(f"weight_ih_l{layer}"), w(f"weight_hh_l{layer}")], dim=1)
                 self.upper.append(PackedLinear(stacked, bias(layer), dtype))
             self.head = PackedLinear(lm.head.weight, lm.head.bias, dtype)
-            # Prompt encoding runs layer by layer: a layer's input projection for a whole stretch of
-            # the prompt is one large matmul, and each time step only multiplies the recurrent weights.
-            self.input_projection: list[PackedLinear] = []  # per layer >= 1, with both biases
-            self.recurrent: list[PackedLinear] = [self.recurrent0]
-            for layer in range(1, lm.config.num_layers):
-                self.input_projection.append(PackedLinear(w(f"weight_ih_l{layer}"), bias(layer), dtype))
-                self.recurrent.append(PackedLinear(w(f"weight_hh_l{layer}"), None, dtype))
+        # Prompt encoding calls oneDNN's LSTM layer (what nn.LSTM calls on this CPU) on weights
+        # reordered for it once, here: nn.LSTM reorders them on every call, which costs as much as
+        # 30 to 50 time steps. The result is the same to the bit.
+        self.rnn_layers: list[tuple[torch.Tensor, ...]] | None = None
+        try:
+            layers = []
+            for layer in range(lm.config.num_layers):
+                w_ih, w_hh = (weights[f"weight_{kind}_l{layer}"].detach() for kind in ("ih", "hh"))
+                packed = torch.ops.mkldnn._reorder_mkldnn_rnn_layer_weight(w_ih, w_hh, size, False, True, False)
+                biases = (weights[f"bias_{kind}_l{layer}"].detach() for kind in ("ih", "hh"))
+                layers.append((*packed, *biases))
+            self.rnn_layers = layers
+            probe = [[1, 2, 3], [2]]
+            with torch.inference_mode():
+                got, expected = self.prefill(probe)[0], torch.cat([lm.prefill([s])[0] for s in probe])
+            if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+                self.rnn_layers = None
+        except (AttributeError, RuntimeError, NotImplementedError):
+            self.rnn_layers = None
 
-    PREFILL_CHUNK = 128  # time steps whose input projections are computed at once; bounds the memory of long prompts
-    NN_LSTM_MIN_STEPS = 48  # prompts of one length at least this long are encoded by nn.LSTM (see prefill)
+    PREFILL_CHUNK = 256  # time steps per oneDNN call at most; bounds the memory that long prompts take
 
     @property
     def uses_onednn(self) -> bool:
-        linears = (*self.recurrent, *self.upper, *self.input_projection, self.head)
-        return all(linear.uses_onednn for linear in linears)
+        linears = (self.recurrent0, *self.upper, self.head)
+        return self.rnn_layers is not None and all(linear.uses_onednn for linear in linears)
 
     def _cell(self, gates: torch.Tensor, c: torch.Tensor, h: torch.Tensor) -> None:
         """Gates in the order input, forget, output, cell; c and h (B, H) are updated in place."""
@@ -296,48 +308,47 @@ class FusedStep:
         """Run each input sequence (start symbol first) from the zero state: the logits after its last
         input (B, V) and the state there (layers, B, H), rows in the order given.
 
-        `nn.LSTM` runs a step faster than this module's loop, but converts its weights to oneDNN's
-        layout on every call, which costs about 3 ms, as much as 30 to 50 steps. So it encodes
-        long prompts of one length (in float32), and the loop encodes the rest.
+        Sequences of different lengths are aligned at their ends: sorted longest first, a row joins
+        at the step where its sequence starts, so the rows running over any stretch of steps are a
+        prefix of the batch, and each stretch is one oneDNN call per layer with no padding computed.
         """
-        lengths = {len(s) for s in sequences}
-        if len(lengths) == 1 and min(lengths) >= self.NN_LSTM_MIN_STEPS and self.dtype == torch.float32:
-            return self.lm.prefill(sequences)
-        return self.prefill_steps(sequences)
-
-    def prefill_steps(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, LSTMState]:
-        """`prefill` by this module's own loop. Sequences of different lengths are aligned at their
-        ends: sorted longest first, a row joins the batch at the step where its sequence starts, so
-        that every step works on a prefix of the rows and no padding is computed."""
+        if self.rnn_layers is None:  # no oneDNN: nn.LSTM, once per group of one length
+            return self._prefill_by_length(sequences)
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         lengths = [len(sequences[i]) for i in order]
-        steps, rows = lengths[0], len(order)
+        steps, rows, size = lengths[0], len(order), self.hidden_size
         ids = torch.zeros(steps, rows, dtype=torch.long)
         for row, source in enumerate(order):
             ids[steps - lengths[row] :, row] = torch.tensor(sequences[source], dtype=torch.long)
-        started = torch.tensor(lengths).flip(0)  # ascending: rows active at step t = lengths >= steps - t
-        active = (rows - torch.searchsorted(started, steps - torch.arange(steps), right=False)).tolist()
-        layers, size = len(self.recurrent), self.hidden_size
+        inputs = self.lm.embed(ids)  # (T, B, E), time first as oneDNN takes it
+        layers = len(self.rnn_layers)
         h, c = torch.zeros(layers, rows, size), torch.zeros(layers, rows, size)
-        for begin in range(0, steps, self.PREFILL_CHUNK):
-            end = min(begin + self.PREFILL_CHUNK, steps)
-            x = self.input_table[ids[begin:end]]  # gate inputs of layer 0, (t, B, 4H)
-            for layer in range(layers):
-                # The layer's outputs over the chunk, which the next layer reads; zero where a row has not started.
-                below = torch.zeros(end - begin, rows, size) if layer < layers - 1 else None
-                recurrent, h_all, c_all = self.recurrent[layer], h[layer], c[layer]
-                for t in range(end - begin):
-                    k = active[begin + t]
-                    h_k, c_k = (h_all, c_all) if k == rows else (h_all[:k], c_all[:k])
-                    gates = recurrent(h_k).add_(x[t, :k])
-                    self._cell(gates, c_k, h_k)
-                    if below is not None:
-                        below[t, :k] = h_k
-                if below is not None:
-                    x = self.input_projection[layer](below.view(-1, size)).view(end - begin, rows, -1)
-        logits = self.head(h[-1])
+        bounds = [*sorted({steps - n for n in lengths} | set(range(0, steps, self.PREFILL_CHUNK))), steps]
+        for begin, end in itertools.pairwise(bounds):
+            k = sum(1 for n in lengths if steps - n <= begin)  # rows that have started by `begin`
+            x = inputs[begin:end, :k].contiguous()
+            for layer, weights in enumerate(self.rnn_layers):
+                # Not reversed, no packed batch sizes, mode 2 (LSTM), with biases, one direction,
+                # time first, inference.
+                flags: tuple[Any, ...] = (False, [], 2, size, layers, True, False, False, False)
+                x, h[layer, :k], c[layer, :k], _ = torch.ops.aten.mkldnn_rnn_layer(
+                    x, *weights, h[layer, :k], c[layer, :k], *flags
+                )
+        logits = self.lm.head(h[-1])
         back = torch.tensor(order).argsort()
         return logits[back], (h[:, back], c[:, back])
+
+    def _prefill_by_length(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, LSTMState]:
+        groups: dict[int, list[int]] = {}
+        for i, sequence in enumerate(sequences):
+            groups.setdefault(len(sequence), []).append(i)
+        layers, size = self.lm.config.num_layers, self.hidden_size
+        logits = torch.empty(len(sequences), self.lm.config.vocab_size)
+        h, c = torch.empty(layers, len(sequences), size), torch.empty(layers, len(sequences), size)
+        for members in groups.values():
+            index = torch.tensor(members)
+            logits[index], (h[:, index], c[:, index]) = self.lm.prefill([sequences[i] for i in members])
+        return logits, (h, c)
 
 
 # --------------------------------------------------------------------------- classifier

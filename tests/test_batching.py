@@ -76,11 +76,15 @@ def test_fused_step_matches_nn_lstm(lm: CharLSTM) -> None:
             torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("lengths", [[1], [7, 7, 7], [1, 60, 5, 131, 60], [130, 2]])
-def test_prefill_matches_nn_lstm_on_each_sequence_alone(lm: CharLSTM, lengths: list[int]) -> None:
-    """Both paths (nn.LSTM for long prompts of one length, the step loop for the rest), across the
-    loop's chunk boundary, with rows joining at different steps."""
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("lengths", [[1], [7, 7, 7], [1, 60, 5, 300, 60], [270, 2]])
+def test_prefill_matches_nn_lstm_on_each_sequence_alone(lm: CharLSTM, lengths: list[int], onednn: bool) -> None:
+    """oneDNN on prepacked weights (rows joining at different steps, across the chunk boundary),
+    and the fallback without it."""
     kernel = FusedStep(lm)
+    assert kernel.rnn_layers is not None
+    if not onednn:
+        kernel.rnn_layers = None
     generator = torch.Generator().manual_seed(sum(lengths))
     sequences = [torch.randint(0, lm.config.vocab_size + 1, (n,), generator=generator).tolist() for n in lengths]
     with torch.inference_mode():
