@@ -15,7 +15,6 @@ import asyncio
 import collections
 import os
 import sys
-import time
 
 import aiohttp
 import psutil
@@ -53,9 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["BALANCE_CONNECTIONS"] = "0" if args.off else "1"
     server = Server(batching=True)
     try:
-        server.wait_ready()
-        while len(server.master.children()) < 2:  # /readyz answers as soon as the first worker is up
-            time.sleep(0.1)
+        server.wait_ready()  # with both workers forked
         splits = collections.Counter(asyncio.run(one_burst(server, args.connections)) for _ in range(args.tries))
     finally:
         server.stop()

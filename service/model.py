@@ -281,11 +281,6 @@ class FusedStep:
 
     PREFILL_CHUNK = 256  # time steps per oneDNN call at most; bounds the memory that long prompts take
 
-    @property
-    def uses_onednn(self) -> bool:
-        linears = (self.recurrent0, *self.upper, self.head)
-        return self.rnn_layers is not None and all(linear.uses_onednn for linear in linears)
-
     def _cell(self, gates: torch.Tensor, c: torch.Tensor, h: torch.Tensor) -> None:
         """Gates in the order input, forget, output, cell; c and h (B, H) are updated in place."""
         size = self.hidden_size
@@ -323,14 +318,13 @@ class FusedStep:
         inputs = self.lm.embed(ids)  # (T, B, E), time first as oneDNN takes it
         layers = len(self.rnn_layers)
         h, c = torch.zeros(layers, rows, size), torch.zeros(layers, rows, size)
+        # Not reversed, no packed batch sizes, mode 2 (LSTM), with biases, one direction, time first, inference.
+        flags: tuple[Any, ...] = (False, [], 2, size, layers, True, False, False, False)
         bounds = [*sorted({steps - n for n in lengths} | set(range(0, steps, self.PREFILL_CHUNK))), steps]
         for begin, end in itertools.pairwise(bounds):
             k = sum(1 for n in lengths if steps - n <= begin)  # rows that have started by `begin`
             x = inputs[begin:end, :k].contiguous()
             for layer, weights in enumerate(self.rnn_layers):
-                # Not reversed, no packed batch sizes, mode 2 (LSTM), with biases, one direction,
-                # time first, inference.
-                flags: tuple[Any, ...] = (False, [], 2, size, layers, True, False, False, False)
                 x, h[layer, :k], c[layer, :k], _ = torch.ops.aten.mkldnn_rnn_layer(
                     x, *weights, h[layer, :k], c[layer, :k], *flags
                 )

@@ -99,6 +99,20 @@ def stop(proc: GunicornProcess) -> str:
     return output
 
 
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def booted_workers(master: int, count: int, limit: float = 30) -> list[int]:
+    """The master's workers once all `count` have forked (/readyz answers as soon as the first is up)."""
+    deadline = time.monotonic() + limit
+    while len(found := children(master)) < count:
+        assert time.monotonic() < deadline, f"only {found} of {count} workers started"
+        time.sleep(0.1)
+    return found
+
+
 @contextmanager
 def gunicorn_process(artifacts: Path, **env: str) -> Iterator[tuple[GunicornProcess, str]]:
     """A ready server; yields (master process, base URL) and stops it with SIGTERM afterwards."""

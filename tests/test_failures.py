@@ -17,21 +17,16 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import REPO, TINY_TRAIN_ARGS, gunicorn_process, start_gunicorn, stop, wait_ready
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def booted_workers(master: int, count: int, limit: float = 30) -> list[int]:
-    """The master's workers once all `count` have forked (/readyz answers as soon as the first is up)."""
-    deadline = time.monotonic() + limit
-    while len(found := children(master)) < count:
-        assert time.monotonic() < deadline, f"only {found} of {count} workers started"
-        time.sleep(0.1)
-    return found
+from tests.conftest import (
+    REPO,
+    TINY_TRAIN_ARGS,
+    booted_workers,
+    children,
+    gunicorn_process,
+    start_gunicorn,
+    stop,
+    wait_ready,
+)
 
 
 def rss_kib(pid: int) -> int:

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from benchmarks.balance import established
-from tests.conftest import COMMITTED_ARTIFACTS, gunicorn_process, gunicorn_server
+from tests.conftest import COMMITTED_ARTIFACTS, booted_workers, gunicorn_process, gunicorn_server
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +63,7 @@ def test_a_burst_of_keep_alive_connections_is_spread_over_the_workers(tiny_artif
     """Without balancing, all 8 often landed on one worker (`python -m benchmarks.balance --off`)."""
     with gunicorn_process(tiny_artifacts, WORKERS="2") as (proc, base):
         port = int(base.rsplit(":", 1)[1])
-        master = psutil.Process(proc.pid)
-        deadline = time.monotonic() + 30
-        while len(workers := master.children()) < 2:
-            assert time.monotonic() < deadline, "the second worker did not start"
-            time.sleep(0.1)
+        workers = [psutil.Process(pid) for pid in booted_workers(proc.pid, 2)]
         for _ in range(5):
             sessions = [requests.Session() for _ in range(8)]
             with ThreadPoolExecutor(8) as pool:
