@@ -230,30 +230,28 @@ def test_a_failing_step_fails_its_requests_not_the_scheduler(models: LoadedModel
     assert engine.generate(GenerationRequest("a", 10, seed=1)).choices[0].completion_tokens == 10
 
 
-class SlowSteps:
-    """A kernel whose every decode step takes at least 3 ms, slower than any reader."""
-
-    def __init__(self, kernel: FusedStep) -> None:
-        self.kernel = kernel
-
-    def __call__(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.003)
-        return self.kernel(ids, h, c)
-
-    def prefill(self, sequences: list[list[int]]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        return self.kernel.prefill(sequences)
-
-
-def test_the_stream_interval_merges_pieces_and_keeps_the_text(models: LoadedModels) -> None:
+def test_the_stream_interval_waits_after_the_first_piece_and_keeps_the_text(
+    models: LoadedModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No real waiting: the reader's sleeps are recorded in order with the pieces it yields."""
     req = GenerationRequest("To be", 60, SamplingParams(temperature=1.0), seed=9)
-    pieces = {}
+    events: list[Any] = []
+    monkeypatch.setattr("service.batching.time.sleep", events.append)
+    texts: dict[float, list[str]] = {}
     for interval in (0.0, 0.05):
+        events.clear()
         engine = Engine(models, batching=True, stream_interval_seconds=interval)
-        engine.kernel = SlowSteps(engine.kernel)  # type: ignore[assignment]
-        pieces[interval] = [delta.text for delta in engine.stream(req)]
-    assert "".join(pieces[0.0]) == "".join(pieces[0.05]) and len("".join(pieces[0.0])) == 60
-    assert len(pieces[0.0]) >= 20  # about one piece per 3 ms step
-    assert len(pieces[0.05]) <= 10  # about one piece per 50 ms
+        texts[interval] = []
+        for delta in engine.stream(req):
+            texts[interval].append(delta.text)
+            events.append("piece")
+        sleeps = [e for e in events if e != "piece"]
+        if interval:
+            assert events[0] == "piece"  # the first piece is not held back
+            assert sleeps == [interval] * (len(texts[interval]) - 1)  # one wait before each later piece
+        else:
+            assert sleeps == []
+    assert "".join(texts[0.0]) == "".join(texts[0.05]) and len("".join(texts[0.0])) == 60
 
 
 def test_waiting_deltas_merge_per_choice_in_order() -> None:
