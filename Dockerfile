@@ -15,6 +15,7 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 RUN /opt/venv/bin/pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" torch==2.13.0+cpu
 COPY pyproject.toml README.md ./
+COPY seqmodels ./seqmodels
 COPY service ./service
 # Installs the service with the pins from pyproject.toml; torch==2.13.0 is already satisfied.
 # Headers and CMake files only serve C++ extension builds, which the runtime never does.

@@ -23,8 +23,8 @@ serve: $(VENV)/.serve-installed
 
 ## test: lint, format check, type-check, Dockerfile lint and the pytest suite
 test: $(VENV)/.test-installed
-	$(BIN)/ruff check service training tests benchmarks gunicorn.conf.py
-	$(BIN)/ruff format --check service training tests benchmarks gunicorn.conf.py
+	$(BIN)/ruff check seqmodels service training tests benchmarks gunicorn.conf.py
+	$(BIN)/ruff format --check seqmodels service training tests benchmarks gunicorn.conf.py
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/pytest

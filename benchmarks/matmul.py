@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from benchmarks.serve import timed, write_report
-from service.model import PackedLinear
+from service.kernels import PackedLinear
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = (1, 2, 4, 8, 16, 32)

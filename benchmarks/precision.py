@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from benchmarks.serve import timed, write_report
-from service.model import FusedStep, LoadedModels, load_artifacts
+from seqmodels.artifacts import LoadedModels, load_artifacts
+from service.kernels import FusedStep
 from training.corpus import load_plays
 from training.run import EVAL_SEGMENT, join
 

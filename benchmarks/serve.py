@@ -19,11 +19,8 @@ import itertools
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -35,10 +32,11 @@ import aiohttp
 import psutil
 import torch
 
+from seqmodels.artifacts import load_artifacts
 from service.batching import DecodeBatch, GenerationRequest, Job
 from service.engine import Engine
-from service.model import load_artifacts
 from service.sampling import SamplingParams
+from tests.servers import start_gunicorn, stop
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"
@@ -102,40 +100,23 @@ def percentile(values: list[float], q: float) -> float:
 # --------------------------------------------------------------------------- the server
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Server:
     def __init__(self, batching: bool, step_dtype: str = "float32") -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        # A file, not a pipe: an unread pipe fills up and then blocks the server's logging.
-        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed by stop()
-        env = {
-            **os.environ,
-            "PORT": str(self.port),
-            "HOST": "127.0.0.1",
-            "ARTIFACTS_DIR": str(ARTIFACTS),
-            "BATCHING": "1" if batching else "0",
-            "STEP_DTYPE": step_dtype,
-            "LOG_LEVEL": "WARNING",
-            "MAX_TOKENS": "1024",
-        }
-        gunicorn = Path(sys.executable).with_name("gunicorn")
-        self.proc = subprocess.Popen(
-            [str(gunicorn), "-c", "gunicorn.conf.py"], cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        self.proc, self.base = start_gunicorn(
+            ARTIFACTS,
+            BATCHING="1" if batching else "0",
+            STEP_DTYPE=step_dtype,
+            LOG_LEVEL="WARNING",
+            MAX_TOKENS="1024",
         )
+        self.port = int(self.base.rsplit(":", 1)[1])
         self.master = psutil.Process(self.proc.pid)
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"gunicorn exited:\n{self.log.read()}")
+                raise RuntimeError(f"gunicorn exited:\n{self.proc.output()}")
             try:
                 with urllib.request.urlopen(f"{self.base}/readyz", timeout=2) as response:
                     if response.status == 200 and len(self.master.children()) >= int(os.environ.get("WORKERS", "2")):
@@ -167,13 +148,7 @@ class Server:
         return rss, pss
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        stop(self.proc)
 
 
 # --------------------------------------------------------------------------- the client

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from service.model import FusedStep
+from service.kernels import FusedStep
 from service.sampling import SamplingParams, choose, make_generators
 
 log = logging.getLogger("service.batching")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from seqmodels.artifacts import CLASSIFIER_DIR, LM_DIR, WEIGHTS_FILE, LoadedModels, load_artifacts
 from service.batching import (
     DecodeBatch,
     Delta,
@@ -26,7 +27,7 @@ from service.batching import (
     TokenScore,
     top_alternatives,
 )
-from service.model import CLASSIFIER_DIR, LM_DIR, WEIGHTS_FILE, FusedStep, LoadedModels, load_artifacts
+from service.kernels import FusedStep
 
 __all__ = ["CLASSIFIER_ID", "LM_ID", "Delta", "Engine", "GenerationRequest", "StopMatcher", "TokenScore"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from seqmodels.artifacts import ArtifactError
 from service.app import create_app
-from service.model import ArtifactError
 
 try:
     application = create_app()

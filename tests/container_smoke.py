@@ -1,6 +1,6 @@
 """Build the image, run its own command, exercise it over loopback, stop it, and clean up.
 
-    python tests/container_smoke.py [--keep-base]
+    python -m tests.container_smoke [--keep-base]
 
 Uses `docker` where a Docker engine answers. Otherwise uses buildah (chroot isolation, vfs
 storage), and where `python:3.11-slim` cannot be pulled, a stand-in base image bootstrapped
@@ -17,7 +17,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = "docker.io/library/python:3.11-slim"
@@ -40,12 +41,6 @@ def log(message: str) -> None:
 def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     log("$ " + shlex.join(cmd))
     return subprocess.run(cmd, check=True, text=True, **kwargs)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
@@ -145,13 +140,29 @@ def ensure_base_image() -> None:
         tar.wait()
 
 
+def pip_index_url() -> str:
+    """The index pip uses here: its configured `index-url` (environment or config files), else pip's
+    own built-in default; read at run time so that no registry is named in this repository."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return os.environ["PIP_INDEX_URL"]
+    configured = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True, text=True
+    )
+    if configured.returncode == 0 and configured.stdout.strip():
+        return configured.stdout.strip()
+    from pip._internal.models.index import PyPI  # pip's default, where nothing overrides it
+
+    return str(PyPI.simple_url)
+
+
 def build_with_buildah() -> None:
     cmd = [*BUILDAH, "bud", "--isolation", "chroot", "--format", "docker", "--layers=false", "-t", IMAGE]
     find_links, cert = os.environ.get("PIP_FIND_LINKS", ""), os.environ.get("PIP_CERT", "")
     if find_links:
-        # The CPU wheel of torch lies in this folder here; PyTorch's index cannot be reached.
+        # The CPU wheel of torch lies in this folder here; PyTorch's index cannot be reached, so torch
+        # comes from the index pip itself uses on this machine.
         cmd += ["-v", f"{find_links}:{find_links}:ro", "--build-arg", f"PIP_FIND_LINKS={find_links}"]
-        cmd += ["--build-arg", "TORCH_INDEX_URL=https://pypi.org/simple"]
+        cmd += ["--build-arg", f"TORCH_INDEX_URL={pip_index_url()}"]
     if cert:
         cmd += ["-v", f"{cert}:/run/host-ca.crt:ro", "--build-arg", "PIP_CERT=/run/host-ca.crt"]
     run([*cmd, str(REPO)])

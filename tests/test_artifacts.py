@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from seqmodels.artifacts import FORMAT_VERSION, ArtifactError, load_artifacts, sha256_file
 from service.app import create_app
-from service.model import FORMAT_VERSION, ArtifactError, load_artifacts, sha256_file
 from service.settings import Settings
 from tests.conftest import COMMITTED_ARTIFACTS
 

@@ -14,9 +14,11 @@ import torch
 from flask import Flask
 
 from benchmarks.precision import heldout_bpc
+from seqmodels.artifacts import LoadedModels, load_artifacts
+from seqmodels.networks import CharLSTM, LMConfig
 from service.batching import DecodeBatch, Delta, GenerationRequest, TokenScore, merge_deltas
 from service.engine import Engine, Generation
-from service.model import CharLSTM, FusedStep, LMConfig, LoadedModels, PackedLinear, load_artifacts
+from service.kernels import FusedStep, PackedLinear
 from service.sampling import SamplingParams
 from service.streaming import sse_response
 from training.corpus import load_plays

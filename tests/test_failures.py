@@ -23,10 +23,9 @@ from tests.conftest import (
     booted_workers,
     children,
     gunicorn_process,
-    start_gunicorn,
-    stop,
     wait_ready,
 )
+from tests.servers import start_gunicorn, stop
 
 
 def rss_kib(pid: int) -> int:

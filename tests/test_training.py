@@ -10,8 +10,8 @@ from types import ModuleType
 import pytest
 from safetensors.torch import load_file
 
-from service import model as service_model
-from service.model import load_artifacts
+from seqmodels import artifacts as artifact_format
+from seqmodels.artifacts import load_artifacts
 from tests.conftest import TINY_TRAIN_ARGS
 from training import run as training_run
 from training.corpus import (
@@ -164,7 +164,7 @@ def test_runs_are_reproducible(tmp_path: Path, tiny_corpus: Path, tiny_artifacts
 
 @pytest.mark.parametrize(
     ("module", "failing_step"),
-    [(training_run, "train_classifier"), (service_model, "sha256_file")],  # during training; mid-write
+    [(training_run, "train_classifier"), (artifact_format, "sha256_file")],  # during training; mid-write
 )
 def test_interrupted_run_leaves_previous_artifacts_untouched(
     tmp_path: Path,

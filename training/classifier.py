@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.pipeline import make_union
 from tqdm import tqdm
 
-from service.model import CharLSTM, ClassifierConfig, MLPClassifier, Vocab
+from seqmodels.networks import CharLSTM, ClassifierConfig, MLPClassifier, Vocab
 
 
 @dataclass

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from service.model import CharLSTM, LMConfig, Vocab
+from seqmodels.networks import CharLSTM, LMConfig, Vocab
 
 LN2 = math.log(2.0)
 

@@ -20,16 +20,8 @@ from typing import Any
 
 import torch
 
-from service.model import (
-    FORMAT_VERSION,
-    CharLSTM,
-    ClassifierConfig,
-    LMConfig,
-    Vocab,
-    classifier_config_json,
-    lm_config_json,
-    write_artifacts,
-)
+from seqmodels.artifacts import FORMAT_VERSION, classifier_config_json, lm_config_json, write_artifacts
+from seqmodels.networks import CharLSTM, ClassifierConfig, LMConfig, Vocab
 from training.classifier import (
     ClassifierTrainConfig,
     Passages,

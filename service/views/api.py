@@ -9,8 +9,8 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from service.app import parse, registry, respond, settings
 from service.engine import CLASSIFIER_ID, LM_ID, Engine, GenerationRequest
+from service.helpers import parse, registry, respond, settings
 from service.metrics import CHARS_SCORED, CLASSIFIED
 from service.openapi import documented
 from service.sampling import SamplingParams

@@ -7,8 +7,8 @@ import time
 
 from flask import Blueprint, Response
 
-from service.app import ApiError, parse, registry, respond, settings
 from service.engine import LM_ID
+from service.helpers import ApiError, parse, registry, respond, settings
 from service.openai_compat import complete, stream_chunks
 from service.openapi import documented
 from service.schemas import CompletionRequest, CompletionResponse

@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, send_from_directory
 
-from service.app import settings
+from service.helpers import settings
 from service.openapi import build_spec, documented
 
 bp = Blueprint("docs", __name__)

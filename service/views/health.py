@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from service.app import registry
+from service.helpers import registry
 from service.metrics import render
 from service.openapi import documented
 from service.schemas import HealthResponse, ReadyResponse

@@ -1,0 +1,240 @@
+"""The artifact format: a versioned folder of safetensors weights and JSON configs, hash-checked.
+
+Everything a model needs at inference time lives inside its artifact folder:
+weights in safetensors, and a JSON config holding the architecture, the
+vocabulary or the labels, and the text normalization rules. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from seqmodels.networks import (
+    UNKNOWN_CHAR,
+    CharLSTM,
+    ClassifierConfig,
+    LMConfig,
+    MLPClassifier,
+    Vocab,
+)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LM_DIR = "lm"
+CLASSIFIER_DIR = "classifier"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class ArtifactError(Exception):
+    """An artifact folder that is missing, malformed, of another format version, or tampered with."""
+
+
+@dataclass
+class LoadedModels:
+    lm: CharLSTM
+    vocab: Vocab
+    classifier: MLPClassifier
+    labels: list[str]
+    manifest: dict[str, Any]
+    digest: str  # SHA-256 of manifest.json: one id for the whole artifact set
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_model(folder: Path, model: nn.Module, config: dict[str, Any]) -> None:
+    folder.mkdir(parents=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def lm_config_json(lm: CharLSTM, vocab: Vocab, min_count: int) -> dict[str, Any]:
+    return {
+        "kind": "char-lstm-lm",
+        "architecture": asdict(lm.config),
+        "vocabulary": list(vocab.chars),
+        "normalization": {
+            "unit": "one Unicode code point per token; no case folding or Unicode normalization",
+            "unknown_char": UNKNOWN_CHAR,
+            "unknown_rule": f"training characters seen fewer than {min_count} times, and every character "
+            "outside the vocabulary at inference, are mapped to U+FFFD",
+            "start_symbol_id": vocab.bos_id,
+            "start_rule": "every text is read from the zero state after the start symbol",
+        },
+    }
+
+
+def classifier_config_json(classifier: MLPClassifier, labels: list[str], feature_rule: str) -> dict[str, Any]:
+    return {
+        "kind": "mlp-classifier",
+        "architecture": asdict(classifier.config),
+        "labels": labels,
+        "normalization": {"features": feature_rule},
+    }
+
+
+def _rename_exchange(src: Path, dst: Path) -> bool:
+    """Atomically swap two directories with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    result = renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_exchange)
+    return bool(result == 0)
+
+
+def write_artifacts(
+    out_dir: Path,
+    lm: CharLSTM,
+    lm_config: dict[str, Any],
+    classifier: MLPClassifier,
+    classifier_config: dict[str, Any],
+    manifest_fields: dict[str, Any],
+    extra_files: dict[str, bytes],
+) -> Path:
+    """Write a complete artifact set into a temporary sibling folder, then swap it into place.
+
+    The old folder stays untouched until the final swap, so an interrupted run leaves it
+    as it was. On Linux the swap is one atomic renameat2(RENAME_EXCHANGE).
+    """
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the served folder must be readable by the service user
+    try:
+        _write_model(staging / LM_DIR, lm, lm_config)
+        _write_model(staging / CLASSIFIER_DIR, classifier, classifier_config)
+        for name, data in extra_files.items():
+            (staging / name).write_bytes(data)
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            **manifest_fields,
+            "files": {name: sha256_file(staging / name) for name in files},
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for path in staging.rglob("*"):
+            if path.is_file():
+                with path.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        if out_dir.exists():
+            if not _rename_exchange(staging, out_dir):
+                backup = staging.with_name(staging.name + ".old")
+                out_dir.rename(backup)
+                staging.rename(out_dir)
+                staging = backup
+        else:
+            staging.rename(out_dir)
+            return out_dir
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out_dir
+
+
+def read_manifest(artifacts_dir: Path) -> dict[str, Any]:
+    path = artifacts_dir / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; is ARTIFACTS_DIR pointing at an artifact folder?")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    if not isinstance(manifest.get("files"), dict):
+        raise ArtifactError(f"{path}: no 'files' table of SHA-256 hashes")
+    return manifest
+
+
+def verify_artifacts(artifacts_dir: Path) -> dict[str, Any]:
+    """Check the format version and every recorded SHA-256; return the manifest."""
+    manifest = read_manifest(artifacts_dir)
+    required = {f"{d}/{f}" for d in (LM_DIR, CLASSIFIER_DIR) for f in (CONFIG_FILE, WEIGHTS_FILE)}
+    missing = required - set(manifest["files"])
+    if missing:
+        raise ArtifactError(f"{artifacts_dir / MANIFEST}: does not list {', '.join(sorted(missing))}")
+    for name, expected in manifest["files"].items():
+        path = artifacts_dir / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(f"{path}: SHA-256 mismatch (manifest {expected[:12]}..., file {actual[:12]}...)")
+    return manifest
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), dict):
+        raise ArtifactError(f"{path}: no 'architecture' object")
+    return config
+
+
+def _load_weights(module: nn.Module, path: Path) -> None:
+    try:
+        tensors = load_file(str(path))
+        module.load_state_dict(tensors, strict=True)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: weights do not fit the config ({str(exc).splitlines()[0]})") from None
+
+
+def load_artifacts(artifacts_dir: Path | str) -> LoadedModels:
+    """Verify and load both models in eval mode. Raises ArtifactError naming what is wrong."""
+    artifacts_dir = Path(artifacts_dir)
+    manifest = verify_artifacts(artifacts_dir)
+    lm_json = _read_config(artifacts_dir / LM_DIR / CONFIG_FILE)
+    clf_json = _read_config(artifacts_dir / CLASSIFIER_DIR / CONFIG_FILE)
+    try:
+        vocab = Vocab(tuple(lm_json["vocabulary"]))
+        lm = CharLSTM(LMConfig(**lm_json["architecture"]))
+        labels = [str(label) for label in clf_json["labels"]]
+        classifier = MLPClassifier(ClassifierConfig(**clf_json["architecture"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{artifacts_dir}: config does not describe a model ({exc!r})") from None
+    if vocab.size != lm.config.vocab_size:
+        raise ArtifactError(f"{artifacts_dir / LM_DIR / CONFIG_FILE}: vocabulary size disagrees with architecture")
+    if len(labels) != classifier.config.num_labels:
+        raise ArtifactError(f"{artifacts_dir / CLASSIFIER_DIR / CONFIG_FILE}: label count disagrees with architecture")
+    _load_weights(lm, artifacts_dir / LM_DIR / WEIGHTS_FILE)
+    _load_weights(classifier, artifacts_dir / CLASSIFIER_DIR / WEIGHTS_FILE)
+    lm.eval()
+    classifier.eval()
+    return LoadedModels(
+        lm=lm,
+        vocab=vocab,
+        classifier=classifier,
+        labels=labels,
+        manifest=manifest,
+        digest=sha256_file(artifacts_dir / MANIFEST),
+    )

@@ -1,0 +1,183 @@
+"""Inference kernels for a trained CharLSTM: prepacked oneDNN matmuls, the fused decode step and the
+prompt encoder. Bit-compatible with `nn.LSTM`; used only by the serving engine."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from seqmodels.networks import CharLSTM, LSTMState
+
+
+class PackedLinear:
+    """`x @ weight.T + bias` for an inference-only weight, prepacked once for oneDNN.
+
+    On this project's CPUs (AMD Zen), MKL's sgemm, which `torch.addmm` calls, costs about k
+    times as much for k rows as for one up to a few rows, so batching sequences would save
+    nothing. oneDNN's matmul on a weight reordered to its blocked layout costs the same for
+    1 to 4 rows and a fifth as much per row at 32, and each row's result does not depend on
+    the other rows. The two oneDNN ops are internal to PyTorch (its compiler uses them), so a
+    build without them, or one whose result disagrees with `addmm` on a probe, gets `addmm`.
+    """
+
+    BATCH_HINT = 32  # rows oneDNN picks its blocking for; 8 to 64 measured alike, 1 was 2-3x slower above 1 row
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> None:
+        """`weight` (out, in) and `bias` (out,) in float32; `dtype` is that of the matmul: float32, or
+        bfloat16 for half the weight memory traffic (the input is rounded to it, the result is float32)."""
+        self.dtype = dtype
+        weight = weight.detach().to(dtype).contiguous()
+        self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
+        self.transposed = weight.t().contiguous()  # for addmm, the fallback
+        self.packed: torch.Tensor | None = None
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.BATCH_HINT)
+            probe = torch.linspace(-1, 1, 3 * weight.size(1)).reshape(3, -1).to(dtype)
+            got = torch.ops.mkldnn._linear_pointwise(probe, packed, self.bias, "none", [], "")
+            if torch.allclose(got.float(), self._addmm(probe).float(), rtol=1e-2, atol=1e-3):
+                self.packed = packed
+                self.transposed = torch.empty(0)  # one copy of the weight is enough
+        except (AttributeError, RuntimeError, NotImplementedError):
+            pass
+
+    @property
+    def uses_onednn(self) -> bool:
+        return self.packed is not None
+
+    def _addmm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mm(x, self.transposed) if self.bias is None else torch.addmm(self.bias, x, self.transposed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in) float32 -> (B, out) float32."""
+        x = x.to(self.dtype)
+        if self.packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        else:
+            out = self._addmm(x)
+        return out.float()
+
+
+class FusedStep:
+    """Inference-only single step of a trained CharLSTM, for decoding a batch one character at a time.
+
+    `nn.LSTM` called on one time step re-checks its weights, projects the input with its own matmul
+    and allocates every intermediate. Here the first layer's input projection (embedding x W_ih, plus
+    both biases) is a precomputed table indexed by character, every layer costs one prepacked
+    matmul (`PackedLinear`), and the gate nonlinearities and the cell update run in place on the
+    batch's state.
+    """
+
+    def __init__(self, lm: CharLSTM, dtype: torch.dtype = torch.float32) -> None:
+        """`dtype` is that of the matmul weights (see `PackedLinear`); the state, the gates and the
+        input table stay float32 either way."""
+        self.lm = lm
+        self.hidden_size = size = lm.config.hidden_size
+        self.dtype = dtype
+        weights: dict[str, torch.Tensor] = dict(lm.lstm.named_parameters())
+        # PyTorch stacks the gates as input, forget, cell, output; here they are input, forget,
+        # output, cell, so that one sigmoid covers the first three.
+        gate_order = torch.cat(
+            [torch.arange(0, 2 * size), torch.arange(3 * size, 4 * size), torch.arange(2 * size, 3 * size)]
+        )
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name][gate_order]
+
+        def bias(layer: int) -> torch.Tensor:
+            return w(f"bias_ih_l{layer}") + w(f"bias_hh_l{layer}")
+
+        with torch.no_grad():
+            self.input_table = torch.addmm(bias(0), lm.embed.weight, w("weight_ih_l0").t()).contiguous()
+            self.recurrent0 = PackedLinear(w("weight_hh_l0"), None, dtype)
+            self.upper: list[PackedLinear] = []  # per layer >= 1: [x, h] -> gates, with both biases
+            for layer in range(1, lm.config.num_layers):
+                stacked = torch.cat([w(f"weight_ih_l{layer}"), w(f"weight_hh_l{layer}")], dim=1)
+                self.upper.append(PackedLinear(stacked, bias(layer), dtype))
+            self.head = PackedLinear(lm.head.weight, lm.head.bias, dtype)
+        # Prompt encoding calls oneDNN's LSTM layer (what nn.LSTM calls on this CPU) on weights
+        # reordered for it once, here: nn.LSTM reorders them on every call, which costs as much as
+        # 30 to 50 time steps. The result is the same to the bit.
+        self.rnn_layers: list[tuple[torch.Tensor, ...]] | None = None
+        try:
+            layers = []
+            for layer in range(lm.config.num_layers):
+                w_ih, w_hh = (weights[f"weight_{kind}_l{layer}"].detach() for kind in ("ih", "hh"))
+                packed = torch.ops.mkldnn._reorder_mkldnn_rnn_layer_weight(w_ih, w_hh, size, False, True, False)
+                biases = (weights[f"bias_{kind}_l{layer}"].detach() for kind in ("ih", "hh"))
+                layers.append((*packed, *biases))
+            self.rnn_layers = layers
+            probe = [[1, 2, 3], [2]]
+            with torch.inference_mode():
+                got, expected = self.prefill(probe)[0], torch.cat([lm.prefill([s])[0] for s in probe])
+            if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+                self.rnn_layers = None
+        except (AttributeError, RuntimeError, NotImplementedError):
+            self.rnn_layers = None
+
+    PREFILL_CHUNK = 256  # time steps per oneDNN call at most; bounds the memory that long prompts take
+
+    def _cell(self, gates: torch.Tensor, c: torch.Tensor, h: torch.Tensor) -> None:
+        """Gates in the order input, forget, output, cell; c and h (B, H) are updated in place."""
+        size = self.hidden_size
+        gates[:, : 3 * size].sigmoid_()
+        gates[:, 3 * size :].tanh_()
+        c.mul_(gates[:, size : 2 * size]).addcmul_(gates[:, :size], gates[:, 3 * size :])
+        torch.tanh(c, out=h)
+        h.mul_(gates[:, 2 * size : 3 * size])
+
+    def __call__(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Feed characters `ids` (B,) to states h, c (layers, B, H), updated in place; returns logits (B, V)."""
+        gates = self.recurrent0(h[0]).add_(self.input_table[ids])
+        self._cell(gates, c[0], h[0])
+        for layer, affine in enumerate(self.upper, start=1):
+            gates = affine(torch.cat([h[layer - 1], h[layer]], dim=1))
+            self._cell(gates, c[layer], h[layer])
+        return self.head(h[-1])
+
+    def prefill(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, LSTMState]:
+        """Run each input sequence (start symbol first) from the zero state: the logits after its last
+        input (B, V) and the state there (layers, B, H), rows in the order given.
+
+        Sequences of different lengths are aligned at their ends: sorted longest first, a row joins
+        at the step where its sequence starts, so the rows running over any stretch of steps are a
+        prefix of the batch, and each stretch is one oneDNN call per layer with no padding computed.
+        """
+        if self.rnn_layers is None:  # no oneDNN: nn.LSTM, once per group of one length
+            return self._prefill_by_length(sequences)
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        lengths = [len(sequences[i]) for i in order]
+        steps, rows, size = lengths[0], len(order), self.hidden_size
+        ids = torch.zeros(steps, rows, dtype=torch.long)
+        for row, source in enumerate(order):
+            ids[steps - lengths[row] :, row] = torch.tensor(sequences[source], dtype=torch.long)
+        inputs = self.lm.embed(ids)  # (T, B, E), time first as oneDNN takes it
+        layers = len(self.rnn_layers)
+        h, c = torch.zeros(layers, rows, size), torch.zeros(layers, rows, size)
+        # Not reversed, no packed batch sizes, mode 2 (LSTM), with biases, one direction, time first, inference.
+        flags: tuple[Any, ...] = (False, [], 2, size, layers, True, False, False, False)
+        bounds = [*sorted({steps - n for n in lengths} | set(range(0, steps, self.PREFILL_CHUNK))), steps]
+        for begin, end in itertools.pairwise(bounds):
+            k = sum(1 for n in lengths if steps - n <= begin)  # rows that have started by `begin`
+            x = inputs[begin:end, :k].contiguous()
+            for layer, weights in enumerate(self.rnn_layers):
+                x, h[layer, :k], c[layer, :k], _ = torch.ops.aten.mkldnn_rnn_layer(
+                    x, *weights, h[layer, :k], c[layer, :k], *flags
+                )
+        logits = self.lm.head(h[-1])
+        back = torch.tensor(order).argsort()
+        return logits[back], (h[:, back], c[:, back])
+
+    def _prefill_by_length(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, LSTMState]:
+        groups: dict[int, list[int]] = {}
+        for i, sequence in enumerate(sequences):
+            groups.setdefault(len(sequence), []).append(i)
+        layers, size = self.lm.config.num_layers, self.hidden_size
+        logits = torch.empty(len(sequences), self.lm.config.vocab_size)
+        h, c = torch.empty(layers, len(sequences), size), torch.empty(layers, len(sequences), size)
+        for members in groups.values():
+            index = torch.tensor(members)
+            logits[index], (h[:, index], c[:, index]) = self.lm.prefill([sequences[i] for i in members])
+        return logits, (h, c)

@@ -1,0 +1,59 @@
+"""Start the shipped gunicorn config on a free loopback port, with its output in a file: one helper for
+the tests, the container smoke test and the benchmarks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class GunicornProcess(subprocess.Popen[str]):
+    """A gunicorn master whose output goes to a file: an unread pipe fills up under load and then
+    blocks every log write in the server, which looks like a hung master."""
+
+    def __init__(self, args: list[str], log: IO[str], **kwargs: Any) -> None:
+        super().__init__(args, stdout=log, stderr=subprocess.STDOUT, text=True, **kwargs)
+        self.log = log
+
+    def output(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+
+def start_gunicorn(artifacts: Path, **env: str) -> tuple[GunicornProcess, str]:
+    """The shipped gunicorn config on a free loopback port; returns the master process and base URL."""
+    port = free_port()
+    environment = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "ARTIFACTS_DIR": str(artifacts), **env}
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - closed by stop()
+    proc = GunicornProcess([str(gunicorn), "-c", "gunicorn.conf.py"], log, cwd=REPO, env=environment)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop(proc: GunicornProcess) -> str:
+    """SIGTERM (a graceful stop), then SIGKILL if it takes longer than 30 s; returns everything it logged."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    output = proc.output()
+    proc.log.close()
+    return output
