@@ -31,7 +31,7 @@ test: $(VENV)/.test-installed
 
 ## train: retrain on the default corpus (about an hour on 2 cores)
 train: $(VENV)/.test-installed
-	$(BIN)/python -m training.run
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m training.run
 
 ## bench: serving, weight-precision, matmul and connection-balance benchmarks (about 10 minutes; write benchmarks/*.json and *.md)
 bench: $(VENV)/.test-installed

@@ -23,6 +23,7 @@ from torch import nn
 
 from seqmodels.networks import (
     UNKNOWN_CHAR,
+    AdaptConfig,
     CharLSTM,
     ClassifierConfig,
     LMConfig,
@@ -30,7 +31,7 @@ from seqmodels.networks import (
     Vocab,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: n-gram classifier, LM regularization and adaptation settings; 1 is refused
 MANIFEST = "manifest.json"
 LM_DIR = "lm"
 CLASSIFIER_DIR = "classifier"
@@ -46,6 +47,7 @@ class ArtifactError(Exception):
 class LoadedModels:
     lm: CharLSTM
     vocab: Vocab
+    adapt: AdaptConfig  # dynamic-evaluation settings chosen by the training run (off in older artifacts)
     classifier: MLPClassifier
     labels: list[str]
     manifest: dict[str, Any]
@@ -67,10 +69,11 @@ def _write_model(folder: Path, model: nn.Module, config: dict[str, Any]) -> None
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def lm_config_json(lm: CharLSTM, vocab: Vocab, min_count: int) -> dict[str, Any]:
+def lm_config_json(lm: CharLSTM, vocab: Vocab, min_count: int, adapt: AdaptConfig) -> dict[str, Any]:
     return {
         "kind": "char-lstm-lm",
         "architecture": asdict(lm.config),
+        "adaptation": asdict(adapt),
         "vocabulary": list(vocab.chars),
         "normalization": {
             "unit": "one Unicode code point per token; no case folding or Unicode normalization",
@@ -167,7 +170,8 @@ def read_manifest(artifacts_dir: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path}: expected a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
-            f"{path}: format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+            f"{path}: format_version {manifest.get('format_version')!r} is not supported (expected {FORMAT_VERSION}); "
+            "retrain with `python -m training.run` or serve it with the release that wrote it"
         )
     if not isinstance(manifest.get("files"), dict):
         raise ArtifactError(f"{path}: no 'files' table of SHA-256 hashes")
@@ -218,6 +222,7 @@ def load_artifacts(artifacts_dir: Path | str) -> LoadedModels:
     try:
         vocab = Vocab(tuple(lm_json["vocabulary"]))
         lm = CharLSTM(LMConfig(**lm_json["architecture"]))
+        adapt = AdaptConfig(**lm_json.get("adaptation", {}))
         labels = [str(label) for label in clf_json["labels"]]
         classifier = MLPClassifier(ClassifierConfig(**clf_json["architecture"]))
     except (KeyError, TypeError, ValueError) as exc:
@@ -233,6 +238,7 @@ def load_artifacts(artifacts_dir: Path | str) -> LoadedModels:
     return LoadedModels(
         lm=lm,
         vocab=vocab,
+        adapt=adapt,
         classifier=classifier,
         labels=labels,
         manifest=manifest,

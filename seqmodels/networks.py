@@ -6,8 +6,12 @@ format that stores them is `seqmodels.artifacts`.
 
 from __future__ import annotations
 
+import copy
+import re
+import zlib
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +19,7 @@ from torch import nn
 
 UNKNOWN_CHAR = "\ufffd"  # U+FFFD REPLACEMENT CHARACTER stands for every out-of-vocabulary character
 LSTMState = tuple[torch.Tensor, torch.Tensor]
+_LSTM_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 # --------------------------------------------------------------------------- vocabulary
@@ -78,24 +83,45 @@ class LMConfig:
     embed_dim: int = 64  # character embedding width
     hidden_size: int = 512  # LSTM units per layer
     num_layers: int = 2  # stacked LSTM layers
-    dropout: float = 0.3  # between LSTM layers and before the output; training only (0.15 overfit more)
+    # Regularization, training only (AWD-LSTM's set): the data is small and a plain LSTM overfits it.
+    # The lightest of a sweep's settings won on validation bpc (README, "Training"): stronger ones underfit.
+    dropout: float = 0.2  # locked dropout on the top layer's outputs, before the head
+    input_dropout: float = 0.05  # locked dropout on the embedded inputs
+    hidden_dropout: float = 0.15  # locked dropout between LSTM layers
+    weight_dropout: float = 0.2  # DropConnect on the recurrent matrices, one mask per window
+    embed_dropout: float = 0.0  # whole characters dropped from the embedding table, one mask per window
+
+
+@dataclass
+class AdaptConfig:
+    """Dynamic evaluation (Krause et al. 2018), chosen on validation text by the training run."""
+
+    lr: float = 0.0  # SGD step on each segment's mean cross-entropy (nats); 0 turns adaptation off
+    segment_len: int = 100  # characters scored before each step
+    decay: float = 0.0  # pull towards the trained weights after each step, as a fraction of the gap
+
+
+def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout with one mask per sequence, shared over time (B, T, C): the same units stay off for the
+    whole window, which regularizes a recurrent network where per-step masks mostly add noise."""
+    if not training or p <= 0:
+        return x
+    mask = x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(1 - p).div_(1 - p)
+    return x * mask
 
 
 class CharLSTM(nn.Module):
-    """Character embedding -> LSTM -> linear; softmax over the vocabulary."""
+    """Character embedding -> LSTM -> linear; softmax over the vocabulary.
+
+    In eval mode the forward pass is plain `nn.LSTM`, so the serving kernels stay bit-compatible
+    with it; in training mode each layer runs on its own weights with AWD-LSTM's dropouts.
+    """
 
     def __init__(self, config: LMConfig) -> None:
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size + 1, config.embed_dim)  # +1: start symbol
-        self.lstm = nn.LSTM(
-            config.embed_dim,
-            config.hidden_size,
-            num_layers=config.num_layers,
-            dropout=config.dropout if config.num_layers > 1 else 0.0,
-            batch_first=True,
-        )
-        self.drop = nn.Dropout(config.dropout)
+        self.lstm = nn.LSTM(config.embed_dim, config.hidden_size, num_layers=config.num_layers, batch_first=True)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
     def zero_state(self, batch: int, device: torch.device | str = "cpu") -> LSTMState:
@@ -104,8 +130,31 @@ class CharLSTM(nn.Module):
 
     def hidden(self, idx: torch.Tensor, state: LSTMState | None = None) -> tuple[torch.Tensor, LSTMState]:
         """Top-layer outputs (B, T, H) and the final state, from the zero state when `state` is None."""
-        out, new_state = self.lstm(self.embed(idx), state)
-        return out, new_state
+        if not self.training:
+            out, new_state = self.lstm(self.embed(idx), state)
+            return out, new_state
+        return self._regularized_hidden(idx, state)
+
+    def _regularized_hidden(self, idx: torch.Tensor, state: LSTMState | None) -> tuple[torch.Tensor, LSTMState]:
+        cfg = self.config
+        table = self.embed.weight
+        if cfg.embed_dropout > 0:
+            keep = table.new_empty(table.size(0), 1).bernoulli_(1 - cfg.embed_dropout) / (1 - cfg.embed_dropout)
+            table = table * keep
+        x = locked_dropout(F.embedding(idx, table), cfg.input_dropout, True)
+        h0, c0 = state if state is not None else self.zero_state(idx.size(0), idx.device)
+        finals_h, finals_c = [], []
+        for layer in range(cfg.num_layers):
+            w_ih, w_hh, b_ih, b_hh = (getattr(self.lstm, f"{name}_l{layer}") for name in _LSTM_WEIGHTS)
+            w_hh = F.dropout(w_hh, cfg.weight_dropout, True)
+            hx = (h0[layer : layer + 1].contiguous(), c0[layer : layer + 1].contiguous())
+            # The op nn.LSTM itself calls: one layer, no dropout of its own, training, one direction, batch first.
+            x, h, c = torch._VF.lstm(x, hx, [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0, True, False, True)  # type: ignore[attr-defined]
+            finals_h.append(h)
+            finals_c.append(c)
+            if layer + 1 < cfg.num_layers:
+                x = locked_dropout(x, cfg.hidden_dropout, True)
+        return x, (torch.cat(finals_h), torch.cat(finals_c))
 
     def forward(
         self,
@@ -115,11 +164,46 @@ class CharLSTM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None, LSTMState]:
         """Logits (B, T, V) for the character after each input, the mean cross-entropy, and the final state."""
         out, new_state = self.hidden(idx, state)
-        logits = self.head(self.drop(out))
+        logits = self.head(locked_dropout(out, self.config.dropout, self.training))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss, new_state
+
+    def adapted_logprobs(self, inputs: torch.Tensor, targets: torch.Tensor, adapt: AdaptConfig) -> torch.Tensor:
+        """Dynamic evaluation: the log-probability (nats) of each target, reading `inputs` (1, T) segment by
+        segment and, after scoring each segment, taking one SGD step on it.
+
+        Every character is scored before the weights have seen it. The steps go to a private copy of
+        the weights, thrown away on return, so the model itself never changes.
+        """
+        model = copy.deepcopy(self)
+        # Training mode with every dropout at 0: the per-layer path, which cuDNN can differentiate
+        # (its eval-mode LSTM has no backward), computing what eval mode computes.
+        model.config = replace(
+            self.config, dropout=0.0, input_dropout=0.0, hidden_dropout=0.0, weight_dropout=0.0, embed_dropout=0.0
+        )
+        model.train()
+        params = [p for p in model.parameters()]
+        anchors = [p.detach().clone() for p in params] if adapt.decay > 0 else []
+        state: LSTMState | None = None
+        out = torch.empty(targets.size(1), dtype=torch.float64)
+        with torch.enable_grad():
+            for begin in range(0, inputs.size(1), adapt.segment_len):
+                end = min(begin + adapt.segment_len, inputs.size(1))
+                logits, _, state = model(inputs[:, begin:end], state=state)
+                logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, begin:end, None])[0, :, 0]
+                out[begin:end] = logp.detach().double()
+                state = (state[0].detach(), state[1].detach())
+                if end == inputs.size(1):
+                    break
+                grads = torch.autograd.grad(-logp.mean(), params)
+                with torch.no_grad():
+                    for p, g in zip(params, grads, strict=True):
+                        p.sub_(g, alpha=adapt.lr)
+                    for p, anchor in zip(params, anchors, strict=False):  # empty without decay
+                        p.add_(anchor - p, alpha=adapt.decay)
+        return out
 
     def step(self, ids: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
         """One recurrent step for a batch of single characters: logits (B, V) and the new state."""
@@ -134,19 +218,6 @@ class CharLSTM(nn.Module):
         out, state = self.hidden(torch.tensor(sequences, dtype=torch.long))
         return self.head(out[:, -1, :]), state
 
-    def pooled_features(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Classifier features: mean, max and last of the top-layer outputs over each sequence."""
-        lengths = torch.tensor([len(s) for s in sequences])
-        batch = torch.zeros(len(sequences), int(lengths.max()), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            batch[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        out, _ = self.hidden(batch)  # right padding does not reach earlier positions
-        mask = (torch.arange(batch.size(1))[None, :] < lengths[:, None]).unsqueeze(-1)
-        mean = (out * mask).sum(1) / lengths[:, None]
-        peak = out.masked_fill(~mask, float("-inf")).amax(1)
-        last = out[torch.arange(len(sequences)), lengths - 1]
-        return torch.cat([mean, peak, last], dim=1)
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -156,37 +227,96 @@ class CharLSTM(nn.Module):
 
 @dataclass
 class ClassifierConfig:
-    input_dim: int = 1536  # 3 x the LM's hidden size: mean, max and last pooled top-layer outputs
-    hidden_dims: list[int] = field(default_factory=lambda: [256])  # MLP hidden layer widths
+    buckets: int = 32768  # hashed n-gram features; collisions cost little at this size (see the model card)
+    word_ngrams: int = 2  # word n-grams of 1 to this many words
+    char_ngrams: list[int] = field(
+        default_factory=lambda: [2, 5]
+    )  # character n-grams inside words, shortest and longest
+    hidden_dims: list[int] = field(
+        default_factory=lambda: [128]
+    )  # MLP hidden layer widths; the first reads the n-grams
     num_labels: int = 6  # output classes
-    dropout: float = 0.3  # after each hidden layer; training only
+    dropout: float = 0.5  # after each hidden layer; training only
+    feature_dropout: float = 0.2  # share of a passage's n-grams dropped; training only
+
+
+_WORD = re.compile(r"\w+(?:'\w+)*")
+
+
+def ngram_counts(text: str, config: ClassifierConfig) -> Counter[int]:
+    """Hashed n-gram counts of a text: lower-cased words and word n-grams, and character n-grams of
+    each word padded with spaces (so prefixes and suffixes are their own features).
+
+    CRC-32 is the hash: stable across processes and Python versions, unlike `hash()`.
+    """
+    words = _WORD.findall(text.lower())
+    grams: list[str] = []
+    for n in range(1, config.word_ngrams + 1):
+        grams += ["w:" + " ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+    low, high = config.char_ngrams
+    for word in words:
+        padded = f" {word} "
+        for n in range(low, min(high, len(padded)) + 1):
+            grams += ["c:" + padded[i : i + n] for i in range(len(padded) - n + 1)]
+    return Counter(zlib.crc32(g.encode("utf-8")) % config.buckets for g in grams)
+
+
+@dataclass
+class NgramBatch:
+    """Sparse n-gram counts of a batch of texts: entry j is bucket `index[j]` of text `row[j]`."""
+
+    index: torch.Tensor  # (N,) long
+    count: torch.Tensor  # (N,) float
+    row: torch.Tensor  # (N,) long, non-decreasing
+    size: int  # texts in the batch
+
+    @classmethod
+    def of(cls, counts: Sequence[Counter[int]]) -> NgramBatch:
+        index = [b for c in counts for b in c]
+        count = [float(n) for c in counts for n in c.values()]
+        row = [r for r, c in enumerate(counts) for _ in range(len(c))]
+        return cls(torch.tensor(index, dtype=torch.long), torch.tensor(count), torch.tensor(row), len(counts))
 
 
 class MLPClassifier(nn.Module):
-    """Standardized pooled LM features -> (linear, GELU, dropout)* -> linear; softmax over labels."""
+    """Hashed word and character n-grams, TF-IDF weighted and L2-normalized -> (linear, GELU, dropout)*
+    -> linear; softmax over labels. The first linear layer reads the sparse n-grams directly
+    (an `EmbeddingBag` sum), so a passage costs its n-grams, not the bucket count."""
 
-    feature_mean: torch.Tensor
-    feature_std: torch.Tensor
+    idf: torch.Tensor
 
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
         self.config = config
-        # Feature standardization is part of the model so that it travels inside the artifact.
-        self.register_buffer("feature_mean", torch.zeros(config.input_dim))
-        self.register_buffer("feature_std", torch.ones(config.input_dim))
-        layers: list[nn.Module] = []
-        width = config.input_dim
-        for hidden in config.hidden_dims:
+        # Inverse document frequencies are part of the model so that they travel inside the artifact.
+        self.register_buffer("idf", torch.ones(config.buckets))
+        first, *rest = config.hidden_dims
+        self.ngrams = nn.EmbeddingBag(config.buckets, first, mode="sum")
+        self.ngram_bias = nn.Parameter(torch.zeros(first))
+        layers: list[nn.Module] = [nn.GELU(), nn.Dropout(config.dropout)]
+        width = first
+        for hidden in rest:
             layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(config.dropout)]
             width = hidden
         layers.append(nn.Linear(width, config.num_labels))
         self.net = nn.Sequential(*layers)
 
+    def featurize(self, texts: Sequence[str]) -> NgramBatch:
+        return NgramBatch.of([ngram_counts(t, self.config) for t in texts])
+
     def forward(
-        self, features: torch.Tensor, targets: torch.Tensor | None = None
+        self, batch: NgramBatch, targets: torch.Tensor | None = None, class_weights: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.net((features - self.feature_mean) / self.feature_std)
-        loss = F.cross_entropy(logits, targets) if targets is not None else None
+        index, row = batch.index, batch.row
+        weight = (1 + batch.count.log()) * self.idf[index]  # sublinear term frequency x IDF
+        if self.training and self.config.feature_dropout > 0:
+            weight = weight * torch.empty_like(weight).bernoulli_(1 - self.config.feature_dropout)
+        norm = torch.zeros(batch.size).index_add_(0, row, weight * weight).sqrt().clamp_min(1e-12)
+        offsets = torch.zeros(batch.size, dtype=torch.long)
+        offsets[1:] = torch.bincount(row, minlength=batch.size).cumsum(0)[:-1]
+        hidden = self.ngrams(index, offsets, per_sample_weights=weight / norm[row]) + self.ngram_bias
+        logits = self.net(hidden)
+        loss = F.cross_entropy(logits, targets, weight=class_weights) if targets is not None else None
         return logits, loss
 
     def num_parameters(self) -> int:

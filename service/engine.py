@@ -252,8 +252,7 @@ class Engine:
 
     @torch.inference_mode()
     def _classify(self, texts: Sequence[str]) -> list[Classification]:
-        features = self.lm.pooled_features([self.prompt_ids(t) for t in texts])
-        logits, _ = self.classifier(features)
+        logits, _ = self.classifier(self.classifier.featurize(texts))
         probs = torch.softmax(logits.double(), dim=-1)
         results = []
         for row in probs.tolist():

@@ -12,6 +12,7 @@ import platform
 import shlex
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -21,16 +22,17 @@ from typing import Any
 import torch
 
 from seqmodels.artifacts import FORMAT_VERSION, classifier_config_json, lm_config_json, write_artifacts
-from seqmodels.networks import CharLSTM, ClassifierConfig, LMConfig, Vocab
+from seqmodels.networks import ClassifierConfig, LMConfig
 from training.classifier import (
     ClassifierTrainConfig,
     Passages,
-    lm_features,
+    Sampler,
+    cross_validate,
+    fit_and_predict_mlp,
     majority_baseline,
     sample_passages,
     scores,
     tfidf_baseline,
-    train_mlp,
 )
 from training.corpus import (
     CorpusError,
@@ -45,10 +47,13 @@ from training.corpus import (
     play_specific_names,
     split_documents,
 )
-from training.lm import LMTrainConfig, evaluate_bpc, train_lm
-from training.report import curves_png, model_card, ppmd_conditional_bpc
+from training.lm import LMTrainConfig, adapted_bpc, evaluate_bpc, train_lm, tune_adaptation
+from training.report import confusion_png, curves_png, model_card, ppmd_conditional_bpc
 
-FEATURE_RULE = "mean, max and last top-layer LSTM output over the passage read from the start symbol, standardized"
+FEATURE_RULE = (
+    "lower-cased words (\\w+ with inner apostrophes), word 1-2-grams and space-padded character 2-5-grams "
+    "of each word, CRC-32 hashed into the buckets; (1 + log count) x IDF, L2-normalized per text"
+)
 EVAL_SEGMENT = 8192
 
 
@@ -75,7 +80,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden-size", type=int, default=LMConfig.hidden_size, help="LSTM units per layer")
     p.add_argument("--layers", type=int, default=LMConfig.num_layers, help="stacked LSTM layers")
     p.add_argument("--embed-dim", type=int, default=LMConfig.embed_dim, help="character embedding width")
-    p.add_argument("--dropout", type=float, default=LMConfig.dropout, help="LM dropout")
+    p.add_argument("--dropout", type=float, default=LMConfig.dropout, help="locked dropout before the LM's head")
+    p.add_argument("--input-dropout", type=float, default=LMConfig.input_dropout, help="locked dropout on inputs")
+    p.add_argument("--hidden-dropout", type=float, default=LMConfig.hidden_dropout, help="between LSTM layers")
+    p.add_argument("--weight-dropout", type=float, default=LMConfig.weight_dropout, help="DropConnect, W_hh")
+    p.add_argument("--embed-dropout", type=float, default=LMConfig.embed_dropout, help="whole characters dropped")
+    p.add_argument("--autocast", choices=["auto", "on", "off"], default=lm.autocast, help="bfloat16 autocast")
+    p.add_argument("--ema-start", type=float, default=lm.ema_start, help="schedule fraction where averaging starts")
+    p.add_argument("--ema-decay", type=float, default=lm.ema_decay, help="per-step decay of the weight average")
+    p.add_argument(
+        "--adapt-lrs", type=float, nargs="*", default=[0.03, 0.1, 0.3], help="dynamic-evaluation rates to try"
+    )
+    p.add_argument("--adapt-segments", type=int, nargs="+", default=[50, 25, 100], help="segment lengths to try")
+    p.add_argument(
+        "--adapt-val-chars", type=int, default=10_000, help="characters of each validation document used to tune it"
+    )
     p.add_argument("--batch-size", type=int, default=lm.batch_size, help="parallel streams per LM step")
     p.add_argument("--seq-len", type=int, default=lm.seq_len, help="truncated-BPTT window")
     p.add_argument("--lr", type=float, default=lm.lr, help="peak AdamW learning rate (cosine schedule)")
@@ -88,6 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--classifier-hidden", type=int, nargs="+", default=ClassifierConfig().hidden_dims, help="MLP hidden widths"
     )
+    p.add_argument("--cv-folds", type=int, default=clf.cv_folds, help="grouped cross-validation folds")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     return p.parse_args(argv)
 
@@ -118,49 +138,46 @@ def join(docs: list[Document], names: list[str]) -> str:
     return "\n".join(by_name[n].text for n in names)
 
 
-def classifier_passages(
-    docs: list[Document], split: Split, labelled: list[Document] | None, cfg: ClassifierTrainConfig, seed: int
-) -> tuple[Passages, Passages, Passages, Split]:
-    """Train, validation and test passages, drawn from the same document split as the LM."""
+def passage_sampler(
+    docs: list[Document], labelled: list[Document] | None, cfg: ClassifierTrainConfig
+) -> tuple[dict[str, str], Sampler]:
+    """The classifier's documents (name -> label) and a sampler of train, validation and test passages
+    from any partition of them: passages of the (speaker-masked) plays, or a labels file's texts whole."""
     if labelled is not None:
-        _, label_split = split_or_chunk(labelled, seed)
         by_name = {d.name: d for d in labelled}
-        parts = [
-            Passages([by_name[n].text for n in names], [by_name[n].label for n in names])
-            for names in (label_split.train, label_split.validation, label_split.test)
-        ]
-        return parts[0], parts[1], parts[2], label_split
+
+        def whole(train: list[str], val: list[str], test: list[str], seed: int) -> tuple[Passages, ...]:
+            return tuple(
+                Passages([by_name[n].text for n in ns], [by_name[n].label for n in ns]) for ns in (train, val, test)
+            )
+
+        return {d.name: d.label for d in labelled}, whole  # type: ignore[return-value]
     names = play_specific_names(docs)
-    by_name = {d.name: d for d in docs}
     masked = {d.name: (d.label, mask_speakers(d, names[d.name])) for d in docs}
-    per_label: dict[str, list[str]] = {}
-    for n in split.train:
-        per_label.setdefault(by_name[n].label, []).append(n)
-    counts = {n: -(-cfg.train_per_label // len(group)) for group in per_label.values() for n in group}
-    train = sample_passages([masked[n] for n in split.train], [counts[n] for n in split.train], cfg, seed)
-    val = sample_passages(
-        [masked[n] for n in split.validation], [cfg.eval_per_document] * len(split.validation), cfg, seed + 1
-    )
-    test = sample_passages([masked[n] for n in split.test], [cfg.eval_per_document] * len(split.test), cfg, seed + 2)
-    return train, val, test, split
+
+    def passages(train: list[str], val: list[str], test: list[str], seed: int) -> tuple[Passages, ...]:
+        per_label: dict[str, list[str]] = {}
+        for n in train:
+            per_label.setdefault(masked[n][0], []).append(n)
+        counts = {n: -(-cfg.train_per_label // len(group)) for group in per_label.values() for n in group}
+        return (
+            sample_passages([masked[n] for n in train], [counts[n] for n in train], cfg, seed),
+            sample_passages([masked[n] for n in val], [cfg.eval_per_document] * len(val), cfg, seed + 1),
+            sample_passages([masked[n] for n in test], [cfg.eval_per_document] * len(test), cfg, seed + 2),
+        )
+
+    return {d.name: d.label for d in docs}, passages  # type: ignore[return-value]
 
 
 def train_classifier(
-    lm: CharLSTM, vocab: Vocab, train: Passages, val: Passages, test: Passages, cfg: ClassifierTrainConfig, seed: int
+    train: Passages, val: Passages, test: Passages, cfg: ClassifierTrainConfig, seed: int
 ) -> tuple[Any, list[str], dict[str, Any], dict[str, list[float]]]:
     labels = sorted(set(train.labels))
     unknown = (set(val.labels) | set(test.labels)) - set(labels)
     if unknown:
         raise CorpusError(f"labels {sorted(unknown)} appear only in held-out data; give each label more examples")
-    index = {label: i for i, label in enumerate(labels)}
-    cfg.model.num_labels = len(labels)
     print(f"classifier: {len(train.texts)} train, {len(val.texts)} validation, {len(test.texts)} test passages")
-    x_train, x_val, x_test = (lm_features(lm, vocab, p.texts) for p in (train, val, test))
-    y_train, y_val = (torch.tensor([index[y] for y in p.labels]) for p in (train, val))
-    model, history = train_mlp(x_train, y_train, x_val, y_val, cfg, seed)
-    with torch.no_grad():
-        logits, _ = model(x_test)
-    predicted = [labels[i] for i in logits.argmax(1).tolist()]
+    model, predicted, history = fit_and_predict_mlp(train, val, test, labels, cfg, seed)
     results = {
         "mlp": scores(test.labels, predicted),
         "tfidf_logreg": scores(test.labels, tfidf_baseline(train, test, seed)),
@@ -197,12 +214,23 @@ def main(argv: list[str] | None = None) -> int:
         patience=args.patience,
         max_minutes=args.max_minutes,
         min_count=args.min_count,
+        autocast=args.autocast,
+        ema_start=args.ema_start,
+        ema_decay=args.ema_decay,
         model=LMConfig(
-            embed_dim=args.embed_dim, hidden_size=args.hidden_size, num_layers=args.layers, dropout=args.dropout
+            embed_dim=args.embed_dim,
+            hidden_size=args.hidden_size,
+            num_layers=args.layers,
+            dropout=args.dropout,
+            input_dropout=args.input_dropout,
+            hidden_dropout=args.hidden_dropout,
+            weight_dropout=args.weight_dropout,
+            embed_dropout=args.embed_dropout,
         ),
     )
     clf_cfg = ClassifierTrainConfig(
         train_per_label=args.train_passages,
+        cv_folds=args.cv_folds,
         eval_per_document=args.eval_passages,
         model=ClassifierConfig(hidden_dims=list(args.classifier_hidden)),
     )
@@ -215,9 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(test_text):,} test characters; device {device}"
     )
     # Build every classifier passage before the long LM run, so bad label files fail fast.
-    train_p, val_p, test_p, clf_split = classifier_passages(docs, split, labelled, clf_cfg, args.seed)
+    documents, sample = passage_sampler(docs, labelled, clf_cfg)
+    clf_split = split if labelled is None else split_or_chunk(labelled, args.seed)[1]
+    train_p, val_p, test_p = sample(clf_split.train, clf_split.validation, clf_split.test, args.seed)
 
     lm, vocab, lm_history = train_lm(train_text, val_text, lm_cfg, args.seed, device)
+    lm = lm.to(device)  # held-out scoring on the training device; the artifact is written from the CPU copy
     lm_seconds = time.monotonic() - started
     print("evaluating the LM on the held-out documents ...")
     encode = lambda text: torch.tensor(vocab.encode(text), dtype=torch.long)  # noqa: E731
@@ -226,16 +257,42 @@ def main(argv: list[str] | None = None) -> int:
     print("PPMd baseline ...")
     ppmd = ppmd_conditional_bpc(train_text, test_text)
     print(f"test: LSTM {test_bpc:.3f} bpc, PPMd {ppmd['bpc']:.3f} bpc (order {ppmd['order']})")
-
-    classifier, labels, clf_results, clf_history = train_classifier(
-        lm, vocab, train_p, val_p, test_p, clf_cfg, args.seed
+    by_name = {d.name: d for d in docs}
+    print("tuning dynamic evaluation on the validation documents ...")
+    adapt_started = time.monotonic()
+    adapt, adapt_trials = tune_adaptation(
+        lm,
+        [encode(by_name[n].text[: args.adapt_val_chars]) for n in split.validation],
+        vocab.bos_id,
+        list(args.adapt_lrs),
+        list(args.adapt_segments),
     )
+    test_documents = [encode(by_name[n].text) for n in split.test]
+    adapt_seconds = time.monotonic() - adapt_started
+    test_started = time.monotonic()
+    adaptive_bpc = adapted_bpc(lm, test_documents, vocab.bos_id, adapt) if adapt.lr > 0 else None
+    adaptive_seconds = time.monotonic() - test_started
+    lm = lm.cpu()
+    test_chars = sum(len(ids) for ids in test_documents)
+    if adaptive_bpc is not None:
+        print(
+            f"test with dynamic evaluation: {adaptive_bpc:.3f} bpc ({adaptive_seconds:.0f} s for {test_chars:,} chars)"
+        )
+
+    classifier, labels, clf_results, clf_history = train_classifier(train_p, val_p, test_p, clf_cfg, args.seed)
+    fewest = min(Counter(documents.values()).values())
+    clf_cfg.cv_folds = min(clf_cfg.cv_folds, fewest)
+    if clf_cfg.cv_folds >= 2:
+        print(f"cross-validating the classifier and its baselines over {clf_cfg.cv_folds} folds of whole documents ...")
+        clf_results["cross_validation"] = cross_validate(documents, sample, labels, clf_cfg, args.seed)
+    else:
+        print("too few documents per label for cross-validation; reporting the single split only")
     print(
         "classifier test "
         + ", ".join(
             f"{k}: acc {v['accuracy']:.3f} F1 {v['macro_f1']:.3f}"
             for k, v in clf_results.items()
-            if isinstance(v, dict)
+            if k in ("mlp", "tfidf_logreg", "majority")
         )
     )
 
@@ -254,6 +311,19 @@ def main(argv: list[str] | None = None) -> int:
             "best_val_bpc_during_training": lm_history.best_val_bpc,
             "stopped_by": lm_history.stopped_by,
             "beats_ppmd_by_percent": 100 * (1 - test_bpc / ppmd["bpc"]),
+            "ratio_to_ppmd": test_bpc / ppmd["bpc"],
+            "adaptive": {
+                "test_bpc": adaptive_bpc,
+                "ratio_to_ppmd": None if adaptive_bpc is None else adaptive_bpc / ppmd["bpc"],
+                "config": asdict(adapt),
+                "scoring": "each test play read whole from the start symbol, on a fresh copy of the weights, "
+                "one SGD step after each segment is scored",
+                "validation_trials": adapt_trials,
+                "tuning_seconds": adapt_seconds,
+                "test_seconds": adaptive_seconds,
+                "test_chars": test_chars,
+                "device": str(device),
+            },
         },
         "classifier": clf_results,
         "seconds": {"lm_training": lm_seconds, "total": time.monotonic() - started},
@@ -283,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     out = write_artifacts(
         args.out,
         lm,
-        lm_config_json(lm, vocab, lm_cfg.min_count),
+        lm_config_json(lm, vocab, lm_cfg.min_count, adapt),
         classifier,
         classifier_config_json(classifier, labels, FEATURE_RULE),
         manifest_fields,
@@ -291,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
             "metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(),
             "history.json": (json.dumps(history) + "\n").encode(),
             "training_curves.png": curves_png(history),
+            **(
+                {"confusion_matrix.png": confusion_png(clf_results["cross_validation"])}
+                if "cross_validation" in clf_results
+                else {}
+            ),
             "MODEL_CARD.md": card.encode(),
         },
     )
