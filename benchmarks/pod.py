@@ -4,12 +4,13 @@
     python -m benchmarks.pod --load [--seconds 8] [--out benchmarks]    # and the serving scenarios
 
 It renders the kustomization with `kubectl kustomize`, reads the Deployment's pod spec and runs the
-image's command (the Dockerfile's CMD, ENV and USER, with /app mapped to this checkout) the way the
-kubelet would: in its own network and mount namespaces, with the root filesystem read-only and only
-the pod's emptyDir volumes writable (tmpfs of their sizeLimit, plus a 64 MiB /dev/shm as container
-runtimes give), as the pod's runAsUser, runAsGroup and fsGroup, with no capabilities and no new
-privileges, in a cgroup with the container's CPU and memory limits, with the container's environment
-(every secretKeyRef gets a random value). Then it probes like the kubelet: the startup probe until it
+image's command (the Dockerfile's CMD and ENV, on a copy of what the Dockerfile copies from the
+checkout, with this Python's venv for the image's) the way the kubelet would: in its own network and
+mount namespaces, with the root filesystem read-only and only the pod's emptyDir volumes writable
+(tmpfs of their sizeLimit, plus a 64 MiB /dev/shm as container runtimes give), as the pod's
+runAsUser, runAsGroup and fsGroup, with no capabilities and no new privileges, in a cgroup with the
+container's CPU and memory limits, with the container's environment (every secretKeyRef gets a
+random value). Then it probes like the kubelet: the startup probe until it
 succeeds, then the readiness and liveness probes and the Prometheus scrape annotation's path, each on
 the port the manifest names, and an API call with and without the API key. It sends SIGTERM and times
 the exit. It prints a JSON report; tests/test_k8s.py runs it.
@@ -47,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_KUSTOMIZATION = REPO / "deploy" / "k8s" / "base"
 IMAGE_WORKDIR = "/app"  # the Dockerfile's WORKDIR, where its COPY puts gunicorn.conf.py and artifacts/
 DEV_SHM_BYTES = 64 << 20  # what Docker and containerd mount at /dev/shm by default
+POD_ROOT = Path("/srv")  # an empty folder of Debian's, covered by a tmpfs in the pod's mount namespace
 
 
 def kubectl() -> str:
@@ -83,17 +85,24 @@ def quantity(value: str | int | float) -> float:
 
 @dataclass
 class Image:
-    """What the runtime stage of the Dockerfile sets: ENV, USER, EXPOSE and CMD."""
+    """What the runtime stage of the Dockerfile sets (ENV, USER, EXPOSE, CMD), and what either stage
+    copies from the checkout."""
 
     env: dict[str, str]
     cmd: list[str]
     user: str
     exposed: list[int]
+    copied: list[str]
 
 
 def image_config(dockerfile: Path = REPO / "Dockerfile") -> Image:
     lines = re.sub(r"\\\n", " ", dockerfile.read_text()).splitlines()
     stage = max(i for i, line in enumerate(lines) if line.upper().startswith("FROM "))
+    copied = []
+    for line in lines:
+        word, _, rest = line.strip().partition(" ")
+        if word.upper() == "COPY" and not rest.startswith("--from"):
+            copied += rest.split()[:-1]
     env: dict[str, str] = {}
     cmd: list[str] = []
     user, exposed = "", []
@@ -109,7 +118,7 @@ def image_config(dockerfile: Path = REPO / "Dockerfile") -> Image:
             user = rest.strip()
         elif word.upper() == "EXPOSE":
             exposed += [int(port.split("/")[0]) for port in rest.split()]
-    return Image(env, cmd, user, exposed)
+    return Image(env, cmd, user, exposed, copied)
 
 
 @dataclass
@@ -277,14 +286,38 @@ def get(port: int, path: str, timeout: float, headers: dict[str, str] | None = N
         return exc.code, exc.read()
 
 
-def setup_namespace(spec: PodSpec) -> None:
-    """Loopback up, root read-only, the emptyDirs and /dev/shm as fresh tmpfs (this mount namespace only)."""
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
-    if spec.extra["read_only_root"]:
-        subprocess.run(["mount", "-o", "remount,bind,ro", "/"], check=True)
+def setup_namespace(spec: PodSpec, image: Image) -> tuple[Path, Path]:
+    """In this mount namespace only: loopback up; what the Dockerfile copies from the checkout copied
+    to /srv/app (root's, readable by all, as in the image), and this Python's venv mounted at
+    /srv/venv, so that the pod's user reaches both whatever the folders above the checkout allow (a
+    CI checkout may lie in a 0700 folder); the root read-only; the emptyDirs and /dev/shm fresh
+    tmpfs. Returns /srv/app and /srv/venv."""
+
+    def run(*args: str) -> None:
+        subprocess.run(args, check=True)
+
+    read_only = spec.extra["read_only_root"]
+    run("ip", "link", "set", "lo", "up")
+    run("mount", "--make-rprivate", "/")
+    run("mount", "-t", "tmpfs", "-o", "size=512m,mode=755", "tmpfs", str(POD_ROOT))
+    app, venv = POD_ROOT / "app", POD_ROOT / "venv"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc", ".*staging*")
+    for source in image.copied:
+        if (REPO / source).is_dir():
+            shutil.copytree(REPO / source, app / source, ignore=skip)
+        else:
+            (app / source).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / source, app / source)
+    run("chmod", "-R", "a+rX", str(app))
+    venv.mkdir()
+    run("mount", "--bind", str(sys.prefix), str(venv))
+    if read_only:
+        run("mount", "-o", "remount,bind,ro", str(venv))
+        run("mount", "-o", "remount,ro", str(POD_ROOT))
+        run("mount", "-o", "remount,bind,ro", "/")
     for path, size in {**spec.empty_dirs, "/dev/shm": DEV_SHM_BYTES}.items():
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=1777", "tmpfs", path], check=True)
+        run("mount", "-t", "tmpfs", "-o", f"size={size},mode=1777", "tmpfs", path)
+    return app, venv
 
 
 class Sampler(threading.Thread):
@@ -348,15 +381,17 @@ def run_pod(kustomization: Path, seconds: float | None) -> dict[str, Any]:
     docs = render(kustomization)  # before the root becomes read-only
     spec = pod_spec(docs)
     image = image_config()
-    setup_namespace(spec)
+    app, venv = setup_namespace(spec, image)
     secret_values = {name: secrets.token_hex(16) for name in spec.secret_env}
-    # The image's environment with its paths mapped onto this checkout, then the container's.
+    # The image's environment with its paths mapped onto the mounts, then the container's.
     env = {**image.env, **spec.env, **secret_values}
     # The image's PATH is "/opt/venv/bin:$PATH"; here the venv is this Python's.
-    env["PATH"] = env.get("PATH", "$PATH").replace("/opt/venv/bin", str(Path(sys.executable).parent))
+    env["PATH"] = env.get("PATH", "$PATH").replace("/opt/venv/bin", str(venv / "bin"))
     env["PATH"] = env["PATH"].replace("$PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    env["ARTIFACTS_DIR"] = env.get("ARTIFACTS_DIR", "artifacts").replace(IMAGE_WORKDIR, str(REPO), 1)
-    command = [part.replace(IMAGE_WORKDIR, str(REPO), 1) for part in image.cmd]
+    env["ARTIFACTS_DIR"] = env.get("ARTIFACTS_DIR", "artifacts").replace(IMAGE_WORKDIR, str(app), 1)
+    command = [part.replace(IMAGE_WORKDIR, str(app), 1) for part in image.cmd]
+    if (venv / "bin" / command[0]).exists():  # a venv script: its #! names the venv's original path
+        command = [str(venv / "bin" / "python"), str(venv / "bin" / command[0]), *command[1:]]
     groups = ",".join(str(g) for g in {spec.gid, spec.fs_group} if g is not None)
     setpriv = [
         shutil.which("setpriv") or "setpriv", f"--reuid={spec.uid}", f"--regid={spec.gid}", f"--groups={groups}",
@@ -376,14 +411,17 @@ def run_pod(kustomization: Path, seconds: float | None) -> dict[str, Any]:
             started = time.monotonic()
             proc = subprocess.Popen(
                 [*setpriv, *command],
-                cwd=REPO,
+                cwd=app,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=cgroup.join if cgroup else None,
             )
         try:
-            report.update(probe_pod(spec, proc, started))
+            try:
+                report.update(probe_pod(spec, proc, started))
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}; the container's output:\n{log_path.read_text()[-4000:]}") from None
             port = next(iter(spec.ports.values()))
             key = secret_values.get("API_KEYS")
             if key:
