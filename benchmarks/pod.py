@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,7 @@ class PodSpec:
     fs_group: int | None
     grace_seconds: int
     scrape: tuple[int, str] | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    read_only_root: bool
 
 
 def pod_spec(docs: list[dict[str, Any]]) -> PodSpec:
@@ -201,7 +201,7 @@ def pod_spec(docs: list[dict[str, Any]]) -> PodSpec:
         fs_group=pod.get("securityContext", {}).get("fsGroup"),
         grace_seconds=pod.get("terminationGracePeriodSeconds", 30),
         scrape=scrape,
-        extra={"read_only_root": security.get("readOnlyRootFilesystem", False)},
+        read_only_root=security.get("readOnlyRootFilesystem", False),
     )
 
 
@@ -296,7 +296,7 @@ def setup_namespace(spec: PodSpec, image: Image) -> tuple[Path, Path]:
     def run(*args: str) -> None:
         subprocess.run(args, check=True)
 
-    read_only = spec.extra["read_only_root"]
+    read_only = spec.read_only_root
     run("ip", "link", "set", "lo", "up")
     run("mount", "--make-rprivate", "/")
     run("mount", "-t", "tmpfs", "-o", "size=512m,mode=755", "tmpfs", str(POD_ROOT))
