@@ -155,7 +155,11 @@ class Server:
 
 
 async def drive(
-    base: str, scenario: Scenario, seconds: float, cpu: Callable[[], tuple[float, float]]
+    base: str,
+    scenario: Scenario,
+    seconds: float,
+    cpu: Callable[[], tuple[float, float]],
+    headers: dict[str, str] | None = None,
 ) -> tuple[list[float], list[float], int, dict[str, int], float, tuple[float, float]]:
     """Closed-loop load: latencies (s), times to first token (s), characters received, errors by kind, wall
     time, and the change in `cpu()` (server and client CPU seconds) over the measured part.
@@ -171,7 +175,7 @@ async def drive(
     numbers = itertools.count()
     connector = aiohttp.TCPConnector(limit=scenario.concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(base, connector=connector, timeout=timeout, headers=headers) as session:
 
         async def one() -> tuple[str | None, int, float | None]:
             """An error kind or None, the characters received, and the time to the first one."""
