@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 import zlib
 from collections import Counter
 from collections.abc import Sequence
@@ -170,12 +171,15 @@ class CharLSTM(nn.Module):
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss, new_state
 
-    def adapted_logprobs(self, inputs: torch.Tensor, targets: torch.Tensor, adapt: AdaptConfig) -> torch.Tensor:
+    def adapted_logprobs(
+        self, inputs: torch.Tensor, targets: torch.Tensor, adapt: AdaptConfig, deadline: float | None = None
+    ) -> torch.Tensor:
         """Dynamic evaluation: the log-probability (nats) of each target, reading `inputs` (1, T) segment by
         segment and, after scoring each segment, taking one SGD step on it.
 
         Every character is scored before the weights have seen it. The steps go to a private copy of
-        the weights, thrown away on return, so the model itself never changes.
+        the weights, thrown away on return, so the model itself never changes. Past `deadline` (a
+        `time.monotonic()` value) it raises TimeoutError between segments.
         """
         model = copy.deepcopy(self)
         # Training mode with every dropout at 0: the per-layer path, which cuDNN can differentiate
@@ -190,6 +194,8 @@ class CharLSTM(nn.Module):
         out = torch.empty(targets.size(1), dtype=torch.float64)
         with torch.enable_grad():
             for begin in range(0, inputs.size(1), adapt.segment_len):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"adaptive scoring stopped after {begin} of {inputs.size(1)} characters")
                 end = min(begin + adapt.segment_len, inputs.size(1))
                 logits, _, state = model(inputs[:, begin:end], state=state)
                 logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, begin:end, None])[0, :, 0]
@@ -275,7 +281,8 @@ class NgramBatch:
         index = [b for c in counts for b in c]
         count = [float(n) for c in counts for n in c.values()]
         row = [r for r, c in enumerate(counts) for _ in range(len(c))]
-        return cls(torch.tensor(index, dtype=torch.long), torch.tensor(count), torch.tensor(row), len(counts))
+        as_long = torch.long
+        return cls(torch.tensor(index, dtype=as_long), torch.tensor(count), torch.tensor(row, dtype=as_long), len(counts))
 
 
 class MLPClassifier(nn.Module):

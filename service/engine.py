@@ -29,7 +29,16 @@ from service.batching import (
 )
 from service.kernels import FusedStep
 
-__all__ = ["CLASSIFIER_ID", "LM_ID", "Delta", "Engine", "GenerationRequest", "StopMatcher", "TokenScore"]
+__all__ = [
+    "CLASSIFIER_ID",
+    "LM_ID",
+    "AdaptationUnavailable",
+    "Delta",
+    "Engine",
+    "GenerationRequest",
+    "StopMatcher",
+    "TokenScore",
+]
 
 LN2 = math.log(2.0)
 LM_ID = "char-lstm"
@@ -57,6 +66,27 @@ class TextScore:
     bits_per_char: float
     perplexity: float
     tokens: list[TokenScore]
+
+
+class AdaptationUnavailable(Exception):
+    """`adapt` was asked of an artifact that carries no dynamic-evaluation settings."""
+
+
+def text_score(
+    text: str, values: list[float], alternatives: Sequence[dict[str, float]], include_tokens: bool
+) -> TextScore:
+    """Totals from per-character natural-log probabilities; the total is their exact (fsum) sum."""
+    total = math.fsum(values)
+    n = len(text)
+    tokens = [TokenScore(ch, lp, alt or None) for ch, lp, alt in zip(text, values, alternatives, strict=True)]
+    return TextScore(
+        text=text,
+        n_chars=n,
+        logprob=total,
+        bits_per_char=-total / n / LN2,
+        perplexity=math.exp(-total / n),
+        tokens=tokens if include_tokens else [],
+    )
 
 
 @dataclass
@@ -201,8 +231,21 @@ class Engine:
             entropy_bits=entropy_bits,
         )
 
-    def score(self, texts: Sequence[str], include_tokens: bool, top_logprobs: int = 0) -> list[TextScore]:
+    def score(
+        self,
+        texts: Sequence[str],
+        include_tokens: bool,
+        top_logprobs: int = 0,
+        adapt: bool = False,
+        deadline: float | None = None,
+    ) -> list[TextScore]:
+        """With `adapt`, dynamic evaluation (see `CharLSTM.adapted_logprobs`) with the artifact's settings;
+        AdaptationUnavailable where the artifact has none, TimeoutError past `deadline`."""
+        if adapt and self.models.adapt.lr <= 0:
+            raise AdaptationUnavailable("this model's artifact has no dynamic-evaluation settings")
         with self._scoring_slots:
+            if adapt:
+                return self._adapted_score(texts, include_tokens, deadline)
             return self._score(texts, include_tokens, top_logprobs)
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
@@ -229,25 +272,19 @@ class Engine:
         picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         results = []
         for row, text in enumerate(texts):
-            values = picked[row, : len(text)].tolist()
             wanted = [top_logprobs if include_tokens else 0] * len(text)
             alternatives = top_alternatives(logprobs[row, : len(text)], wanted, self.vocab.chars)
-            total = math.fsum(values)
-            n = len(text)
-            results.append(
-                TextScore(
-                    text=text,
-                    n_chars=n,
-                    logprob=total,
-                    bits_per_char=-total / n / LN2,
-                    perplexity=math.exp(-total / n),
-                    tokens=[
-                        TokenScore(ch, lp, alt or None) for ch, lp, alt in zip(text, values, alternatives, strict=True)
-                    ]
-                    if include_tokens
-                    else [],
-                )
-            )
+            results.append(text_score(text, picked[row, : len(text)].tolist(), alternatives, include_tokens))
+        return results
+
+    def _adapted_score(self, texts: Sequence[str], include_tokens: bool, deadline: float | None) -> list[TextScore]:
+        """Each text on its own fresh copy of the weights: what one text teaches does not reach another."""
+        results = []
+        for text in texts:
+            ids = self.vocab.encode(text)
+            inputs = torch.tensor([[self.vocab.bos_id, *ids[:-1]]])
+            values = self.lm.adapted_logprobs(inputs, torch.tensor([ids]), self.models.adapt, deadline).tolist()
+            results.append(text_score(text, values, [{}] * len(text), include_tokens))
         return results
 
     @torch.inference_mode()

@@ -182,8 +182,22 @@ class GenerateChunk(BaseModel):
 class ScoreRequest(RequestModel):
     texts: list[NonEmptyText] = Field(min_length=1, description="scored as one batch; at most MAX_TEXTS")
     include_tokens: bool = Field(False, description="also return each character's log-probability")
+    adapt: bool = Field(
+        False,
+        description="dynamic evaluation: score each text segment by segment, taking an SGD step on each scored "
+        "segment on a private copy of the weights (every character is still scored before the model trains on "
+        "it); lower bits/char on long texts, at about 1 ms per character; at most MAX_ADAPT_CHARS in all",
+    )
 
     _texts = field_validator("texts")(_check_texts)
+
+    @model_validator(mode="after")
+    def _adapt_budget(self, info: ValidationInfo) -> ScoreRequest:
+        cap = _settings(info).max_adapt_chars
+        total = sum(len(t) for t in self.texts)
+        if self.adapt and total > cap:
+            raise ValueError(f"adaptive scoring takes at most {cap} characters per request, got {total}")
+        return self
 
 
 class TokenOut(BaseModel):

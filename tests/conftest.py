@@ -33,7 +33,7 @@ TINY_PLAYS = {
 TINY_TRAIN_ARGS = [
     "--hidden-size", "32", "--layers", "1", "--embed-dim", "16", "--batch-size", "8", "--seq-len", "32",
     "--max-steps", "40", "--eval-every", "20", "--train-passages", "20", "--eval-passages", "4",
-    "--classifier-hidden", "16", "--seed", "7",
+    "--classifier-hidden", "16", "--seed", "7", "--adapt-lrs", "0.1", "--adapt-segments", "40", "--cv-folds", "2",
 ]  # fmt: skip
 
 

@@ -51,6 +51,14 @@ def test_other_format_version_is_refused(copy: Path) -> None:
         load_artifacts(copy)
 
 
+def test_version_1_artifacts_are_refused_with_the_version_named(copy: Path) -> None:
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"format_version 1 is not supported \(expected 2\); retrain"):
+        load_artifacts(copy)
+
+
 def test_consistent_but_wrong_weights_are_refused(copy: Path, tiny_artifacts: Path) -> None:
     """Weights swapped between models, with the manifest rewritten to match, still fail the shape check."""
     shutil.copy(tiny_artifacts / "classifier" / "model.safetensors", copy / "lm" / "model.safetensors")

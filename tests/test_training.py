@@ -141,7 +141,15 @@ def test_tiny_run_records_split_and_metrics(tiny_artifacts: Path) -> None:
     assert manifest["classifier_split"] == split  # the classifier holds out the same documents
     metrics = json.loads((tiny_artifacts / "metrics.json").read_text())
     assert metrics["lm"]["test_bpc"] > 0 and metrics["lm"]["ppmd"]["bpc"] > 0
-    assert set(metrics["classifier"]) >= {"mlp", "tfidf_logreg", "majority"}
+    assert set(metrics["classifier"]) >= {"mlp", "tfidf_logreg", "majority", "cross_validation"}
+    cv = metrics["classifier"]["cross_validation"]
+    tested = [name for fold in cv["per_fold"] for name in fold["test_documents"]]
+    assert sorted(tested) == sorted(split["train"] + split["validation"] + split["test"])  # each play once
+    assert sum(map(sum, cv["mlp_confusion"])) == sum(fold["test_passages"] for fold in cv["per_fold"])
+    assert (tiny_artifacts / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    adaptive = metrics["lm"]["adaptive"]
+    assert adaptive["config"] == {"lr": 0.1, "segment_len": 40, "decay": 0.0}
+    assert adaptive["test_bpc"] > 0 and [t["lr"] for t in adaptive["validation_trials"]] == [0.0, 0.1]
     for name in ("MODEL_CARD.md", "training_curves.png", "lm/model.safetensors", "classifier/config.json"):
         assert name in manifest["files"]
     assert (tiny_artifacts / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

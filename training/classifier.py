@@ -168,7 +168,7 @@ def fit_and_predict_mlp(
     index = {label: i for i, label in enumerate(labels)}
     cfg.model.num_labels = len(labels)
     train_c, val_c, test_c = ([ngram_counts(t, cfg.model) for t in p.texts] for p in (train, val, test))
-    y_train, y_val = (torch.tensor([index[y] for y in p.labels]) for p in (train, val))
+    y_train, y_val = (torch.tensor([index[y] for y in p.labels], dtype=torch.long) for p in (train, val))
     model, history = train_mlp(train_c, y_train, val_c, y_val, cfg, seed)
     predicted = [labels[i] for i in predict(model, test_c).argmax(1).tolist()]
     return model, predicted, history
@@ -197,7 +197,11 @@ def cross_validate(
         by_label: dict[str, list[str]] = {}
         for n in train_names:
             by_label.setdefault(documents[n], []).append(n)
-        val_names = sorted(rng.choice(group) for group in by_label.values() if len(group) >= 3)
+        # One validation document from each label that can spare one (from those with 2 only if none can).
+        spare = [group for group in by_label.values() if len(group) >= 3] or [
+            group for group in by_label.values() if len(group) >= 2
+        ]
+        val_names = sorted(rng.choice(sorted(group)) for group in spare)
         fit_names = [n for n in train_names if n not in val_names]
         train, val, test = sample(fit_names, val_names, [names[i] for i in test_rows], seed + fold)
         _, predicted, _ = fit_and_predict_mlp(train, val, test, labels, cfg, seed + fold)

@@ -9,8 +9,8 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from service.engine import CLASSIFIER_ID, LM_ID, Engine, GenerationRequest
-from service.helpers import parse, registry, respond, settings
+from service.engine import CLASSIFIER_ID, LM_ID, AdaptationUnavailable, Engine, GenerationRequest
+from service.helpers import ApiError, parse, registry, respond, settings
 from service.metrics import CHARS_SCORED, CLASSIFIED
 from service.openapi import documented
 from service.sampling import SamplingParams
@@ -89,7 +89,18 @@ def generate_chunks(engine: Engine, gen: GenerationRequest) -> Iterator[dict[str
 @documented("Log-probability of each text, optionally per character", ScoreResponse, ScoreRequest)
 def score() -> Response:
     req = parse(ScoreRequest)
-    results = registry().require().score(req.texts, req.include_tokens)
+    deadline = time.monotonic() + settings().request_deadline_seconds
+    try:
+        results = registry().require().score(req.texts, req.include_tokens, adapt=req.adapt, deadline=deadline)
+    except AdaptationUnavailable as exc:
+        raise ApiError(400, str(exc), "invalid_request_error", param="adapt", code="adapt_unavailable") from None
+    except TimeoutError as exc:
+        raise ApiError(
+            503,
+            f"{exc}: adaptive scoring ran past REQUEST_DEADLINE_SECONDS; send fewer characters",
+            "service_unavailable",
+            code="deadline_exceeded",
+        ) from None
     CHARS_SCORED.inc(sum(len(t) for t in req.texts))
     body = ScoreResponse.model_validate({"model": LM_ID, "results": results}, from_attributes=True)
     if not req.include_tokens:
