@@ -281,8 +281,9 @@ class NgramBatch:
         index = [b for c in counts for b in c]
         count = [float(n) for c in counts for n in c.values()]
         row = [r for r, c in enumerate(counts) for _ in range(len(c))]
-        as_long = torch.long
-        return cls(torch.tensor(index, dtype=as_long), torch.tensor(count), torch.tensor(row, dtype=as_long), len(counts))
+        return cls(
+            torch.tensor(index, dtype=torch.long), torch.tensor(count), torch.tensor(row, dtype=torch.long), len(counts)
+        )
 
 
 class MLPClassifier(nn.Module):
