@@ -186,7 +186,11 @@ class Engine:
                 "parameters": self.lm.num_parameters(),
                 "architecture": vars(self.lm.config),
                 "metrics": {k: lm_metrics.get(k) for k in ("test_bpc", "val_bpc")}
-                | {"ppmd_test_bpc": lm_metrics.get("ppmd", {}).get("bpc")},
+                | {
+                    "ppmd_test_bpc": lm_metrics.get("ppmd", {}).get("bpc"),
+                    "adaptive_test_bpc": lm_metrics.get("adaptive", {}).get("test_bpc"),
+                },
+                "adaptation": vars(self.models.adapt),
                 "artifact_sha256": manifest["files"][f"{LM_DIR}/{WEIGHTS_FILE}"],
                 "manifest_sha256": self.models.digest,
             },
@@ -198,7 +202,17 @@ class Engine:
                 "kind": "mlp-classifier",
                 "labels": self.labels,
                 "parameters": self.classifier.num_parameters(),
-                "metrics": {k: clf_metrics.get(k) for k in ("mlp", "tfidf_logreg", "majority") if k in clf_metrics},
+                "metrics": {k: clf_metrics.get(k) for k in ("mlp", "tfidf_logreg", "majority") if k in clf_metrics}
+                | (
+                    {
+                        "cross_validated_macro_f1": {
+                            model: figures["macro_f1"]["mean"]
+                            for model, figures in clf_metrics["cross_validation"]["summary"].items()
+                        }
+                    }
+                    if "cross_validation" in clf_metrics
+                    else {}
+                ),
                 "artifact_sha256": manifest["files"][f"{CLASSIFIER_DIR}/{WEIGHTS_FILE}"],
                 "manifest_sha256": self.models.digest,
             },
