@@ -93,9 +93,10 @@ def test_lookups_find_the_longest_prefix_and_eviction_keeps_the_bytes_bounded() 
     found = cache.lookup(PrefixKeys(ids[:6]))
     assert found is not None and found.length == 5  # 6 was evicted
     assert (cache.hits, cache.misses, cache.saved) == (3, 1, 17)
-    big = CachedState(9, torch.zeros(100, 100), torch.zeros(1), torch.zeros(1))
-    cache.put(PrefixKeys(ids), big)  # larger than the whole cache: not kept
-    assert cache.bytes <= 3 * size and len(cache) == 3
+    cache.put(PrefixKeys(ids), entry(200, logprobs=True))  # larger than the whole cache: not kept
+    assert cache.bytes <= 3 * size and len(cache) == 3 and cache.lookup(PrefixKeys(ids[:200])) is not None
+    with pytest.raises(ValueError, match="same shapes"):
+        cache.put(PrefixKeys(ids), CachedState(9, torch.zeros(2, 8), torch.zeros(1, 8), torch.zeros(4)))
 
     cache = PrefixCache(1 << 20)
     cache.put(PrefixKeys(ids), entry(CHECKPOINT))  # a checkpoint, and past it an end
