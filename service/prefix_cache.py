@@ -146,6 +146,7 @@ class PrefixCache:
                 for base in [0, *keys.checkpoints]:
                     ends = self._ends.get(keys.key(base), ())
                     lengths.update(n for n in ends if n <= keys.length)
+            lengths.discard(1)  # the start symbol alone: the same for every prompt, and one step
             for length in sorted(lengths, reverse=True):
                 key = keys.key(length)
                 held = self._entries.get(key)
@@ -189,7 +190,7 @@ class PrefixCache:
                 self._free = list(range(slots - 1, -1, -1))
             if (entry.h.shape, entry.c.shape, entry.logits.shape) != self._shapes:
                 raise ValueError("every state in one cache has the same shapes")
-            if size > self.max_bytes or not len(self._slab):
+            if size > self.max_bytes or not len(self._slab) or entry.length < 2:
                 return
             held = self._entries.get(key)
             if held is not None and (held.logprobs is not None or entry.logprobs is None):

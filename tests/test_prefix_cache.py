@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import array
 import threading
-import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -265,13 +265,14 @@ def test_metrics_count_hits_misses_characters_saved_and_bytes(client: FlaskClien
         lines = [line for line in body.splitlines() if line.startswith(name + " ")]
         return float(lines[0].split()[-1]) if lines else 0.0
 
-    prompt = SHARED[:280] + str(time.monotonic())  # new to this process
+    prompt = "".join(chr(ord("a") + int(digit, 16)) for digit in uuid.uuid4().hex[:16]) + SHARED[:280]
     before = client.get("/metrics").get_data(as_text=True)
-    for _ in range(2):
+    for _ in range(2):  # the second time it is found whole
         assert client.post("/v1/next-token", json={"text": prompt}).status_code == 200
     after = client.get("/metrics").get_data(as_text=True)
-    assert value(after, "charlm_prefix_cache_misses_total") >= value(before, "charlm_prefix_cache_misses_total") + 1
-    assert value(after, "charlm_prefix_cache_hits_total") >= value(before, "charlm_prefix_cache_hits_total") + 1
-    saved = "charlm_prefix_cache_chars_saved_total"
+    hits, misses, saved = (f"charlm_prefix_cache_{name}_total" for name in ("hits", "misses", "chars_saved"))
+    lookups = value(after, hits) + value(after, misses) - value(before, hits) - value(before, misses)
+    assert lookups == 2 and value(after, hits) - value(before, hits) >= 1
     assert value(after, saved) - value(before, saved) >= len(prompt) + 1
+    assert value(after, misses) > 0
     assert value(after, "charlm_prefix_cache_bytes") > 0
