@@ -72,9 +72,11 @@ class SessionCodec:
         if len(handle) != self.handle_chars:
             raise SessionError("session_not_found", "no such session")
         try:
-            blob = base64.urlsafe_b64decode(handle + "=" * (-len(handle) % 4))
+            blob = base64.b64decode(handle + "=" * (-len(handle) % 4), altchars=b"-_", validate=True)
         except (binascii.Error, ValueError):
             raise SessionError("session_not_found", "no such session") from None
+        if base64.urlsafe_b64encode(blob).rstrip(b"=").decode() != handle:  # one spelling per handle: the
+            raise SessionError("session_not_found", "no such session")  # last character's spare bits are 0
         payload, mac = blob[:-MAC_BYTES], blob[-MAC_BYTES:]
         if len(payload) != HEADER.size + self.state_bytes:
             raise SessionError("session_not_found", "no such session")

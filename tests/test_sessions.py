@@ -46,6 +46,9 @@ def test_a_handle_carries_the_exact_state_and_nothing_else_opens_it() -> None:
     flipped = handle[:50] + ("A" if handle[50] != "A" else "B") + handle[51:]
     refused("session_not_found", flipped)
     refused("session_not_found", handle[:-4])
+    for last in "AEIMQUYcgkosw048":  # characters that differ only in a final character's spare bits, or more
+        if last != handle[-1]:
+            refused("session_not_found", handle[:-1] + last)
     refused("session_not_found", "!" * len(handle))
     with pytest.raises(SessionError) as caught:
         codec().open(handle, alpha, now=1060.0)
@@ -107,7 +110,8 @@ def test_sessions_belong_to_the_key_that_made_them(tiny_artifacts: Path) -> None
     alpha, beta = {"Authorization": "Bearer alpha"}, {"Authorization": "Bearer beta"}
     handle = generate(client, alpha, prompt="O", max_tokens=5, return_session=True)["choices"][0]["session"]
     assert generate(client, alpha, prompt="!", session=handle, max_tokens=5)["choices"][0]["text"]
-    for headers, session in ((beta, handle), (alpha, handle[:-1] + "x"), (alpha, "not a session")):
+    edited = handle[:-1] + ("A" if handle[-1] != "A" else "B")  # even an edit of the spare bits of the last character
+    for headers, session in ((beta, handle), (alpha, edited), (alpha, "not a session")):
         body: dict[str, Any] = {"prompt": "", "session": session}
         response = client.post("/v1/generate", json=body, headers=headers)
         assert response.status_code == 404
