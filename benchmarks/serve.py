@@ -1,6 +1,6 @@
 """Serving benchmark: the shipped gunicorn server, the committed artifacts, loopback only.
 
-    python -m benchmarks.serve [--seconds 8] [--repeats 3] [--out benchmarks]
+    python -m benchmarks.serve [--seconds 8] [--repeats 3] [--out benchmarks] [--suite headline|cache|prefill]
 
 It starts `gunicorn -c gunicorn.conf.py` twice, side by side (BATCHING=1 and BATCHING=0),
 drives each scenario from this process with an asyncio client (aiohttp; closed loop: each of C
@@ -8,6 +8,11 @@ clients sends its next request when the previous answer is complete), measures t
 CPU use and each worker's memory with psutil, then measures in-process ceilings with the
 servers stopped. The headline scenarios run in `--repeats` rounds, each round measuring every
 side of the target ratios in turn. It writes `results.json` and `results.md` into `--out`.
+
+`--suite cache` compares a server with the prefix cache and one without on prompts of their own
+(a shared 1,000-character prefix; a conversation growing by a turn per request; a control with
+nothing shared): `cache.json`, `cache.md`. `--suite prefill` runs 32 streams on one worker, then
+sends a 4,096-character prompt, with chunked prefill and without: `prefill.json`, `prefill.md`.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import itertools
 import json
 import os
@@ -66,6 +72,32 @@ class Scenario:
     body: Callable[[int], dict[str, Any]] | None  # the body of request number n
     concurrency: int
     stream: bool = False
+    conversation: Conversation | None = None  # each client's request follows from its previous answer
+
+
+class Conversation:
+    """Per client, a chat that grows by one turn per request: the previous prompt, the reply the server
+    streamed to it, then a new line; it starts over (with a new opening, so that no two conversations
+    share a prefix) before it would pass `limit` characters."""
+
+    def __init__(self, reply_chars: int, first: int = 0, limit: int = 3500) -> None:
+        """`first`: the number of its first conversation; runs on one server need ranges of their own."""
+        self.reply_chars, self.limit = reply_chars, limit
+        self.history: dict[int, str] = {}
+        self.started = itertools.count(first)
+
+    def body(self, client: int, number: int) -> dict[str, Any]:
+        history = self.history.get(client, "")
+        turn = f"\nHAMLET. {unique_tag(number, 4)} {window(number * 37, 55)}\nHORATIO."
+        if not history or len(history) + len(turn) + self.reply_chars > self.limit:
+            number = next(self.started)
+            history = f"{unique_tag(number, 6)} {window(number * 53, 33)}\n"  # an opening of its own
+        self.history[client] = history + turn
+        return {"prompt": self.history[client], "max_tokens": self.reply_chars, "temperature": 0.8,
+                "seed": number, "stream": True}  # fmt: skip
+
+    def reply(self, client: int, text: str) -> None:
+        self.history[client] += text
 
 
 @dataclass
@@ -101,13 +133,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Server:
-    def __init__(self, batching: bool, step_dtype: str = "float32") -> None:
+    def __init__(self, batching: bool, step_dtype: str = "float32", **env: str) -> None:
+        self.env = {"WORKERS": os.environ.get("WORKERS", "2"), "MAX_TOKENS": "1024", **env}
         self.proc, self.base = start_gunicorn(
-            ARTIFACTS,
-            BATCHING="1" if batching else "0",
-            STEP_DTYPE=step_dtype,
-            LOG_LEVEL="WARNING",
-            MAX_TOKENS="1024",
+            ARTIFACTS, BATCHING="1" if batching else "0", STEP_DTYPE=step_dtype, LOG_LEVEL="WARNING", **self.env
         )
         self.port = int(self.base.rsplit(":", 1)[1])
         self.master = psutil.Process(self.proc.pid)
@@ -119,7 +148,7 @@ class Server:
                 raise RuntimeError(f"gunicorn exited:\n{self.proc.output()}")
             try:
                 with urllib.request.urlopen(f"{self.base}/readyz", timeout=2) as response:
-                    if response.status == 200 and len(self.master.children()) >= int(os.environ.get("WORKERS", "2")):
+                    if response.status == 200 and len(self.master.children()) >= int(self.env["WORKERS"]):
                         return
             except OSError:
                 pass
@@ -177,10 +206,14 @@ async def drive(
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(base, connector=connector, timeout=timeout, headers=headers) as session:
 
-        async def one() -> tuple[str | None, int, float | None]:
+        async def one(client: int) -> tuple[str | None, int, float | None]:
             """An error kind or None, the characters received, and the time to the first one."""
             started = time.perf_counter()
-            body = scenario.body(next(numbers)) if scenario.body else None
+            body: dict[str, Any] | None
+            if scenario.conversation is not None:
+                body = scenario.conversation.body(client, next(numbers))
+            else:
+                body = scenario.body(next(numbers)) if scenario.body else None
             async with session.request(scenario.method, scenario.path, json=body) as response:
                 if response.status != 200:
                     await response.read()
@@ -188,7 +221,7 @@ async def drive(
                 if not scenario.stream:
                     body = await response.json()
                     return None, sum(len(c["text"]) for c in body.get("choices", [])), None
-                chars, first, done = 0, None, False
+                chars, first, done, received = 0, None, False, []
                 async for raw in response.content:
                     line = raw.strip()
                     done = done or line == b"data: [DONE]"
@@ -198,13 +231,16 @@ async def drive(
                     if text and first is None:
                         first = time.perf_counter() - started
                     chars += len(text)
+                    received.append(text)
+                if scenario.conversation is not None:
+                    scenario.conversation.reply(client, "".join(received))
                 # No [DONE]: an error event, or a stream cut short.
                 return (None if done else "stream ended without [DONE]"), chars, first
 
-        async def client(measure_from: float, until: float) -> None:
+        async def client(index: int, measure_from: float, until: float) -> None:
             while (started := time.perf_counter()) < until:
                 try:
-                    error, chars, first = await one()
+                    error, chars, first = await one(index)
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     error, chars, first = f"{type(exc).__name__}: {exc}"[:120], 0, None
                 if started < measure_from:
@@ -222,7 +258,7 @@ async def drive(
         until = measure_from + seconds
         snapshots: list[tuple[float, float]] = []
         asyncio.get_running_loop().call_later(warm_up, lambda: snapshots.append(cpu()))
-        await asyncio.gather(*(client(measure_from, until) for _ in range(scenario.concurrency)))
+        await asyncio.gather(*(client(i, measure_from, until) for i in range(scenario.concurrency)))
         wall = time.perf_counter() - measure_from
         cpu_after = cpu()
     used = (cpu_after[0] - snapshots[0][0], cpu_after[1] - snapshots[0][1])
@@ -464,18 +500,15 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per scenario")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each headline scenario")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for results.json/.md")
-    parser.add_argument("--step-dtype", default="float32", choices=["float32", "bfloat16"], help="server's STEP_DTYPE")
-    args = parser.parse_args(argv)
-
+def headline(args: argparse.Namespace) -> None:
+    """The serving scenarios and their targets: results.json and results.md."""
     # Both servers run side by side (an idle one costs nothing), so that the two sides of each
     # headline ratio are measured in turn, repeat after repeat: this shared machine's speed
     # drifts by tens of percent over minutes, and pairs taken seconds apart see the same drift.
-    servers = {batching: Server(batching, args.step_dtype) for batching in (True, False)}
+    # These requests repeat their prompts now and then ("ROMEO." for every generation): with the prefix
+    # cache off, their figures stay what they measure, prompt encoding included. The cache suite
+    # measures the cache, on prompts of its own.
+    servers = {batching: Server(batching, args.step_dtype, PREFIX_CACHE_MB="0") for batching in (True, False)}
     runs: dict[tuple[str, int, bool], list[Result]] = collections.defaultdict(list)
     try:
         for server in servers.values():
@@ -525,9 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(ceilings, indent=1), flush=True)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
-        f"torch {torch.__version__}",
+        "machine": machine(),
         "seconds": args.seconds,
         "repeats": args.repeats,
         "step_dtype": args.step_dtype,
@@ -537,6 +568,252 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["summary"] = summarize(results, every_run, repeats, ceilings)
     write_report(args.out, "results", report, markdown(report))
+
+
+# --------------------------------------------------------------------------- prefix cache
+
+
+# A text of its own for the shared-prefix scenario (no other scenario's prompt starts with it).
+SYSTEM_TEXT = (
+    "CHORUS. Two households, both alike in dignity, in fair Verona, where we lay our scene, from ancient grudge "
+    "break to new mutiny, where civil blood makes civil hands unclean. From forth the fatal loins of these two "
+    "foes a pair of star-cross'd lovers take their life; whose misadventured piteous overthrows do with their "
+    "death bury their parents' strife. The fearful passage of their death-mark'd love, and the continuance of "
+    "their parents' rage, which, but their children's end, nought could remove, is now the two hours' traffic "
+    "of our stage; the which if you with patient ears attend, what here shall miss, our toil shall strive to "
+    "mend. SONNET. Shall I compare thee to a summer's day? Thou art more lovely and more temperate: rough winds "
+    "do shake the darling buds of May, and summer's lease hath all too short a date; sometime too hot the eye "
+    "of heaven shines, and often is his gold complexion dimm'd; and every fair from fair sometime declines, by "
+    "chance or nature's changing course untrimm'd; but thy eternal summer shall not fade, nor lose possession "
+    "of that fair thou ow'st; nor shall Death brag thou wander'st in his shade, when in eternal lines to time "
+    "thou grow'st."
+)[:1000]
+assert len(SYSTEM_TEXT) == 1000
+
+
+def unique_tag(number: int, length: int) -> str:
+    """`length` letters that differ for every request number below 26 ** length (digits would all read
+    as U+FFFD)."""
+    letters = []
+    for _ in range(length):
+        number, digit = divmod(number, 26)
+        letters.append(chr(ord("a") + digit))
+    return "".join(letters)
+
+
+def cache_scenarios() -> list[Scenario]:
+    def shared(n: int) -> dict[str, Any]:
+        ending = f" {unique_tag(n, 6)} {window(n, 12)}"  # 20 characters, new for every request
+        return {"prompt": SYSTEM_TEXT + ending, "max_tokens": 20, "temperature": 0.8, "seed": n, "stream": True}
+
+    def unshared(n: int) -> dict[str, Any]:
+        return {"text": unique_tag(n, 6) + window(n, 94), "top_k": 5}
+
+    out = []
+    for c in (1, 8):
+        out.append(Scenario("shared 1,000-char prefix, 20-char endings", "POST", "/v1/generate", shared, c, True))
+        out.append(
+            Scenario("conversation, +1 turn per request", "POST", "/v1/generate", None, c, True, Conversation(40))
+        )
+        out.append(Scenario("next-token, nothing shared (cost of misses)", "POST", "/v1/next-token", unshared, c))
+    return out
+
+
+def shifted(body: Callable[[int], dict[str, Any]], offset: int) -> Callable[[int], dict[str, Any]]:
+    return lambda number: body(number + offset)
+
+
+def cache_counters(base: str) -> dict[str, float]:
+    """The prefix cache's counters from /metrics, summed over the workers."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    names = ("hits_total", "misses_total", "chars_saved_total")
+    out = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        for name in names:
+            if line.startswith(f"charlm_prefix_cache_{name} "):
+                out[name] += float(line.split()[-1])
+    return out
+
+
+def cache_suite(args: argparse.Namespace) -> None:
+    """Each scenario on a server with the prefix cache (the default size) and one without, in turn,
+    `--repeats` rounds; the table shows each side's median run: cache.json and cache.md."""
+    servers = {on: Server(True, args.step_dtype, PREFIX_CACHE_MB="16" if on else "0") for on in (True, False)}
+    rows: list[dict[str, Any]] = []
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        offsets = itertools.count(0, 1 << 20)  # every run its own request numbers: no prompt repeats another run's
+        for template in cache_scenarios():
+            runs: dict[bool, list[tuple[Result, dict[str, float]]]] = {True: [], False: []}
+            for _ in range(args.repeats):
+                for on, server in servers.items():
+                    offset = next(offsets)
+                    scenario = dataclasses.replace(
+                        template,
+                        body=None if template.body is None else shifted(template.body, offset),
+                        conversation=Conversation(40, offset) if template.conversation else None,
+                    )
+                    before = cache_counters(server.base)
+                    result = measure(server, scenario, True, args.seconds)
+                    after = cache_counters(server.base)
+                    runs[on].append((result, {k: after[k] - before[k] for k in after}))
+            for on in (True, False):
+                ordered = sorted(runs[on], key=lambda run: run[0].requests_per_s)
+                result, counters = ordered[len(ordered) // 2]
+                rows.append({"cache": on, **asdict(result), "cache_counters": counters})
+    finally:
+        for server in servers.values():
+            server.stop()
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()} with "
+        f"`python -m benchmarks.serve --suite cache --seconds {args.seconds} --repeats {args.repeats}` "
+        "(two workers each; median of the rounds by req/s).",
+        "",
+        "| scenario | c | cache | req/s | p50 ms | p99 ms | TTFC p50 ms | TTFC p95 ms | hits | misses "
+        "| chars saved | worker RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        counters = r["cache_counters"]
+        lines.append(
+            f"| {r['scenario']} | {r['concurrency']} | {'on' if r['cache'] else 'off'} | {r['requests_per_s']:.1f} "
+            f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['ttft_p50_ms'] or ''} | {r['ttft_p95_ms'] or ''} "
+            f"| {counters['hits_total']:.0f} | {counters['misses_total']:.0f} | {counters['chars_saved_total']:.0f} "
+            f"| {', '.join(f'{m:.0f}' for m in r['worker_rss_mib'])} |"
+        )
+    write_report(args.out, "cache", {"rows": rows}, "\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- chunked prefill
+
+
+async def prefill_round(base: str, streams: int, settle: float, tag: int) -> dict[str, Any]:
+    """`streams` streams run; after `settle` s a 4,096-character prompt arrives. Returns the streams'
+    gaps between chunks before it (steady state) and while it is encoded, and its time to first character."""
+    arrivals: list[list[float]] = [[] for _ in range(streams)]
+    timeout = aiohttp.ClientTimeout(total=120)
+    connector = aiohttp.TCPConnector(limit=streams + 1)
+    async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as session:
+
+        async def stream(i: int) -> None:
+            body = {"prompt": window(i * 7, 20), "max_tokens": 4096, "temperature": 0.8, "seed": i, "stream": True}
+            async with session.post("/v1/generate", json=body) as response:
+                async for raw in response.content:
+                    if raw.startswith(b"data: {"):
+                        arrivals[i].append(time.perf_counter())
+
+        tasks = [asyncio.create_task(stream(i)) for i in range(streams)]
+        while not all(arrivals):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(settle)
+        prompt = (unique_tag(tag, 8) + " " + SOURCE * 20)[:4096]  # new to the server: nothing cached
+        body = {"prompt": prompt, "max_tokens": 16, "temperature": 0.8, "seed": tag, "stream": True}
+        sent = time.perf_counter()
+        first = None
+        async with session.post("/v1/generate", json=body) as response:
+            async for raw in response.content:
+                if first is None and raw.startswith(b"data: {"):
+                    first = time.perf_counter() - sent
+        await asyncio.sleep(0.1)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert first is not None, "the long prompt got no character"
+    steady, during = [], []
+    for times in arrivals:
+        for before, after in itertools.pairwise(times):
+            if sent - settle / 2 <= after < sent:  # the second half of the settling time
+                steady.append(after - before)
+            elif sent <= after <= sent + first + 0.05:  # ends while the long prompt is encoded
+                during.append(after - before)
+    return {
+        "steady_p99_ms": round(1000 * percentile(steady, 99), 2),
+        "during_p99_ms": round(1000 * percentile(during, 99), 2),
+        "during_max_ms": round(1000 * max(during, default=float("nan")), 2),
+        "long_prompt_ttfc_ms": round(1000 * first, 1),
+    }
+
+
+def prefill_suite(args: argparse.Namespace) -> None:
+    """32 streams on one worker, then a 4,096-character prompt; PREFILL_CHUNK_CHARS at its default and 0,
+    in turn, `--repeats` rounds: prefill.json and prefill.md."""
+    chunk = {} if args.prefill_chunk is None else {"PREFILL_CHUNK_CHARS": str(args.prefill_chunk)}
+    settings = {"chunked": chunk, "whole": {"PREFILL_CHUNK_CHARS": "0"}}
+    # Every stream on the worker that encodes the long prompt, and a request thread left for it.
+    env = {"WORKERS": "1", "THREADS": "40", "MAX_TOKENS": "4096"}
+    servers = {name: Server(True, args.step_dtype, **env, **extra) for name, extra in settings.items()}
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+        tag = int(time.time())
+        for _ in range(args.repeats):
+            for name, server in servers.items():
+                tag += 1
+                rounds[name].append(asyncio.run(prefill_round(server.base, 32, 1.0, tag)))
+                print(f"  prefill {name}: {rounds[name][-1]}", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    summary = {
+        name: {key: round(statistics.median(r[key] for r in runs), 1) for key in runs[0]}
+        for name, runs in rounds.items()
+    }
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()} with "
+        f"`python -m benchmarks.serve --suite prefill --repeats {args.repeats}"
+        + ("" if args.prefill_chunk is None else f" --prefill-chunk {args.prefill_chunk}")
+        + "`: one worker, 32 streams, then a 4,096-character prompt (medians of the rounds; chunked: "
+        + f"PREFILL_CHUNK_CHARS={chunk.get('PREFILL_CHUNK_CHARS', 'default')}, whole: 0).",
+        "",
+        "| prefill | streams' steady p99 gap ms | p99 gap while it encodes ms | max gap ms | max / steady p99 "
+        "| long prompt's TTFC ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lines.append(
+            f"| {name} | {s['steady_p99_ms']} | {s['during_p99_ms']} | {s['during_max_ms']} "
+            f"| {s['during_max_ms'] / s['steady_p99_ms']:.1f} x | {s['long_prompt_ttfc_ms']} |"
+        )
+    write_report(args.out, "prefill", {"rounds": rounds, "summary": summary}, "\n".join(lines) + "\n")
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
+
+
+SUITES = {"headline": headline, "cache": cache_suite, "prefill": prefill_suite}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per scenario")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs of each headline scenario, and rounds of the others"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for the reports")
+    parser.add_argument("--step-dtype", default="float32", choices=["float32", "bfloat16"], help="server's STEP_DTYPE")
+    parser.add_argument(
+        "--suite",
+        action="append",
+        choices=sorted(SUITES),
+        help="headline (results.*), cache (cache.*: prefix cache on and off), prefill (prefill.*: chunked "
+        "prefill on and off); repeat to run several; default: all three",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="PREFILL_CHUNK_CHARS on the chunked side of the prefill suite (default: its default)",
+    )
+    args = parser.parse_args(argv)
+    for name in args.suite or list(SUITES):
+        SUITES[name](args)
     return 0
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
+import time
 
 import torch
 from flask import Flask, Response, jsonify, request
@@ -18,6 +20,10 @@ from service.settings import Settings
 from service.views import api, completions, docs, health, playground
 
 log = logging.getLogger("service")
+
+# Unread request bytes are read and discarded, up to these bounds, before the response goes out.
+DRAIN_MAX_BYTES = 64 << 20
+DRAIN_SECONDS = 10.0
 
 
 def _require_api_key() -> None:
@@ -59,6 +65,39 @@ def _unexpected(exc: Exception) -> Response:
     return _error_response(ApiError(500, "internal server error", "server_error", code="internal_error"))
 
 
+def _drain_request_body(response: Response) -> Response:
+    """Read and discard what the client sent that the app did not read (a body over MAX_BODY_BYTES gets
+    its 413 before a byte of it is read; a 401 or 404 never reads it), up to DRAIN_MAX_BYTES and
+    DRAIN_SECONDS, as production servers do before they answer. Otherwise the server would close a
+    socket with unread data after its answer, the kernel would reset the connection, and a client that
+    sends its whole body before reading (urllib, for one) would see the reset instead of the 413.
+    Beyond the bounds, gunicorn closes the connection after the response, as it did before."""
+    stream = request.environ.get("wsgi.input")
+    if stream is None:
+        return response
+    sock = request.environ.get("gunicorn.socket")
+    prior = sock.gettimeout() if sock is not None else None
+    deadline = time.monotonic() + DRAIN_SECONDS
+    drained = 0
+    try:
+        while drained < DRAIN_MAX_BYTES and (left := deadline - time.monotonic()) > 0:
+            if sock is not None:
+                sock.settimeout(left)
+            data = stream.read(min(1 << 16, DRAIN_MAX_BYTES - drained))
+            if not data:
+                break
+            drained += len(data)
+    except (OSError, ValueError):  # a timeout, a reset, a malformed chunk: gunicorn closes the connection
+        pass
+    finally:
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.settimeout(prior)
+    if drained:
+        log.debug("discarded %d unread request bytes", drained)
+    return response
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings()
     configure_logging(settings.log_level)
@@ -78,6 +117,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         CORS(app, origins=origins, allow_headers=["Authorization", "Content-Type", "X-Request-ID"])
     observability.install(app)  # first: request ids and metrics cover every response, 401s included
     app.before_request(_require_api_key)
+    app.after_request(_drain_request_body)
     app.register_error_handler(ApiError, _error_response)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)

@@ -3,8 +3,9 @@
 A `DecodeBatch` holds the active sequences (one per generation choice) as rows of one (h, c)
 state and one logits tensor. Each step samples every row with its own seeded generator, hands
 the characters to their requests, drops the rows that finished or were cancelled, and runs one
-fused LSTM step for the rest. New prompts are encoded together (`FusedStep.prefill`) and
-join at the next step boundary.
+fused LSTM step for the rest. New prompts are encoded together (`FusedStep.prefill`), from the
+longest prefix found in the worker's `PrefixCache`, and join at the next step boundary; a long
+prompt is encoded a chunk per step, between decode steps (chunked prefill).
 
 A `Scheduler` runs one `DecodeBatch` on a background thread of each worker process, so that
 concurrent requests share every step. With batching off, a request runs its own `DecodeBatch`
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from service.kernels import FusedStep
+from service.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
 from service.sampling import SamplingParams, choose, make_generators
 
 log = logging.getLogger("service.batching")
@@ -39,6 +41,17 @@ class TokenScore:
 
 
 @dataclass(frozen=True)
+class SessionState:
+    """Where a generated choice stopped: the state after everything the model read and generated but its
+    last character, and that character (not yet fed). Continuing from it equals generating from the full
+    text: the prompt, then every generated character, a matched stop string included."""
+
+    h: torch.Tensor  # (layers, H)
+    c: torch.Tensor  # (layers, H)
+    next_id: int
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     max_tokens: int
@@ -48,6 +61,8 @@ class GenerationRequest:
     n: int = 1
     top_logprobs: int = 0  # alternatives to report per generated character
     deadline: float | None = None  # time.monotonic() after which every choice ends with finish_reason "deadline"
+    session: SessionState | None = None  # continue from here; `prompt` is then the text that follows
+    keep_session: bool = False  # each choice's last piece carries its SessionState
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -71,6 +86,7 @@ class Delta:
     finish_reason: str | None = None
     completion_tokens: int = 0  # on the last piece: characters generated, a matched stop string included
     cumulative_logprob: float = 0.0  # on the last piece: sum of the generated characters' log-probabilities
+    session: SessionState | None = None  # on the last piece, when the request keeps sessions
 
 
 @dataclass
@@ -124,9 +140,14 @@ class Job:
     or `request.n` sequences to decode. Results arrive on `results`, then FINISHED; an exception
     raised while serving it arrives in their place."""
 
-    def __init__(self, prompt_ids: list[int], request: GenerationRequest | None = None) -> None:
+    def __init__(
+        self, prompt_ids: list[int], request: GenerationRequest | None = None, start: SessionState | None = None
+    ) -> None:
+        """`prompt_ids` start with the start symbol, or, continuing a session (`start`), with the session's
+        last character."""
         self.prompt_ids = prompt_ids
         self.request = request
+        self.start = start
         self.results: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.cancelled = False  # set by the consumer when it goes away; its rows leave at the next step
         self.open_choices = request.n if request is not None else 0
@@ -155,6 +176,22 @@ def _release(items: list[Any]) -> Generator[Any, None, bool]:
 
 
 @dataclass
+class _Encoding:
+    """A job whose prompt is being encoded: `done` ids so far, with the state and logits after them."""
+
+    job: Job
+    keys: PrefixKeys | None  # the prompt's cache keys; None when it is not cached
+    done: int = 0
+    h: torch.Tensor | None = None  # (layers, H); None: the zero state (nothing read yet)
+    c: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (V,)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.job.prompt_ids) - self.done
+
+
+@dataclass
 class _Row:
     """One generation choice inside the batch."""
 
@@ -163,6 +200,7 @@ class _Row:
     generator: torch.Generator
     matcher: StopMatcher
     counts: torch.Tensor | None  # characters generated so far, when a penalty needs them
+    generated: list[int] = field(default_factory=list)  # ids, for the cache entry where it stops
     produced: int = 0
     cumulative: float = 0.0
     finished: bool = False
@@ -177,11 +215,19 @@ class DecodeBatch:
         chars: Sequence[str],
         on_generated: Callable[[int], None] | None = None,
         on_prefill: Callable[[int], None] | None = None,
+        cache: PrefixCache | None = None,
+        prefill_chunk: int = 0,
     ) -> None:
+        """`cache` holds the states after prompt prefixes (None: no cache). With `prefill_chunk` > 0, a
+        step encodes at most that many ids of each prompt before it decodes (chunked prefill), so a
+        long prompt does not pause the batch's streams for its whole encoding; 0 encodes prompts whole."""
         self.kernel = kernel  # the model's decode step and prompt encoder
         self.chars = chars
         self.on_generated = on_generated  # called with the rows of every decode step
         self.on_prefill = on_prefill  # called with the prompts of every prompt batch
+        self.cache = cache
+        self.prefill_chunk = prefill_chunk
+        self.encoding: list[_Encoding] = []  # admitted jobs whose prompts are not encoded yet
         self.rows: list[_Row] = []
         self.h = self.c = self.logits = torch.empty(0)
         # Generation never emits U+FFFD (index 0): it stands for "some unknown character", not for itself.
@@ -191,10 +237,19 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    @torch.inference_mode()
+    @property
+    def busy(self) -> bool:
+        """Whether there is work: rows to decode or prompts to encode."""
+        return bool(self.rows or self.encoding)
+
+    def reserved(self) -> int:
+        """Rows taken, counting those of the generation jobs still being encoded."""
+        return len(self.rows) + sum(e.job.request.n for e in self.encoding if e.job.request is not None)
+
     def admit(self, jobs: Sequence[Job]) -> None:
-        """Encode every job's prompt as one batch. Next-token jobs get their logits and are done;
-        generation jobs add `n` rows that start from their prompt's state."""
+        """Take jobs in: each starts from the longest cached prefix of its prompt, and the next steps encode
+        the rest. Next-token jobs then get their logits and are done; generation jobs add `n` rows that
+        start from their prompt's state."""
         now = time.monotonic()
         for job in jobs:
             req = job.request
@@ -204,33 +259,79 @@ class DecodeBatch:
                     job.results.put(Delta(index, "", [], "deadline", 0, 0.0))
                 job.results.put(FINISHED)
                 job.cancel()
-        jobs = [job for job in jobs if not job.cancelled]
-        if not jobs:
-            return
-        logits, (h, c) = self.kernel.prefill([job.prompt_ids for job in jobs])
-        if self.on_prefill is not None:
-            self.on_prefill(len(jobs))
-        picks: list[int] = []
-        for source, job in enumerate(jobs):
-            req = job.request
+        for job in jobs:
+            if job.cancelled:
+                continue
+            encoding = _Encoding(job, None)
+            if job.start is not None:
+                encoding.h, encoding.c = job.start.h, job.start.c
+            elif self.cache is not None:  # a session's state is its own: only prompts from the start are cached
+                encoding.keys = PrefixKeys(job.prompt_ids)
+                hit = self.cache.lookup(encoding.keys)
+                if hit is not None:
+                    encoding.done, encoding.h, encoding.c, encoding.logits = hit.length, hit.h, hit.c, hit.logits
+            self.encoding.append(encoding)
+
+    @torch.inference_mode()
+    def encode(self) -> None:
+        """Advance the prompts being encoded, all together: each by at most `prefill_chunk` ids (to its end
+        when 0), in pieces that end at cache checkpoints, where the state is cached; then start the jobs
+        whose prompts are done."""
+        self.encoding = [e for e in self.encoding if not e.job.cancelled]
+        chunk = self.prefill_chunk
+        limits = [len(e.job.prompt_ids) for e in self.encoding]
+        if chunk:  # up to the next multiple of `chunk`, so that the pieces of a prompt are the same whatever joins
+            limits = [min(limit, (e.done // chunk + 1) * chunk) for e, limit in zip(self.encoding, limits, strict=True)]
+        while active := [(e, limit) for e, limit in zip(self.encoding, limits, strict=True) if e.done < limit]:
+            ends = [limit for _, limit in active]
+            if self.cache is not None:  # pieces end at checkpoints, where the state is cached
+                ends = [
+                    min(end, (e.done // CHECKPOINT + 1) * CHECKPOINT) for (e, _), end in zip(active, ends, strict=True)
+                ]
+            pieces = [e.job.prompt_ids[e.done : end] for (e, _), end in zip(active, ends, strict=True)]
+            initial = None
+            if any(e.h is not None for e, _ in active):
+                zeros = torch.zeros_like(next(e.h for e, _ in active if e.h is not None))
+                initial = (
+                    torch.stack([zeros if e.h is None else e.h for e, _ in active], dim=1),
+                    torch.stack([zeros if e.c is None else e.c for e, _ in active], dim=1),
+                )
+            logits, (h, c) = self.kernel.prefill(pieces, initial)
+            if self.on_prefill is not None:
+                self.on_prefill(len(active))
+            for i, ((e, _), end) in enumerate(zip(active, ends, strict=True)):
+                e.done, e.h, e.c, e.logits = end, h[:, i].clone(), c[:, i].clone(), logits[i].clone()
+                if self.cache is not None and e.keys is not None and (end % CHECKPOINT == 0 or not e.remaining):
+                    self.cache.put(e.keys, CachedState(end, e.h, e.c, e.logits))
+        finished = [e for e in self.encoding if not e.remaining]
+        self.encoding = [e for e in self.encoding if e.remaining]
+        self._start(finished)
+
+    def _start(self, encoded: list[_Encoding]) -> None:
+        """Next-token jobs get their logits; generation jobs join the batch as `n` rows each."""
+        joining: list[_Encoding] = []
+        for e in encoded:
+            job, req = e.job, e.job.request
+            assert e.h is not None and e.c is not None and e.logits is not None
             if req is None:
-                job.results.put(logits[source].clone())
+                job.results.put(e.logits.clone())
                 job.results.put(FINISHED)
                 continue
             for index, generator in enumerate(make_generators(req.seed, req.n)):
                 counts = torch.zeros(len(self.chars)) if req.params.penalized else None
                 self.rows.append(_Row(job, index, generator, StopMatcher(req.stop), counts))
-                picks.append(source)
-        if not picks:
+                joining.append(e)
+        if not joining:
             return
-        rows = torch.tensor(picks)
-        joining = (h[:, rows], c[:, rows], logits[rows])
+        h = torch.stack([e.h for e in joining], dim=1)  # type: ignore[misc]
+        c = torch.stack([e.c for e in joining], dim=1)  # type: ignore[misc]
+        logits = torch.stack([e.logits for e in joining])  # type: ignore[misc]
         if self.logits.numel() == 0:
-            self.h, self.c, self.logits = (t.contiguous() for t in joining)
+            self.h, self.c, self.logits = h, c, logits
         else:
-            self.h = torch.cat([self.h, joining[0]], dim=1)
-            self.c = torch.cat([self.c, joining[1]], dim=1)
-            self.logits = torch.cat([self.logits, joining[2]], dim=0)
+            self.h = torch.cat([self.h, h], dim=1)
+            self.c = torch.cat([self.c, c], dim=1)
+            self.logits = torch.cat([self.logits, logits], dim=0)
 
     def _keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):
@@ -258,11 +359,15 @@ class DecodeBatch:
         return choose(adjusted, params, [row.generator for row in self.rows])
 
     @torch.inference_mode()
-    def step(self) -> None:
-        """Sample a character for every row, deliver it, then advance the rows that go on."""
+    def step(self) -> int:
+        """Encode (a chunk of) the waiting prompts, then sample a character for every row, deliver it, and
+        advance the rows that go on; returns the rows decoded."""
+        if self.encoding:
+            self.encode()
         self._keep([i for i, row in enumerate(self.rows) if not row.job.cancelled])
         if not self.rows:
-            return
+            return 0
+        decoded = len(self.rows)
         ids = self._sample()
         logprobs = torch.log_softmax(self.logits.double(), dim=-1)
         chosen = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()
@@ -275,6 +380,7 @@ class DecodeBatch:
             req = row.job.request
             assert req is not None
             row.produced += 1
+            row.generated.append(token_id)
             row.cumulative += chosen[i]
             if row.counts is not None:
                 row.counts[token_id] += 1
@@ -293,7 +399,8 @@ class DecodeBatch:
             row.finished = True
             released += [] if stopped else row.matcher.flush()
             text = "".join(t.token for t in released)
-            row.job.results.put(Delta(row.index, text, released, reason, row.produced, row.cumulative))
+            session = self._stopped_at(i, row, token_id)
+            row.job.results.put(Delta(row.index, text, released, reason, row.produced, row.cumulative, session))
             row.job.open_choices -= 1
             if row.job.open_choices == 0:
                 row.job.results.put(FINISHED)
@@ -301,10 +408,28 @@ class DecodeBatch:
         self._keep(going_on)
         if self.rows:
             self.logits = self.kernel(ids[going_on], self.h, self.c)
+        return decoded
+
+    def _stopped_at(self, i: int, row: _Row, token_id: int) -> SessionState | None:
+        """Where finishing row `i` stopped (it sampled `token_id` last, not yet read): cached, so that a
+        next prompt holding this one and its reply starts after the reply, and returned as the choice's
+        session when its request keeps sessions."""
+        req = row.job.request
+        assert req is not None
+        cached = self.cache is not None and row.job.start is None and row.produced >= 2  # else: the prompt's entry
+        if not (cached or req.keep_session):
+            return None
+        h, c = self.h[:, i].clone(), self.c[:, i].clone()
+        if cached:
+            assert self.cache is not None
+            keys = PrefixKeys([*row.job.prompt_ids, *row.generated[:-1]])
+            self.cache.put(keys, CachedState(keys.length, h, c, self.logits[i].clone()))
+        return SessionState(h, c, token_id) if req.keep_session else None
 
     def fail(self, exc: BaseException, jobs: Sequence[Job] = ()) -> None:
         """Fail every job in the batch and `jobs` with `exc`, then empty the batch."""
-        self.fail_jobs(exc, [*jobs, *(row.job for row in self.rows)])
+        self.fail_jobs(exc, [*jobs, *(e.job for e in self.encoding), *(row.job for row in self.rows)])
+        self.encoding = []
         self._keep([])
 
     @staticmethod
@@ -343,6 +468,7 @@ def merge_deltas(items: list[Any]) -> list[Any]:
         head.finish_reason = item.finish_reason
         head.completion_tokens = item.completion_tokens
         head.cumulative_logprob = item.cumulative_logprob
+        head.session = item.session
     return out
 
 
@@ -428,7 +554,7 @@ class Scheduler:
     def _admissible(self, batch: DecodeBatch) -> list[Job]:
         """Waiting jobs that fit beside the batch's rows, in arrival order (one job always fits an
         empty batch). Next-token jobs take no rows and never wait; cancelled jobs are dropped."""
-        room = self.max_rows - len(batch)
+        room = self.max_rows - batch.reserved()
         taken: list[Job] = []
         still_waiting: list[Job] = []
         now = time.monotonic()
@@ -439,7 +565,7 @@ class Scheduler:
             need = req.n if req is not None and not req.expired(now) else 0  # an expired job ends in admit, rowless
             if still_waiting and need:
                 still_waiting.append(job)  # keep the order among jobs that take rows
-            elif need <= room or not (taken or len(batch)):
+            elif need <= room or not (taken or batch.reserved()):
                 taken.append(job)
                 room -= need
             else:
@@ -455,10 +581,10 @@ class Scheduler:
                 if batch is None:
                     batch = self.make_batch()
                 with self._wakeup:
-                    while not self._waiting and not len(batch):
+                    while not self._waiting and not batch.busy:
                         self._wakeup.wait()
                     expected = max(self._recent_prefill_sizes, default=0)
-                    if not len(batch) and expected > 1:
+                    if not batch.busy and expected > 1:
                         until = time.monotonic() + self.gather_seconds
                         while len(self._waiting) < expected and (left := until - time.monotonic()) > 0:
                             self._wakeup.wait(left)
@@ -468,9 +594,8 @@ class Scheduler:
                     self.prefilled_prompts += len(jobs)
                     self._recent_prefill_sizes.append(len(jobs))
                     batch.admit(jobs)
-                if len(batch):
-                    self.max_batch_seen = max(self.max_batch_seen, len(batch))
-                    batch.step()
+                if batch.busy:
+                    self.max_batch_seen = max(self.max_batch_seen, batch.step())
                     self.steps += 1
             except Exception as exc:  # a bug must fail its requests, never the thread that serves the others
                 log.exception("decode step failed; failing the requests in the batch")

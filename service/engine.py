@@ -6,6 +6,7 @@ Each public method follows the handler shape: preprocess (text -> ids), inferenc
 
 from __future__ import annotations
 
+import array
 import math
 import threading
 import time
@@ -17,17 +18,20 @@ from typing import Any
 import torch
 
 from seqmodels.artifacts import CLASSIFIER_DIR, LM_DIR, WEIGHTS_FILE, LoadedModels, load_artifacts
+from seqmodels.networks import LSTMState
 from service.batching import (
     DecodeBatch,
     Delta,
     GenerationRequest,
     Job,
     Scheduler,
+    SessionState,
     StopMatcher,
     TokenScore,
     top_alternatives,
 )
 from service.kernels import FusedStep
+from service.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
 
 __all__ = [
     "CLASSIFIER_ID",
@@ -36,6 +40,8 @@ __all__ = [
     "Delta",
     "Engine",
     "GenerationRequest",
+    "PrefixCache",
+    "SessionState",
     "StopMatcher",
     "TokenScore",
 ]
@@ -103,6 +109,7 @@ class Choice:
     completion_tokens: int = 0
     tokens: list[TokenScore] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    session: SessionState | None = None  # where it stopped, when the request keeps sessions
 
 
 @dataclass
@@ -127,9 +134,14 @@ class Engine:
         scoring_slots: int = 1,
         batch_gather_seconds: float = 0.005,
         stream_interval_seconds: float = 0.005,
+        prefix_cache: PrefixCache | None = None,
+        prefill_chunk: int = 0,
     ) -> None:
         """`on_generated(k)` is called after every generation step with the k characters it produced,
         and `on_prefill(k)` after every batch of k prompts is encoded.
+
+        `prefix_cache` keeps the states after prompt prefixes for generation, next-token and score (None:
+        off). `prefill_chunk` > 0 encodes long prompts that many characters per step, between decode steps.
 
         With `batching`, next-token and generation requests of this process share a background
         scheduler that steps all their sequences together; without it, each request computes alone
@@ -143,6 +155,8 @@ class Engine:
         self.classifier = models.classifier
         self.labels = models.labels
         self.kernel = FusedStep(self.lm, step_dtype)
+        self.prefix_cache = prefix_cache
+        self.prefill_chunk = prefill_chunk
         self.scheduler = (
             Scheduler(self.new_batch, max_batch_rows, batch_gather_seconds, stream_interval_seconds)
             if batching
@@ -158,7 +172,9 @@ class Engine:
         return cls(load_artifacts(artifacts_dir), **options)
 
     def new_batch(self) -> DecodeBatch:
-        return DecodeBatch(self.kernel, self.vocab.chars, self.on_generated, self.on_prefill)
+        return DecodeBatch(
+            self.kernel, self.vocab.chars, self.on_generated, self.on_prefill, self.prefix_cache, self.prefill_chunk
+        )
 
     def run(self, job: Job) -> Generator[Any, None, None]:
         """The job's results, from the shared scheduler or computed alone; closing this cancels the job."""
@@ -274,21 +290,25 @@ class Engine:
         is their sum, so the two always agree.
         """
         ids = [self.vocab.encode(t) for t in texts]
-        length = max(len(i) for i in ids)
+        # A row starts after its longest cached prefix (cached prefixes keep no alternatives).
+        cached = self._scored_prefixes(ids, use=not (include_tokens and top_logprobs))
+        skip = [0 if hit is None else hit.length for _, hit in cached]
+        length = max(len(seq) - k for seq, k in zip(ids, skip, strict=True))
         inputs = torch.zeros((len(ids), length), dtype=torch.long)
         targets = torch.zeros((len(ids), length), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            inputs[row, 0] = self.vocab.bos_id
-            inputs[row, 1 : len(seq)] = torch.tensor(seq[:-1], dtype=torch.long)
-            targets[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        logits, _, _ = self.lm(inputs)
+        for row, (seq, k) in enumerate(zip(ids, skip, strict=True)):
+            inputs[row, : len(seq) - k] = torch.tensor([self.vocab.bos_id, *seq[:-1]][k:], dtype=torch.long)
+            targets[row, : len(seq) - k] = torch.tensor(seq[k:], dtype=torch.long)
+        logits, states = self._run_scored(inputs, [hit for _, hit in cached], any(keys for keys, _ in cached))
         logprobs = torch.log_softmax(logits.double(), dim=-1)
         picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         results = []
         for row, text in enumerate(texts):
+            values = self._prefix_values(cached[row][1], ids[row]) + picked[row, : len(text) - skip[row]].tolist()
+            self._cache_scored(cached[row][0], skip[row], values, logits[row], states, row)
             wanted = [top_logprobs if include_tokens else 0] * len(text)
             alternatives = top_alternatives(logprobs[row, : len(text)], wanted, self.vocab.chars)
-            results.append(text_score(text, picked[row, : len(text)].tolist(), alternatives, include_tokens))
+            results.append(text_score(text, values, alternatives, include_tokens))
         return results
 
     def _adapted_score(self, texts: Sequence[str], include_tokens: bool, deadline: float | None) -> list[TextScore]:
@@ -300,6 +320,81 @@ class Engine:
             values = self.lm.adapted_logprobs(inputs, torch.tensor([ids]), self.models.adapt, deadline).tolist()
             results.append(text_score(text, values, [{}] * len(text), include_tokens))
         return results
+
+    # The prefix cache on /v1/score: a row's keys are those of its inputs (the start symbol, then every
+    # character but the last) at the checkpoints only, so that every row runs from a checkpoint and
+    # meets its next ones at multiples of CHECKPOINT steps: the LSTM runs in pieces of CHECKPOINT
+    # steps, and the state after each is cached with the log-probabilities of the characters before.
+
+    def _scored_prefixes(self, ids: list[list[int]], use: bool) -> list[tuple[PrefixKeys | None, CachedState | None]]:
+        """Per text: the keys of its inputs (when it reaches a checkpoint), and the longest cached
+        checkpoint that has log-probabilities."""
+        out: list[tuple[PrefixKeys | None, CachedState | None]] = []
+        for seq in ids:
+            if self.prefix_cache is None or not use or len(seq) < CHECKPOINT:
+                out.append((None, None))
+                continue
+            keys = PrefixKeys([self.vocab.bos_id, *seq[:-1]])
+            out.append((keys, self.prefix_cache.lookup(keys, scored=True)))
+        return out
+
+    def _run_scored(
+        self, inputs: torch.Tensor, cached: list[CachedState | None], store: bool
+    ) -> tuple[torch.Tensor, dict[int, LSTMState]]:
+        """Logits (B, T, V) of right-padded `inputs`, each row from its cached state or the zero state, and
+        (to `store` them) the states after every CHECKPOINT steps."""
+        state = None
+        if any(hit is not None for hit in cached):
+            layers, size = self.lm.config.num_layers, self.lm.config.hidden_size
+            h, c = torch.zeros(layers, len(cached), size), torch.zeros(layers, len(cached), size)
+            for row, hit in enumerate(cached):
+                if hit is not None:
+                    h[:, row], c[:, row] = hit.h, hit.c
+            state = (h, c)
+        length = inputs.size(1)
+        if not length:  # every text was cached whole
+            return torch.empty(len(cached), 0, self.vocab.size), {}
+        if not store or length < CHECKPOINT:
+            logits, _, _ = self.lm(inputs, state=state)
+            return logits, {}
+        pieces, states = [], {}
+        for begin in range(0, length, CHECKPOINT):
+            piece, _, state = self.lm(inputs[:, begin : begin + CHECKPOINT], state=state)
+            pieces.append(piece)
+            states[begin + CHECKPOINT] = state
+        return torch.cat(pieces, dim=1), states
+
+    def _prefix_values(self, hit: CachedState | None, seq: list[int]) -> list[float]:
+        """The log-probabilities of the characters a cached prefix accounts for: its own, and the one its
+        logits predict."""
+        if hit is None:
+            return []
+        assert hit.logprobs is not None
+        return [*hit.logprobs, float(torch.log_softmax(hit.logits.double(), dim=-1)[seq[hit.length - 1]])]
+
+    def _cache_scored(
+        self,
+        keys: PrefixKeys | None,
+        skip: int,
+        values: list[float],
+        logits: torch.Tensor,
+        states: dict[int, LSTMState],
+        row: int,
+    ) -> None:
+        """Cache the row's states at the checkpoints it ran through (`logits` (T, V) is the row's)."""
+        if keys is None or self.prefix_cache is None:
+            return
+        for steps, (h, c) in states.items():
+            length = skip + steps
+            if length % CHECKPOINT == 0 and length <= len(values):
+                entry = CachedState(
+                    length,
+                    h[:, row].clone(),
+                    c[:, row].clone(),
+                    logits[steps - 1].clone(),
+                    array.array("d", values[: length - 1]),
+                )
+                self.prefix_cache.put(keys, entry)
 
     @torch.inference_mode()
     def _classify(self, texts: Sequence[str]) -> list[Classification]:
@@ -318,7 +413,11 @@ class Engine:
         Closing the iterator (a client that went away) takes its sequences out of the batch
         before the next step.
         """
-        results = self.run(Job(self.prompt_ids(req.prompt), req))
+        if req.session is None:
+            job = Job(self.prompt_ids(req.prompt), req)
+        else:  # the session's last character has not been read yet: it comes first
+            job = Job([req.session.next_id, *self.vocab.encode(req.prompt)], req, start=req.session)
+        results = self.run(job)
         try:
             yield from results
         finally:
@@ -334,4 +433,5 @@ class Engine:
                 choice.finish_reason = delta.finish_reason
                 choice.completion_tokens = delta.completion_tokens
                 choice.cumulative_logprob = delta.cumulative_logprob
+                choice.session = delta.session
         return Generation(choices, prompt_tokens=len(req.prompt))

@@ -6,7 +6,9 @@ The dependency runs one way: `service.app` -> `service.views` -> `service.helper
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import secrets
 import time
 from typing import Any
 
@@ -14,8 +16,15 @@ import torch
 from flask import Response, current_app, jsonify, request
 from pydantic import BaseModel, ValidationError
 
-from service.engine import Engine
-from service.metrics import MODEL_LOAD_SECONDS, PREFILL_BATCH_PROMPTS, record_decode_step
+from service.engine import Engine, PrefixCache, SessionState
+from service.metrics import (
+    MODEL_LOAD_SECONDS,
+    PREFILL_BATCH_PROMPTS,
+    PREFIX_CACHE_BYTES,
+    record_cache_lookup,
+    record_decode_step,
+)
+from service.sessions import SessionCodec, SessionError, principal_of
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -35,7 +44,14 @@ class ModelRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine: Engine | None = None
+        self.sessions: SessionCodec | None = None
         self.load_seconds = 0.0
+        # Made here, in the gunicorn master before it forks (preload_app), so every worker signs and
+        # checks session handles with the same key; SESSION_SECRET keeps it across restarts and replicas.
+        secret = settings.session_secret.encode()
+        self.session_key = (
+            hashlib.sha256(b"charlm-session-key\0" + secret).digest() if secret else secrets.token_bytes(32)
+        )
 
     def load(self) -> None:
         started = time.perf_counter()
@@ -49,9 +65,22 @@ class ModelRegistry:
             scoring_slots=self.settings.torch_threads,
             batch_gather_seconds=self.settings.batch_gather_ms / 1000,
             stream_interval_seconds=self.settings.stream_interval_ms / 1000,
+            prefix_cache=PrefixCache(int(cache_bytes), record_cache_lookup, PREFIX_CACHE_BYTES.set)
+            if (cache_bytes := self.settings.prefix_cache_mb * 2**20) > 0
+            else None,
+            prefill_chunk=self.settings.prefill_chunk_chars,
         )
         self.load_seconds = time.perf_counter() - started
         MODEL_LOAD_SECONDS.set(self.load_seconds)
+        config = engine.lm.config
+        self.sessions = SessionCodec(
+            self.session_key,
+            self.settings.session_ttl_seconds,
+            engine.models.digest,
+            config.num_layers,
+            config.hidden_size,
+            engine.vocab.size,
+        )
         self.engine = engine
         for card in engine.describe_models():
             log.info(
@@ -67,6 +96,29 @@ class ModelRegistry:
         if self.engine is None:
             raise ApiError(503, "models are not loaded yet", "service_unavailable", code="not_ready")
         return self.engine
+
+
+def principal() -> bytes:
+    """Whom the current request's sessions belong to: its API key (hashed), or the anonymous principal
+    when the server has no keys."""
+    if not settings().api_key_list():
+        return principal_of(None)
+    return principal_of(request.headers.get("Authorization", "").partition(" ")[2].strip())
+
+
+def open_session(handle: str) -> SessionState:
+    """The SessionState of a handle the current principal may use; 404 otherwise."""
+    codec = registry().sessions
+    assert codec is not None
+    try:
+        return codec.open(handle, principal())
+    except SessionError as exc:
+        raise ApiError(404, f"session: {exc}", "invalid_request_error", param="session", code=exc.code) from None
+
+
+def seal_session(state: SessionState | None) -> str | None:
+    codec = registry().sessions
+    return None if state is None or codec is None else codec.seal(state, principal())
 
 
 def registry() -> ModelRegistry:

@@ -137,16 +137,23 @@ class FusedStep:
             self._cell(gates, c[layer], h[layer])
         return self.head(h[-1])
 
-    def prefill(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, LSTMState]:
-        """Run each input sequence (start symbol first) from the zero state: the logits after its last
+    def prefill(
+        self, sequences: Sequence[Sequence[int]], initial: LSTMState | None = None
+    ) -> tuple[torch.Tensor, LSTMState]:
+        """Run each input sequence (at least one id) from its initial state: the logits after its last
         input (B, V) and the state there (layers, B, H), rows in the order given.
+
+        `initial` (h, c), each (layers, B, H), is the state each row starts from, in the order given
+        (a cached prefix's or a session's); None is the zero state, where a sequence starts with the
+        start symbol.
 
         Sequences of different lengths are aligned at their ends: sorted longest first, a row joins
         at the step where its sequence starts, so the rows running over any stretch of steps are a
         prefix of the batch, and each stretch is one oneDNN call per layer with no padding computed.
+        A row's state is untouched until it joins, so it joins from its initial state.
         """
         if self.rnn_layers is None:  # no oneDNN: nn.LSTM, once per group of one length
-            return self._prefill_by_length(sequences)
+            return self._prefill_by_length(sequences, initial)
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         lengths = [len(sequences[i]) for i in order]
         steps, rows, size = lengths[0], len(order), self.hidden_size
@@ -155,7 +162,11 @@ class FusedStep:
             ids[steps - lengths[row] :, row] = torch.tensor(sequences[source], dtype=torch.long)
         inputs = self.lm.embed(ids)  # (T, B, E), time first as oneDNN takes it
         layers = len(self.rnn_layers)
-        h, c = torch.zeros(layers, rows, size), torch.zeros(layers, rows, size)
+        if initial is None:
+            h, c = torch.zeros(layers, rows, size), torch.zeros(layers, rows, size)
+        else:
+            index = torch.tensor(order)
+            h, c = initial[0][:, index].contiguous(), initial[1][:, index].contiguous()
         # Not reversed, no packed batch sizes, mode 2 (LSTM), with biases, one direction, time first, inference.
         flags: tuple[Any, ...] = (False, [], 2, size, layers, True, False, False, False)
         bounds = [*sorted({steps - n for n in lengths} | set(range(0, steps, self.PREFILL_CHUNK))), steps]
@@ -170,7 +181,9 @@ class FusedStep:
         back = torch.tensor(order).argsort()
         return logits[back], (h[:, back], c[:, back])
 
-    def _prefill_by_length(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, LSTMState]:
+    def _prefill_by_length(
+        self, sequences: Sequence[Sequence[int]], initial: LSTMState | None
+    ) -> tuple[torch.Tensor, LSTMState]:
         groups: dict[int, list[int]] = {}
         for i, sequence in enumerate(sequences):
             groups.setdefault(len(sequence), []).append(i)
@@ -179,5 +192,7 @@ class FusedStep:
         h, c = torch.empty(layers, len(sequences), size), torch.empty(layers, len(sequences), size)
         for members in groups.values():
             index = torch.tensor(members)
-            logits[index], (h[:, index], c[:, index]) = self.lm.prefill([sequences[i] for i in members])
+            start = None if initial is None else (initial[0][:, index], initial[1][:, index])
+            out, (h[:, index], c[:, index]) = self.lm.hidden(torch.tensor([sequences[i] for i in members]), start)
+            logits[index] = self.lm.head(out[:, -1, :])
         return logits, (h, c)

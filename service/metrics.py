@@ -45,6 +45,27 @@ GENERATIONS_CANCELLED = Counter(
     "charlm_generations_cancelled_total", "Streaming generations stopped early because the client went away"
 )
 
+PREFIX_CACHE_HITS = Counter(
+    "charlm_prefix_cache_hits_total", "Prompts and scored texts that started from a cached prefix"
+)
+PREFIX_CACHE_MISSES = Counter("charlm_prefix_cache_misses_total", "Prefix cache lookups that found nothing")
+PREFIX_CACHE_SAVED = Counter(
+    "charlm_prefix_cache_chars_saved_total", "Prompt positions (characters, start symbols) not encoded"
+)
+PREFIX_CACHE_BYTES = Gauge(
+    "charlm_prefix_cache_bytes", "Bytes held by the prefix caches of the live workers", multiprocess_mode="livesum"
+)
+SESSIONS_ISSUED = Counter("charlm_sessions_issued_total", "Session handles returned")
+SESSIONS_RESUMED = Counter("charlm_sessions_resumed_total", "Requests that continued a session")
+
+
+def record_cache_lookup(saved: int) -> None:
+    if saved:
+        PREFIX_CACHE_HITS.inc()
+        PREFIX_CACHE_SAVED.inc(saved)
+    else:
+        PREFIX_CACHE_MISSES.inc()
+
 
 def record_decode_step(rows: int) -> None:
     TOKENS_GENERATED.inc(rows)

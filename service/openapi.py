@@ -134,6 +134,8 @@ def build_spec(app: Flask, settings: Settings) -> dict[str, Any]:
             responses["503"] = _error("models not loaded")
         if path == "/v1/completions":
             responses["404"] = _error("unknown model")
+        if path == "/v1/generate":
+            responses["404"] = _error("unknown, altered or expired session, or one made with another API key")
         if path == "/readyz":
             responses["503"] = {
                 "description": "models not loaded",

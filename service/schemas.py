@@ -115,6 +115,16 @@ class GenerateRequest(RequestModel):
     stop: StopStrings = Field(None, description="up to 4 stop strings; the stop text is not returned")
     n: int = Field(1, ge=1, description="choices, generated together as one batch; capped by MAX_N")
     stream: bool = Field(False, description="send server-sent events as the text is generated")
+    return_session: bool = Field(
+        False, description="return a session handle with each choice, to continue from where it stopped"
+    )
+    session: str | None = Field(
+        None,
+        min_length=1,
+        max_length=65536,
+        description="a handle from an earlier response: continue from where that choice stopped (after its "
+        "last generated character, a matched stop string included); `prompt` is the text that follows",
+    )
 
     _prompt = field_validator("prompt")(_check_text)
 
@@ -144,10 +154,14 @@ class GenerateRequest(RequestModel):
         return stop_list(self.stop)
 
 
+SESSION_DOC = "with return_session: a handle to continue this choice from where it stopped (see `session`)"
+
+
 class ChoiceOut(BaseModel):
     index: int
     text: str
     finish_reason: Literal["length", "stop", "deadline"]
+    session: str | None = Field(None, description=SESSION_DOC)
 
 
 class Usage(BaseModel):
@@ -166,6 +180,7 @@ class ChoiceDelta(BaseModel):
     index: int
     text: str
     finish_reason: Literal["length", "stop", "deadline"] | None = Field(description="set on a choice's last chunk")
+    session: str | None = Field(None, description=SESSION_DOC + "; on the choice's last chunk")
 
 
 class GenerateChunk(BaseModel):

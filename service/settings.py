@@ -50,6 +50,24 @@ class Settings(BaseSettings):
         "float32",
         description="weights of the decode step; bfloat16 is faster for large batches on CPUs with AVX512-BF16",
     )
+    prefix_cache_mb: float = Field(
+        16.0,
+        ge=0,
+        le=65536,
+        description="per worker: memory for the states after prompt prefixes (MiB); 0 turns the prefix cache off",
+    )
+    prefill_chunk_chars: int = Field(
+        64,
+        ge=0,
+        le=65536,
+        description="a long prompt is encoded this many characters at a time between decode steps; 0: whole",
+    )
+    session_ttl_seconds: float = Field(3600.0, gt=0, description="a session handle expires this long after issue")
+    session_secret: str = Field(
+        "",
+        repr=False,
+        description="key for signing session handles; empty: a random one per server start, shared by its workers",
+    )
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
     api_keys: str = Field("", repr=False, description="comma-separated bearer keys for /v1/*; empty: no auth")
 

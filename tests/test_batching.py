@@ -220,8 +220,10 @@ class FailsOnce:
             raise RuntimeError("injected")
         return self.kernel(ids, h, c)
 
-    def prefill(self, sequences: list[list[int]]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        return self.kernel.prefill(sequences)
+    def prefill(
+        self, sequences: list[list[int]], initial: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        return self.kernel.prefill(sequences, initial)
 
 
 def test_a_failing_step_fails_its_requests_not_the_scheduler(models: LoadedModels) -> None:

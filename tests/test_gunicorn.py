@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,6 +60,22 @@ def test_errors_over_http(server: str) -> None:
     )
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
     assert requests.get(f"{server}/readyz", timeout=5).status_code == 200  # still up
+
+
+def test_a_body_far_over_the_limit_sent_in_full_gets_the_413_envelope(server: str) -> None:
+    """urllib sends the whole body before it reads the answer: the server must read and discard it
+    (it answered without reading, and closing a socket with unread data resets the connection)."""
+    body = b"x" * (20 << 20)
+    request = urllib.request.Request(f"{server}/v1/score", data=body, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=30)
+    assert answer.value.code == 413
+    assert json.loads(answer.value.read())["error"]["code"] == "request_too_large"
+    # The same over one keep-alive connection, then an ordinary request on it.
+    with requests.Session() as session:
+        big = session.post(f"{server}/v1/score", data=body, headers={"Content-Type": "application/json"}, timeout=30)
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+        assert session.get(f"{server}/readyz", timeout=5).status_code == 200
 
 
 def test_a_burst_of_keep_alive_connections_is_spread_over_the_workers(tiny_artifacts: Path) -> None:

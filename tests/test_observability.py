@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import uuid
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,8 @@ def test_metrics_show_decode_and_prompt_batch_sizes(client: FlaskClient) -> None
         "charlm_prefill_batch_prompts_sum",
     ]
     before = client.get("/metrics").get_data(as_text=True)
-    response = client.post("/v1/generate", json={"prompt": "a", "max_tokens": 7, "n": 3, "seed": 1})
+    prompt = "a " + uuid.uuid4().hex  # new to this process, so not in the prefix cache
+    response = client.post("/v1/generate", json={"prompt": prompt, "max_tokens": 7, "n": 3, "seed": 1})
     assert response.status_code == 200
     after = client.get("/metrics").get_data(as_text=True)
     steps, rows, batches, prompts = (metric_value(after, n) - metric_value(before, n) for n in names)

@@ -9,9 +9,9 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from service.engine import CLASSIFIER_ID, LM_ID, AdaptationUnavailable, Engine, GenerationRequest
-from service.helpers import ApiError, parse, registry, respond, settings
-from service.metrics import CHARS_SCORED, CLASSIFIED
+from service.engine import CLASSIFIER_ID, LM_ID, AdaptationUnavailable, Engine, GenerationRequest, SessionState
+from service.helpers import ApiError, open_session, parse, registry, respond, seal_session, settings
+from service.metrics import CHARS_SCORED, CLASSIFIED, SESSIONS_ISSUED, SESSIONS_RESUMED
 from service.openapi import documented
 from service.sampling import SamplingParams
 from service.schemas import (
@@ -57,13 +57,38 @@ def generate() -> Response:
     req = parse(GenerateRequest)
     params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p)
     deadline = time.monotonic() + settings().request_deadline_seconds
-    gen = GenerationRequest(req.prompt, req.max_tokens, params, req.seed, req.stop_list(), req.n, deadline=deadline)
     engine = registry().require()
+    session = open_session(req.session) if req.session is not None else None
+    if session is not None:
+        SESSIONS_RESUMED.inc()
+    gen = GenerationRequest(
+        req.prompt,
+        req.max_tokens,
+        params,
+        req.seed,
+        req.stop_list(),
+        req.n,
+        deadline=deadline,
+        session=session,
+        keep_session=req.return_session,
+    )
     if req.stream:
         return sse_response(generate_chunks(engine, gen))
     result = engine.generate(gen)
-    body = {"model": LM_ID, "choices": result.choices, "usage": usage(result.prompt_tokens, result.completion_tokens)}
-    return respond(GenerateResponse.model_validate(body, from_attributes=True))
+    choices = [
+        {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "session": handle(c.session)}
+        for c in result.choices
+    ]
+    body = {"model": LM_ID, "choices": choices, "usage": usage(result.prompt_tokens, result.completion_tokens)}
+    return respond(GenerateResponse.model_validate(body))
+
+
+def handle(state: SessionState | None) -> str | None:
+    """A signed handle for a choice's session state (None without one)."""
+    sealed = seal_session(state)
+    if sealed is not None:
+        SESSIONS_ISSUED.inc()
+    return sealed
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -81,6 +106,8 @@ def generate_chunks(engine: Engine, gen: GenerationRequest) -> Iterator[dict[str
         for delta in deltas:
             completion_tokens += delta.completion_tokens
             choice = {"index": delta.index, "text": delta.text, "finish_reason": delta.finish_reason}
+            if delta.session is not None:
+                choice["session"] = handle(delta.session)
             yield {"model": LM_ID, "choices": [choice]}
     yield {"model": LM_ID, "choices": [], "usage": usage(len(gen.prompt), completion_tokens)}
 
