@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         description="per worker: memory for the states after prompt prefixes (MiB); 0 turns the prefix cache off",
     )
     prefill_chunk_chars: int = Field(
-        64,
+        32,
         ge=0,
         le=65536,
         description="a long prompt is encoded this many characters at a time between decode steps; 0: whole",

@@ -24,6 +24,17 @@ def ppmd_conditional_bpc(train_text: str, test_text: str) -> dict[str, Any]:
     return {"bpc": by_order[best], "order": best, "mem_bytes": PPMD_MEMORY, "bpc_by_order": by_order}
 
 
+def png_bytes(fig: Any) -> bytes:
+    """A matplotlib figure as PNG bytes, without the software tag (so reruns give the same file), closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def curves_png(history: dict[str, Any]) -> bytes:
     import matplotlib
 
@@ -48,11 +59,7 @@ def curves_png(history: dict[str, Any]) -> bytes:
     ax_clf.set(xlabel="epoch", ylabel="cross-entropy (nats)", title="MLP genre classifier")
     ax_clf.legend()
     ax_clf.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def confusion_png(cv: dict[str, Any]) -> bytes:
@@ -73,11 +80,7 @@ def confusion_png(cv: dict[str, Any]) -> bytes:
             ax.text(j, i, str(n), ha="center", va="center", color="white" if recall[i][j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true genre", title=f"MLP, {cv['folds']}-fold grouped CV (passages)")
     fig.colorbar(image, ax=ax, label="share of the true genre's passages")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def cv_rows(cv: dict[str, Any]) -> str:
