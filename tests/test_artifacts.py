@@ -85,6 +85,7 @@ def test_committed_artifacts_load_and_pass_their_hash_check() -> None:
     manifest = models.manifest
     assert manifest["command"].startswith("python -m training.run")
     assert models.labels == ["comedies", "histories", "problems", "roman", "romances", "tragedies"]
-    assert sum(p.stat().st_size for p in COMMITTED_ARTIFACTS.rglob("*") if p.is_file()) < 25 * 1024 * 1024
+    # 13 MB of LSTM and 17 MB of n-gram classifier (its first layer is 32,768 buckets x 128 floats).
+    assert sum(p.stat().st_size for p in COMMITTED_ARTIFACTS.rglob("*") if p.is_file()) < 40 * 1024 * 1024
     lm_metrics = manifest["metrics"]["lm"]
     assert lm_metrics["test_bpc"] > 0 and lm_metrics["ppmd"]["bpc"] > 0

@@ -75,7 +75,9 @@ def test_metrics_show_decode_and_prompt_batch_sizes(client: FlaskClient) -> None
         "charlm_prefill_batch_prompts_sum",
     ]
     before = client.get("/metrics").get_data(as_text=True)
-    prompt = "a " + uuid.uuid4().hex  # new to this process, so not in the prefix cache
+    # New to this process, so not in the prefix cache, and shorter than PREFILL_CHUNK_CHARS (32), so
+    # it is encoded in one piece.
+    prompt = "a " + uuid.uuid4().hex[:16]
     response = client.post("/v1/generate", json={"prompt": prompt, "max_tokens": 7, "n": 3, "seed": 1})
     assert response.status_code == 200
     after = client.get("/metrics").get_data(as_text=True)
