@@ -403,11 +403,10 @@ def tune_adaptation(
         return bpc
 
     first = segments[0]
-    best_lr = min([0.0, *lrs], key=lambda lr: trial(lr, first))
+    by_lr = {lr: trial(lr, first) for lr in [0.0, *lrs]}
+    best_lr = min(by_lr, key=by_lr.__getitem__)
     if best_lr == 0.0:
         return AdaptConfig(), trials
-    scored = {first: min(t["val_bpc"] for t in trials if t["lr"] == best_lr)}
-    for n in segments[1:]:
-        scored[n] = trial(best_lr, n)
-    best_segment = min(scored, key=lambda n: scored[n])
+    by_segment = {first: by_lr[best_lr]} | {n: trial(best_lr, n) for n in segments[1:]}
+    best_segment = min(by_segment, key=by_segment.__getitem__)
     return AdaptConfig(lr=best_lr, segment_len=best_segment), trials

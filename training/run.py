@@ -195,16 +195,17 @@ def passage_sampler(
     if labelled is not None:
         by_name = {d.name: d for d in labelled}
 
-        def whole(train: list[str], val: list[str], test: list[str], seed: int) -> tuple[Passages, ...]:
-            return tuple(
-                Passages([by_name[n].text for n in ns], [by_name[n].label for n in ns]) for ns in (train, val, test)
-            )
+        def whole(train: list[str], val: list[str], test: list[str], seed: int) -> tuple[Passages, Passages, Passages]:
+            def of(names: list[str]) -> Passages:
+                return Passages([by_name[n].text for n in names], [by_name[n].label for n in names])
 
-        return {d.name: d.label for d in labelled}, whole  # type: ignore[return-value]
+            return of(train), of(val), of(test)
+
+        return {d.name: d.label for d in labelled}, whole
     names = play_specific_names(docs)
     masked = {d.name: (d.label, mask_speakers(d, names[d.name])) for d in docs}
 
-    def passages(train: list[str], val: list[str], test: list[str], seed: int) -> tuple[Passages, ...]:
+    def passages(train: list[str], val: list[str], test: list[str], seed: int) -> tuple[Passages, Passages, Passages]:
         per_label: dict[str, list[str]] = {}
         for n in train:
             per_label.setdefault(masked[n][0], []).append(n)
@@ -215,7 +216,7 @@ def passage_sampler(
             sample_passages([masked[n] for n in test], [cfg.eval_per_document] * len(test), cfg, seed + 2),
         )
 
-    return {d.name: d.label for d in docs}, passages  # type: ignore[return-value]
+    return {d.name: d.label for d in docs}, passages
 
 
 def train_classifier(
