@@ -285,6 +285,23 @@ class NgramBatch:
             torch.tensor(index, dtype=torch.long), torch.tensor(count), torch.tensor(row, dtype=torch.long), len(counts)
         )
 
+    @staticmethod
+    def text_tensors(counts: Counter[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One text's (index, count) tensors, in the order `of` lays them out."""
+        return torch.tensor(list(counts), dtype=torch.long), torch.tensor([float(n) for n in counts.values()])
+
+    @classmethod
+    def concat(cls, texts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> NgramBatch:
+        """The batch `of` builds, from texts already converted by `text_tensors`: training converts each
+        passage once instead of once per epoch."""
+        lengths = torch.tensor([len(index) for index, _ in texts])
+        return cls(
+            torch.cat([index for index, _ in texts]),
+            torch.cat([count for _, count in texts]),
+            torch.repeat_interleave(torch.arange(len(texts)), lengths),
+            len(texts),
+        )
+
 
 class MLPClassifier(nn.Module):
     """Hashed word and character n-grams, TF-IDF weighted and L2-normalized -> (linear, GELU, dropout)*

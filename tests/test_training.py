@@ -8,10 +8,12 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from seqmodels import artifacts as artifact_format
 from seqmodels.artifacts import load_artifacts
+from seqmodels.networks import ClassifierConfig, NgramBatch, ngram_counts
 from tests.conftest import TINY_TRAIN_ARGS
 from training import run as training_run
 from training.corpus import (
@@ -194,3 +196,13 @@ def test_interrupted_run_leaves_previous_artifacts_untouched(
     assert code == 130
     assert snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]  # no staging folder left behind
+
+
+def test_ngram_batch_concat_matches_of() -> None:
+    config = ClassifierConfig()
+    counts = [ngram_counts(t, config) for t in ("To be, or not to be", "O Romeo, Romeo!", "a")]
+    built = NgramBatch.of(counts)
+    joined = NgramBatch.concat([NgramBatch.text_tensors(c) for c in counts])
+    for name in ("index", "count", "row"):
+        assert torch.equal(getattr(built, name), getattr(joined, name))
+    assert built.size == joined.size == 3

@@ -114,13 +114,14 @@ def train_mlp(
     generator = torch.Generator().manual_seed(seed)
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_macro_f1": []}
     best_f1, best_state, since_best = -1.0, None, 0
+    passages = [NgramBatch.text_tensors(c) for c in train_counts]
     for _ in range(cfg.epochs):
         model.train()
         order = torch.randperm(len(train_counts), generator=generator).tolist()
         total = 0.0
         for i in range(0, len(order), cfg.batch_size):
             rows = order[i : i + cfg.batch_size]
-            _, loss = model(NgramBatch.of([train_counts[r] for r in rows]), train_y[rows], class_weights)
+            _, loss = model(NgramBatch.concat([passages[r] for r in rows]), train_y[rows], class_weights)
             assert loss is not None
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
