@@ -33,10 +33,11 @@ test: $(VENV)/.test-installed
 train: $(VENV)/.test-installed
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m training.run
 
-## bench: serving, weight-precision, matmul and connection-balance benchmarks (about 10 minutes; write benchmarks/*.json and *.md)
+## bench: serving, weight-precision, matmul, connection-balance and session-handle benchmarks (about 10 minutes; write benchmarks/*.json and *.md)
 bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks.serve
 	$(BIN)/python -m benchmarks.precision
 	$(BIN)/python -m benchmarks.matmul
 	$(BIN)/python -m benchmarks.balance --off
 	$(BIN)/python -m benchmarks.balance
+	$(BIN)/python -m benchmarks.sessions

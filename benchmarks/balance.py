@@ -5,7 +5,8 @@
 Starts the shipped server (2 workers; `--off` sets BALANCE_CONNECTIONS=0, gunicorn's stock
 behaviour), then, `--tries` times, opens `--connections` keep-alive connections at once from an
 asyncio client, sends a next-token request on each (three rounds), and counts each worker's
-established connections. Prints how often each split occurred.
+established connections. Prints how often each split occurred and writes it to balance.json and .md
+(balance-stock.* with `--off`).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import asyncio
 import collections
 import os
 import sys
+import time
+from pathlib import Path
 
 import aiohttp
 import psutil
 
-from benchmarks.serve import Server, window
+from benchmarks.serve import Server, window, write_report
 
 
 async def one_burst(server: Server, connections: int) -> tuple[int, ...]:
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tries", type=int, default=12)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--off", action="store_true", help="gunicorn's stock accepting (BALANCE_CONNECTIONS=0)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = parser.parse_args(argv)
     os.environ["WORKERS"] = "2"
     os.environ["BALANCE_CONNECTIONS"] = "0" if args.off else "1"
@@ -57,9 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     label = "stock gunicorn" if args.off else "balanced"
-    print(f"{label}: {args.connections} connections over 2 workers, {args.tries} tries")
-    for split, count in sorted(splits.items()):
-        print(f"  {' / '.join(map(str, split))}: {count}")
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "accepting": label,
+        "connections": args.connections,
+        "tries": args.tries,
+        "splits": {" / ".join(map(str, split)): count for split, count in sorted(splits.items())},
+    }
+    table = (
+        f"Measured {report['date']} with `python -m benchmarks.balance{' --off' if args.off else ''}` ({label}: "
+        f"{args.connections} keep-alive connections at once over 2 workers, {args.tries} bursts).\n\n"
+        "| connections per worker | bursts |\n|---|---|\n"
+        + "".join(f"| {split} | {count} |\n" for split, count in report["splits"].items())
+    )
+    write_report(args.out, "balance-stock" if args.off else "balance", report, table)
     return 0
 
 

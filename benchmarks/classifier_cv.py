@@ -3,26 +3,63 @@
     python -m benchmarks.classifier_cv [--variants NAME ...]
 
 Each variant changes the MLP's training or feature settings; every row uses the same folds and passages
-(the training run's defaults, seed 1234), so the rows compare like with like. Writes
-benchmarks/classifier_cv.json and .md.
+(the training run's defaults, seed 1234), so the rows compare like with like. The variants run are
+merged into benchmarks/classifier_cv.json and .md (a row measured before and not run again stays).
+
+"line shapes" tests whether verse and prose can be told apart: besides the n-grams, each passage
+gets a token per line for its first letter's case (verse lines start with a capital, wrapped prose
+mostly does not), its last character and its length (in steps of 8 characters), and one per speech
+for its number of lines.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from benchmarks.serve import write_report
-from seqmodels.networks import ClassifierConfig
+from seqmodels.networks import ClassifierConfig, ngram_counts
+from training import classifier
 from training.classifier import ClassifierTrainConfig, cross_validate
 from training.corpus import load_plays
 from training.run import passage_sampler
 
+
+def line_shapes(text: str) -> list[str]:
+    tokens = []
+    for speech in re.split(r"\n\s*\n", text):
+        lines = [line.strip() for line in speech.split("\n") if line.strip()]
+        if lines:
+            tokens.append(f"speech-lines:{min(len(lines), 10)}")
+        for line in lines:
+            letter = re.search(r"[A-Za-z]", line)
+            if letter:
+                tokens.append("starts:" + ("upper" if letter.group().isupper() else "lower"))
+            tokens.append("ends:" + (line[-1] if not line[-1].isalnum() else "letter"))
+            tokens.append(f"length:{min(len(line) // 8, 9)}")
+    return tokens
+
+
+def ngrams_and_line_shapes(text: str, config: Any) -> Counter[int]:
+    counts = ngram_counts(text, config)
+    counts.update(zlib.crc32(("s:" + t).encode()) % config.buckets for t in line_shapes(text))
+    return counts
+
+
+FEATURIZERS: dict[str, Callable[[str, Any], Counter[int]]] = {"line shapes": ngrams_and_line_shapes}
+
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default": ({}, {}),
+    "line shapes": ({}, {}),
     "no feature dropout": ({}, {"feature_dropout": 0.0}),
     "2^18 buckets, 64 hidden": ({}, {"buckets": 1 << 18, "hidden_dims": [64]}),
     "256 hidden, dropout 0.3": ({}, {"hidden_dims": [256], "dropout": 0.3}),
@@ -44,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(ClassifierTrainConfig(), **train_over, model=replace(ClassifierConfig(), **model_over))
         documents, sample = passage_sampler(docs, None, cfg)
         started = time.monotonic()
-        cv = cross_validate(documents, sample, sorted(set(documents.values())), cfg, args.seed)
+        with mock.patch.object(classifier, "ngram_counts", FEATURIZERS.get(name, ngram_counts)):
+            cv = cross_validate(documents, sample, sorted(set(documents.values())), cfg, args.seed)
         summary = cv["summary"]
         rows.append(
             {
@@ -56,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         print(rows[-1], flush=True)
+    previous = args.out / "classifier_cv.json"
+    if previous.exists():
+        fresh = {r["variant"] for r in rows}
+        kept = [r for r in json.loads(previous.read_text())["rows"] if r["variant"] not in fresh]
+        rows = sorted(kept + rows, key=lambda r: list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else 99)
     table = "| variant | MLP macro-F1 | TF-IDF + LR macro-F1 | MLP - best baseline |\n|---|---|---|---|\n" + "".join(
         f"| {r['variant']} | {r['mlp_macro_f1']['mean']:.3f} ± {r['mlp_macro_f1']['std']:.3f} "
         f"| {r['tfidf_logreg_macro_f1']['mean']:.3f} ± {r['tfidf_logreg_macro_f1']['std']:.3f} "

@@ -33,8 +33,9 @@ def test_text(models: LoadedModels) -> str:
 
 
 @torch.inference_mode()
-def heldout_bpc(models: LoadedModels, kernel: FusedStep, text: str) -> float:
-    """Bits per character with every segment stepped through `kernel` as one batch."""
+def heldout_bpc(models: LoadedModels, kernel: FusedStep, text: str) -> tuple[float, torch.Tensor]:
+    """Bits per character with every segment stepped through `kernel` as one batch, and the
+    log-probability (nats) of every target, segment by segment."""
     vocab = models.vocab
     ids = torch.tensor(vocab.encode(text))
     segments = [ids[i : i + EVAL_SEGMENT] for i in range(0, len(ids), EVAL_SEGMENT)]
@@ -45,12 +46,13 @@ def heldout_bpc(models: LoadedModels, kernel: FusedStep, text: str) -> float:
     layers, hidden = models.lm.config.num_layers, models.lm.config.hidden_size
     h, c = torch.zeros(layers, rows, hidden), torch.zeros(layers, rows, hidden)
     inputs = torch.full((rows,), vocab.bos_id, dtype=torch.long)
-    nats = 0.0
+    logprobs = torch.zeros(rows, length, dtype=torch.float64)
     for t in range(length):
         logits = kernel(inputs, h, c)
-        nats += float(torch.nn.functional.cross_entropy(logits, targets[:, t], ignore_index=-1, reduction="sum"))
+        step = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, t, None].clamp_min(0))[:, 0]
+        logprobs[:, t] = torch.where(targets[:, t] >= 0, step.double(), 0.0)
         inputs = targets[:, t].clamp_min(0)
-    return nats / len(ids) / math.log(2)
+    return float(-logprobs.sum()) / len(ids) / math.log(2), logprobs[targets >= 0]
 
 
 def step_us(kernel: FusedStep, rows: int, hidden: int, layers: int) -> float:
@@ -76,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     text = test_text(models)
     hidden, layers = models.lm.config.hidden_size, models.lm.config.num_layers
     rows: dict[str, dict[str, Any]] = {}
+    logprobs: dict[str, torch.Tensor] = {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         kernel = FusedStep(models.lm, dtype)
         started = time.perf_counter()
-        bpc = heldout_bpc(models, kernel, text)
+        bpc, logprobs[name] = heldout_bpc(models, kernel, text)
         rows[name] = {
             "test_bpc": round(bpc, 5),
             "eval_seconds": round(time.perf_counter() - started, 1),
@@ -92,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         "test_chars": len(text),
         "metrics_json_test_bpc": models.manifest["metrics"]["lm"]["test_bpc"],
         "kernels": rows,
+        "logprob_abs_diff_nats": {
+            "max": round(float((logprobs["bfloat16"] - logprobs["float32"]).abs().max()), 5),
+            "median": float((logprobs["bfloat16"] - logprobs["float32"]).abs().median()),
+        },
         "bpc_change_percent": round(100 * (half["test_bpc"] / base["test_bpc"] - 1), 3),
         "speedup": {f"batch{b}": round(base[f"step_us_batch{b}"] / half[f"step_us_batch{b}"], 2) for b in (1, 8, 32)},
     }
@@ -107,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "",
         f"bfloat16 changes held-out bits per character by {report['bpc_change_percent']:+.3f} %; "
-        f"speed-up per step: {report['speedup']}.",
+        f"speed-up per step: {report['speedup']}. A character's log-probability differs from float32's by at "
+        f"most {report['logprob_abs_diff_nats']['max']:.4f} nats (median "
+        f"{report['logprob_abs_diff_nats']['median']:.1e}) over the test split.",
     ]
     write_report(args.out, "precision", report, "\n".join(lines) + "\n")
     return 0

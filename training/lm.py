@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -162,24 +163,43 @@ def evaluate_bpc(model: CharLSTM, ids: torch.Tensor, bos: int, segment_len: int 
 
 
 class StopRequests:
-    """While active, SIGTERM only asks the loop to save a checkpoint and stop at the next step boundary."""
+    """While active, SIGTERM only asks the loop to save a checkpoint and stop at the next step boundary.
+
+    SIGINT (Ctrl-C) interrupts at once, as Python's own handler does, and is also remembered:
+    a KeyboardInterrupt that lands in a finalizer or a callback is swallowed there, so the loop
+    raises it again at the next step boundary (`check_interrupt`)."""
 
     def __init__(self, active: bool) -> None:
         self.active = active
         self.requested = False
+        self.interrupted = False
         self._previous: Any = None
+        self._previous_sigint: Any = None
 
     def _handle(self, signum: int, frame: object) -> None:
         self.requested = True
 
+    def _interrupt(self, signum: int, frame: object) -> None:
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+    def check_interrupt(self) -> None:
+        if self.interrupted:
+            raise KeyboardInterrupt
+
     def __enter__(self) -> StopRequests:
         if self.active:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
+            self._previous_sigint = signal.signal(signal.SIGINT, self._interrupt)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.active:
             signal.signal(signal.SIGTERM, self._previous)
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
 
 
 def _copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -292,6 +312,7 @@ def train_lm(
     )
     with StopRequests(checkpointing is not None) as stop_requests, contextlib.closing(bar):
         for step in bar:
+            stop_requests.check_interrupt()
             inputs, targets, reset = next(batches)
             keep = (~reset).to(device, torch.float32)[None, :, None]
             state = (state[0].detach().float() * keep, state[1].detach().float() * keep)

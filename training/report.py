@@ -137,7 +137,8 @@ MLP macro-F1 minus the best baseline's: {100 * cv["mlp_minus_best_baseline_macro
     return f"""# Model card
 
 Produced by `{command}` on {manifest["created"]}, in {metrics["seconds"]["total"] / 60:.1f} minutes
-({manifest["training"]["device"]}). Every figure below is from that run and is repeated in `metrics.json`.
+({manifest["training"]["device"]}). Every figure below is from that run and is repeated in `metrics.json`
+(the corpus size and fingerprint in `manifest.json`).
 
 ## Data and split
 - Corpus: {manifest["corpus"]["description"]} ({manifest["corpus"]["documents"]} documents,
