@@ -16,13 +16,12 @@ import asyncio
 import collections
 import os
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import psutil
 
-from benchmarks.serve import Server, window, write_report
+from benchmarks.serve import Server, utc_now, window, write_report
 
 
 async def one_burst(server: Server, connections: int) -> tuple[int, ...]:
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     label = "stock gunicorn" if args.off else "balanced"
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": utc_now(),
         "accepting": label,
         "connections": args.connections,
         "tries": args.tries,

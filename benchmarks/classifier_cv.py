@@ -49,13 +49,13 @@ def line_shapes(text: str) -> list[str]:
     return tokens
 
 
-def ngrams_and_line_shapes(text: str, config: Any) -> Counter[int]:
+def ngrams_and_line_shapes(text: str, config: ClassifierConfig) -> Counter[int]:
     counts = ngram_counts(text, config)
     counts.update(zlib.crc32(("s:" + t).encode()) % config.buckets for t in line_shapes(text))
     return counts
 
 
-FEATURIZERS: dict[str, Callable[[str, Any], Counter[int]]] = {"line shapes": ngrams_and_line_shapes}
+FEATURIZERS: dict[str, Callable[[str, ClassifierConfig], Counter[int]]] = {"line shapes": ngrams_and_line_shapes}
 
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default": ({}, {}),
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if previous.exists():
         fresh = {r["variant"] for r in rows}
         kept = [r for r in json.loads(previous.read_text())["rows"] if r["variant"] not in fresh]
-        rows = sorted(kept + rows, key=lambda r: list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else 99)
+        order = list(VARIANTS)
+        rows = sorted(kept + rows, key=lambda r: order.index(r["variant"]) if r["variant"] in order else len(order))
     table = "| variant | MLP macro-F1 | TF-IDF + LR macro-F1 | MLP - best baseline |\n|---|---|---|---|\n" + "".join(
         f"| {r['variant']} | {r['mlp_macro_f1']['mean']:.3f} ± {r['mlp_macro_f1']['std']:.3f} "
         f"| {r['tfidf_logreg_macro_f1']['mean']:.3f} ± {r['tfidf_logreg_macro_f1']['std']:.3f} "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.serve import timed, write_report
+from benchmarks.serve import timed, utc_now, write_report
 from service.kernels import PackedLinear
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[name]["onednn_packed_us"][rows] = round(microseconds(onednn), 1)
         print(name, results[name], flush=True)
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": utc_now(),
         "machine": f"{platform.machine()}, torch {torch.__version__}, one thread",
         "results": results,
     }

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.serve import timed, write_report
+from benchmarks.serve import timed, utc_now, write_report
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from service.kernels import FusedStep
 from training.corpus import load_plays
@@ -90,15 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(name, rows[name], flush=True)
     base, half = rows["float32"], rows["bfloat16"]
+    drift = (logprobs["bfloat16"] - logprobs["float32"]).abs()
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": utc_now(),
         "test_chars": len(text),
         "metrics_json_test_bpc": models.manifest["metrics"]["lm"]["test_bpc"],
         "kernels": rows,
-        "logprob_abs_diff_nats": {
-            "max": round(float((logprobs["bfloat16"] - logprobs["float32"]).abs().max()), 5),
-            "median": float((logprobs["bfloat16"] - logprobs["float32"]).abs().median()),
-        },
+        "logprob_abs_diff_nats": {"max": round(float(drift.max()), 5), "median": float(drift.median())},
         "bpc_change_percent": round(100 * (half["test_bpc"] / base["test_bpc"] - 1), 3),
         "speedup": {f"batch{b}": round(base[f"step_us_batch{b}"] / half[f"step_us_batch{b}"], 2) for b in (1, 8, 32)},
     }

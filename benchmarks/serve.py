@@ -557,7 +557,7 @@ def headline(args: argparse.Namespace) -> None:
     ceilings = in_process(args.seconds)
     print(json.dumps(ceilings, indent=1), flush=True)
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "date": utc_now(),
         "machine": machine(),
         "seconds": args.seconds,
         "repeats": args.repeats,
@@ -653,7 +653,9 @@ def cache_suite(args: argparse.Namespace) -> None:
                     scenario = dataclasses.replace(
                         template,
                         body=None if template.body is None else shifted(template.body, offset),
-                        conversation=Conversation(40, offset) if template.conversation else None,
+                        conversation=Conversation(template.conversation.reply_chars, offset)
+                        if template.conversation
+                        else None,
                     )
                     before = cache_counters(server.base)
                     result = measure(server, scenario, True, args.seconds)
@@ -667,7 +669,7 @@ def cache_suite(args: argparse.Namespace) -> None:
         for server in servers.values():
             server.stop()
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()} with "
+        f"Measured {utc_now()} on {machine()} with "
         f"`python -m benchmarks.serve --suite cache --seconds {args.seconds} --repeats {args.repeats}` "
         "(two workers each; median of the rounds by req/s).",
         "",
@@ -762,7 +764,7 @@ def prefill_suite(args: argparse.Namespace) -> None:
         for name, runs in rounds.items()
     }
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {machine()} with "
+        f"Measured {utc_now()} on {machine()} with "
         f"`python -m benchmarks.serve --suite prefill --repeats {args.repeats}"
         + ("" if args.prefill_chunk is None else f" --prefill-chunk {args.prefill_chunk}")
         + "`: one worker, 32 streams, then a 4,096-character prompt (medians of the rounds; chunked: "
@@ -778,6 +780,11 @@ def prefill_suite(args: argparse.Namespace) -> None:
             f"| {s['during_max_ms'] / s['steady_p99_ms']:.1f} x | {s['long_prompt_ttfc_ms']} |"
         )
     write_report(args.out, "prefill", {"rounds": rounds, "summary": summary}, "\n".join(lines) + "\n")
+
+
+def utc_now() -> str:
+    """The date and minute a report is stamped with."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
 
 def machine() -> str:

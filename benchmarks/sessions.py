@@ -31,10 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     models = load_artifacts(ARTIFACTS)
     lm, vocab = models.lm, models.vocab
-    passage = test_text(models)[:1000]
+    *read, last = vocab.encode(test_text(models)[:1000])
     with torch.inference_mode():
-        _, (h, c) = lm.hidden(torch.tensor([[vocab.bos_id, *vocab.encode(passage)[:-1]]]))
-    state = SessionState(h[:, 0].clone(), c[:, 0].clone(), vocab.encode(passage)[-1])
+        _, (h, c) = lm.hidden(torch.tensor([[vocab.bos_id, *read]]))
+    state = SessionState(h[:, 0].clone(), c[:, 0].clone(), last)
     config = lm.config
     codec = SessionCodec(b"benchmark-secret", 3600, models.digest, config.num_layers, config.hidden_size, vocab.size)
     principal = principal_of("benchmark-key")

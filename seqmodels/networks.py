@@ -216,12 +216,14 @@ class CharLSTM(nn.Module):
         logits, _, new_state = self(ids.unsqueeze(1), state=state)
         return logits[:, -1, :], new_state
 
-    def prefill(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, LSTMState]:
-        """Run input sequences of one length (start symbol first) from the zero state: the logits
-        after the last input (B, V) and the state there."""
+    def prefill(
+        self, sequences: Sequence[Sequence[int]], state: LSTMState | None = None
+    ) -> tuple[torch.Tensor, LSTMState]:
+        """Run input sequences of one length (start symbol first) from `state`, or the zero state: the
+        logits after the last input (B, V) and the state there."""
         if len({len(s) for s in sequences}) != 1:
             raise ValueError("prefill takes sequences of one length")
-        out, state = self.hidden(torch.tensor(sequences, dtype=torch.long))
+        out, state = self.hidden(torch.tensor(sequences, dtype=torch.long), state)
         return self.head(out[:, -1, :]), state
 
     def num_parameters(self) -> int:

@@ -140,14 +140,11 @@ class Job:
     or `request.n` sequences to decode. Results arrive on `results`, then FINISHED; an exception
     raised while serving it arrives in their place."""
 
-    def __init__(
-        self, prompt_ids: list[int], request: GenerationRequest | None = None, start: SessionState | None = None
-    ) -> None:
-        """`prompt_ids` start with the start symbol, or, continuing a session (`start`), with the session's
-        last character."""
+    def __init__(self, prompt_ids: list[int], request: GenerationRequest | None = None) -> None:
+        """`prompt_ids` start with the start symbol, or, continuing a session (`request.session`), with the
+        session's last character."""
         self.prompt_ids = prompt_ids
         self.request = request
-        self.start = start
         self.results: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.cancelled = False  # set by the consumer when it goes away; its rows leave at the next step
         self.open_choices = request.n if request is not None else 0
@@ -263,8 +260,9 @@ class DecodeBatch:
             if job.cancelled:
                 continue
             encoding = _Encoding(job, None)
-            if job.start is not None:
-                encoding.h, encoding.c = job.start.h, job.start.c
+            start = job.request.session if job.request is not None else None
+            if start is not None:
+                encoding.h, encoding.c = start.h, start.c
             elif self.cache is not None:  # a session's state is its own: only prompts from the start are cached
                 encoding.keys = PrefixKeys(job.prompt_ids)
                 hit = self.cache.lookup(encoding.keys)
@@ -416,7 +414,7 @@ class DecodeBatch:
         session when its request keeps sessions."""
         req = row.job.request
         assert req is not None
-        cached = self.cache is not None and row.job.start is None and row.produced >= 2  # else: the prompt's entry
+        cached = self.cache is not None and req.session is None and row.produced >= 2  # else: the prompt's entry
         if not (cached or req.keep_session):
             return None
         h, c = self.h[:, i].clone(), self.c[:, i].clone()
@@ -554,7 +552,8 @@ class Scheduler:
     def _admissible(self, batch: DecodeBatch) -> list[Job]:
         """Waiting jobs that fit beside the batch's rows, in arrival order (one job always fits an
         empty batch). Next-token jobs take no rows and never wait; cancelled jobs are dropped."""
-        room = self.max_rows - batch.reserved()
+        reserved = batch.reserved()
+        room = self.max_rows - reserved
         taken: list[Job] = []
         still_waiting: list[Job] = []
         now = time.monotonic()
@@ -565,7 +564,7 @@ class Scheduler:
             need = req.n if req is not None and not req.expired(now) else 0  # an expired job ends in admit, rowless
             if still_waiting and need:
                 still_waiting.append(job)  # keep the order among jobs that take rows
-            elif need <= room or not (taken or batch.reserved()):
+            elif need <= room or not (taken or reserved):
                 taken.append(job)
                 room -= need
             else:

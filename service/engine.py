@@ -345,8 +345,7 @@ class Engine:
         (to `store` them) the states after every CHECKPOINT steps."""
         state = None
         if any(hit is not None for hit in cached):
-            layers, size = self.lm.config.num_layers, self.lm.config.hidden_size
-            h, c = torch.zeros(layers, len(cached), size), torch.zeros(layers, len(cached), size)
+            h, c = self.lm.zero_state(len(cached))
             for row, hit in enumerate(cached):
                 if hit is not None:
                     h[:, row], c[:, row] = hit.h, hit.c
@@ -416,7 +415,7 @@ class Engine:
         if req.session is None:
             job = Job(self.prompt_ids(req.prompt), req)
         else:  # the session's last character has not been read yet: it comes first
-            job = Job([req.session.next_id, *self.vocab.encode(req.prompt)], req, start=req.session)
+            job = Job([req.session.next_id, *self.vocab.encode(req.prompt)], req)
         results = self.run(job)
         try:
             yield from results

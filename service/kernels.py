@@ -193,6 +193,5 @@ class FusedStep:
         for members in groups.values():
             index = torch.tensor(members)
             start = None if initial is None else (initial[0][:, index], initial[1][:, index])
-            out, (h[:, index], c[:, index]) = self.lm.hidden(torch.tensor([sequences[i] for i in members]), start)
-            logits[index] = self.lm.head(out[:, -1, :])
+            logits[index], (h[:, index], c[:, index]) = self.lm.prefill([sequences[i] for i in members], start)
         return logits, (h, c)

@@ -17,6 +17,7 @@ from service.engine import Engine, Generation, TextScore
 from service.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
 from service.sampling import SamplingParams
 from tests.test_batching import run_concurrently
+from tests.test_observability import metric_value as value
 
 # Three prompts share a prefix longer than two checkpoints; one extends another.
 SHARED = ("KING. " + "Now is the winter of our discontent made glorious summer by this sun of York. " * 8)[:600]
@@ -261,10 +262,6 @@ def plain_logits(models: LoadedModels, prompt: str) -> torch.Tensor:
 
 
 def test_metrics_count_hits_misses_characters_saved_and_bytes(client: FlaskClient) -> None:
-    def value(body: str, name: str) -> float:
-        lines = [line for line in body.splitlines() if line.startswith(name + " ")]
-        return float(lines[0].split()[-1]) if lines else 0.0
-
     prompt = "".join(chr(ord("a") + int(digit, 16)) for digit in uuid.uuid4().hex[:16]) + SHARED[:280]
     before = client.get("/metrics").get_data(as_text=True)
     for _ in range(2):  # the second time it is found whole

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from service.engine import Engine
 from service.sampling import SamplingParams
 from service.sessions import SessionCodec, SessionError, principal_of
 from service.settings import Settings
-from tests.conftest import gunicorn_server
+from tests.conftest import booted_workers, gunicorn_process
 
 
 def codec(secret: bytes = b"k" * 32, model: str = "digest", ttl: float = 60) -> SessionCodec:
@@ -122,16 +123,15 @@ def test_sessions_belong_to_the_key_that_made_them(tiny_artifacts: Path) -> None
 def test_a_session_continues_on_any_worker(tiny_artifacts: Path) -> None:
     """Eight keep-alive connections at once are spread over both workers (see test_gunicorn); every one
     continues the same handle to the same text, as the full text does."""
-    with gunicorn_server(tiny_artifacts, WORKERS="2", SESSION_TTL_SECONDS="60") as base:
+    with gunicorn_process(tiny_artifacts, WORKERS="2", SESSION_TTL_SECONDS="60") as (proc, base):
+        booted_workers(proc.pid, 2)  # /readyz answers once the first worker is up
         body: dict[str, Any] = {"prompt": "JULIET. ", "max_tokens": 20, "seed": 8, "return_session": True}
         first = requests.post(f"{base}/v1/generate", json=body, timeout=30).json()["choices"][0]
         follow: dict[str, Any] = {"prompt": " Ay me.", "session": first["session"], "max_tokens": 20, "seed": 6}
         full: dict[str, Any] = {"prompt": "JULIET. " + first["text"] + " Ay me.", "max_tokens": 20, "seed": 6}
         expected = requests.post(f"{base}/v1/generate", json=full, timeout=30).json()["choices"][0]["text"]
-        sessions = [requests.Session() for _ in range(8)]
-        with ThreadPoolExecutor(8) as pool:
+        with ExitStack() as stack, ThreadPoolExecutor(8) as pool:
+            sessions = [stack.enter_context(requests.Session()) for _ in range(8)]
             answers = list(pool.map(lambda s: s.post(f"{base}/v1/generate", json=follow, timeout=30), sessions))
         assert [a.status_code for a in answers] == [200] * 8
         assert {a.json()["choices"][0]["text"] for a in answers} == {expected}
-        for session in sessions:
-            session.close()

@@ -90,10 +90,10 @@ def balanced_weights(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
     return counts.sum() / (num_labels * counts)
 
 
-def predict(model: MLPClassifier, counts: list[Counter[int]]) -> torch.Tensor:
+def predict(model: MLPClassifier, batch: NgramBatch) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        logits, _ = model(NgramBatch.of(counts))
+        logits, _ = model(batch)
     return logits
 
 
@@ -115,6 +115,7 @@ def train_mlp(
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_macro_f1": []}
     best_f1, best_state, since_best = -1.0, None, 0
     passages = [NgramBatch.text_tensors(c) for c in train_counts]
+    val_batch = NgramBatch.of(val_counts)
     for _ in range(cfg.epochs):
         model.train()
         order = torch.randperm(len(train_counts), generator=generator).tolist()
@@ -127,7 +128,7 @@ def train_mlp(
             loss.backward()
             optimizer.step()
             total += loss.item() * len(rows)
-        logits = predict(model, val_counts)
+        logits = predict(model, val_batch)
         val_loss = float(torch.nn.functional.cross_entropy(logits, val_y))
         val_f1 = float(f1_score(val_y.tolist(), logits.argmax(1).tolist(), average="macro", zero_division=0))
         history["train_loss"].append(total / len(train_counts))
@@ -171,7 +172,7 @@ def fit_and_predict_mlp(
     train_c, val_c, test_c = ([ngram_counts(t, cfg.model) for t in p.texts] for p in (train, val, test))
     y_train, y_val = (torch.tensor([index[y] for y in p.labels], dtype=torch.long) for p in (train, val))
     model, history = train_mlp(train_c, y_train, val_c, y_val, cfg, seed)
-    predicted = [labels[i] for i in predict(model, test_c).argmax(1).tolist()]
+    predicted = [labels[i] for i in predict(model, NgramBatch.of(test_c)).argmax(1).tolist()]
     return model, predicted, history
 
 

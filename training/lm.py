@@ -188,9 +188,9 @@ class StopRequests:
             raise KeyboardInterrupt
 
     def __enter__(self) -> StopRequests:
+        main = threading.current_thread() is threading.main_thread()  # signal handlers can only go there
         if self.active:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
-        main = threading.current_thread() is threading.main_thread()
         if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored
             self._previous_sigint = signal.signal(signal.SIGINT, self._interrupt)
         return self
@@ -233,7 +233,8 @@ def train_lm(
         torch.manual_seed(seed + cluster.rank)  # but dropout masks of its own
     optimizer = make_optimizer(model, cfg)
     train_ids = torch.tensor(vocab.encode(train_text), dtype=torch.long)
-    val_ids = torch.tensor(vocab.encode(val_text[: cfg.eval_chars]), dtype=torch.long)
+    val_sample = val_text[: cfg.eval_chars]
+    val_ids = torch.tensor(vocab.encode(val_sample), dtype=torch.long)
 
     history = LMHistory()
     bfloat16 = use_bfloat16(cfg.autocast, device)
@@ -241,9 +242,9 @@ def train_lm(
     average: dict[str, torch.Tensor] | None = None
     state = model.zero_state(rows.stop - rows.start, device)
     since_best, first_step, seconds_before, finished = 0, 0, 0.0, False
-    identity = run_identity(asdict(cfg), seed, train_text, val_text[: cfg.eval_chars])
+    identity = run_identity(asdict(cfg), seed, train_text, val_sample) if checkpointing is not None else {}
     resume_from = checkpoint.to_continue(checkpointing) if checkpointing is not None else None
-    if checkpointing is not None and resume_from is not None:
+    if resume_from is not None:
         snap = checkpoint.load(resume_from, cluster, rows, identity)
         model.load_state_dict(snap.model)
         optimizer.load_state_dict(snap.optimizer)
@@ -349,9 +350,9 @@ def train_lm(
             if (step + 1) % cfg.eval_every == 0 or last_step or out_of_time:
                 if cluster.main:
                     val_bpc = evaluate_bpc(model, val_ids, vocab.bos_id, segment_len=2048, batch=64)
-                    candidates = [(val_bpc, "weights", _copy(model.state_dict()))]
+                    current = _copy(model.state_dict())
+                    candidates = [(val_bpc, "weights", current)]
                     if average is not None:
-                        current = _copy(model.state_dict())
                         model.load_state_dict(average)
                         candidates.append((evaluate_bpc(model, val_ids, vocab.bos_id, 2048, 64), "average", average))
                         model.load_state_dict(current)
@@ -361,7 +362,7 @@ def train_lm(
                     if val_bpc < history.best_val_bpc:
                         history.best_val_bpc, history.best_step, since_best = val_bpc, step + 1, 0
                         history.best_kind = kind
-                        best_state = _copy(weights)
+                        best_state = current if kind == "weights" else _copy(weights)  # the average changes
                     else:
                         since_best += 1
                     tqdm.write(f"step {step + 1}: train {bpc:.3f} bpc, validation {val_bpc:.3f} bpc ({kind})")
