@@ -334,6 +334,12 @@ class MLPClassifier(nn.Module):
     def forward(
         self, batch: NgramBatch, targets: torch.Tensor | None = None, class_weights: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.net(self.ngram_layer(batch))
+        loss = F.cross_entropy(logits, targets, weight=class_weights) if targets is not None else None
+        return logits, loss
+
+    def ngram_layer(self, batch: NgramBatch) -> torch.Tensor:
+        """The first layer's pre-activations (B, hidden_dims[0]), read straight from the sparse n-grams."""
         index, row = batch.index, batch.row
         weight = (1 + batch.count.log()) * self.idf[index]  # sublinear term frequency x IDF
         if self.training and self.config.feature_dropout > 0:
@@ -341,10 +347,7 @@ class MLPClassifier(nn.Module):
         norm = torch.zeros(batch.size).index_add_(0, row, weight * weight).sqrt().clamp_min(1e-12)
         offsets = torch.zeros(batch.size, dtype=torch.long)
         offsets[1:] = torch.bincount(row, minlength=batch.size).cumsum(0)[:-1]
-        hidden = self.ngrams(index, offsets, per_sample_weights=weight / norm[row]) + self.ngram_bias
-        logits = self.net(hidden)
-        loss = F.cross_entropy(logits, targets, weight=class_weights) if targets is not None else None
-        return logits, loss
+        return self.ngrams(index, offsets, per_sample_weights=weight / norm[row]) + self.ngram_bias
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

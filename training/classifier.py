@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
@@ -104,12 +105,17 @@ def train_mlp(
     val_y: torch.Tensor,
     cfg: ClassifierTrainConfig,
     seed: int,
+    auxiliary: torch.nn.Module | None = None,
 ) -> tuple[MLPClassifier, dict[str, list[float]]]:
-    """Minibatch AdamW with class-balanced cross-entropy; keeps the epoch with the best validation macro-F1."""
+    """Minibatch AdamW with class-balanced cross-entropy; keeps the epoch with the best validation macro-F1.
+
+    `auxiliary(first_layer, rows)`, where given, adds a loss on the first layer's pre-activations of the
+    minibatch's passages (`rows` index the training passages); its parameters train with the model's."""
     torch.manual_seed(seed)
     model = MLPClassifier(cfg.model)
     model.idf.copy_(inverse_document_frequency(train_counts, cfg.model.buckets))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    parameters = [*model.parameters(), *(auxiliary.parameters() if auxiliary is not None else [])]
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
     class_weights = balanced_weights(train_y, cfg.model.num_labels)
     generator = torch.Generator().manual_seed(seed)
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_macro_f1": []}
@@ -122,8 +128,10 @@ def train_mlp(
         total = 0.0
         for i in range(0, len(order), cfg.batch_size):
             rows = order[i : i + cfg.batch_size]
-            _, loss = model(NgramBatch.concat([passages[r] for r in rows]), train_y[rows], class_weights)
-            assert loss is not None
+            first_layer = model.ngram_layer(NgramBatch.concat([passages[r] for r in rows]))
+            loss = F.cross_entropy(model.net(first_layer), train_y[rows], weight=class_weights)
+            if auxiliary is not None:
+                loss = loss + auxiliary(first_layer, rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -164,13 +172,25 @@ def majority_baseline(train: Passages, test: Passages) -> list[str]:
     return [most_common] * len(test.texts)
 
 
-def fit_and_predict_mlp(
-    train: Passages, val: Passages, test: Passages, labels: list[str], cfg: ClassifierTrainConfig, seed: int
-) -> tuple[MLPClassifier, list[str], dict[str, list[float]]]:
+EncodedPassages = tuple[list[Counter[int]], torch.Tensor, list[Counter[int]], torch.Tensor, list[Counter[int]]]
+
+
+def encode_passages(
+    train: Passages, val: Passages, test: Passages, labels: list[str], cfg: ClassifierTrainConfig
+) -> EncodedPassages:
+    """(training n-grams, training label ids, validation n-grams, validation label ids, test n-grams);
+    sets the model's label count."""
     index = {label: i for i, label in enumerate(labels)}
     cfg.model.num_labels = len(labels)
     train_c, val_c, test_c = ([ngram_counts(t, cfg.model) for t in p.texts] for p in (train, val, test))
     y_train, y_val = (torch.tensor([index[y] for y in p.labels], dtype=torch.long) for p in (train, val))
+    return train_c, y_train, val_c, y_val, test_c
+
+
+def fit_and_predict_mlp(
+    train: Passages, val: Passages, test: Passages, labels: list[str], cfg: ClassifierTrainConfig, seed: int
+) -> tuple[MLPClassifier, list[str], dict[str, list[float]]]:
+    train_c, y_train, val_c, y_val, test_c = encode_passages(train, val, test, labels, cfg)
     model, history = train_mlp(train_c, y_train, val_c, y_val, cfg, seed)
     predicted = [labels[i] for i in predict(model, NgramBatch.of(test_c)).argmax(1).tolist()]
     return model, predicted, history
