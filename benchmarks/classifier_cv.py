@@ -39,7 +39,7 @@ from torch import nn
 from benchmarks.serve import write_report
 from seqmodels.networks import ClassifierConfig, MLPClassifier, NgramBatch, ngram_counts
 from training import classifier
-from training.classifier import ClassifierTrainConfig, Passages, Sampler, cross_validate
+from training.classifier import ClassifierTrainConfig, Passages, cross_validate, fit_and_predict_mlp
 from training.corpus import load_plays
 from training.run import passage_sampler
 
@@ -69,7 +69,6 @@ FEATURIZERS: dict[str, Callable[[str, ClassifierConfig], Counter[int]]] = {"line
 
 ENSEMBLE_SIZE = 5
 ADVERSARY_STRENGTH = 0.3  # scale of the reversed gradient
-_TRAIN_PLAYS: dict[int, list[int]] = {}  # id() of a fold's training Passages -> each passage's play index
 
 
 def fit_ensemble(
@@ -111,29 +110,9 @@ class PlayAdversary(nn.Module):
 def fit_with_adversary(
     train: Passages, val: Passages, test: Passages, labels: list[str], cfg: ClassifierTrainConfig, seed: int
 ) -> tuple[MLPClassifier, list[str], dict[str, list[float]]]:
-    train_c, y_train, val_c, y_val, test_c = classifier.encode_passages(train, val, test, labels, cfg)
-    torch.manual_seed(seed)
-    adversary = PlayAdversary(cfg.model.hidden_dims[0], _TRAIN_PLAYS[id(train)])
-    model, history = classifier.train_mlp(train_c, y_train, val_c, y_val, cfg, seed, auxiliary=adversary)
-    predicted = [labels[i] for i in classifier.predict(model, NgramBatch.of(test_c)).argmax(1).tolist()]
-    return model, predicted, history
-
-
-def recording_plays(documents: dict[str, str], sample: Sampler, cfg: ClassifierTrainConfig) -> Sampler:
-    """`sample`, also noting which training play each training passage came from (the sampler draws
-    ceil(train_per_label / plays of its genre) passages from each play, in order)."""
-
-    def wrapped(train: list[str], val: list[str], test: list[str], seed: int) -> tuple[Passages, Passages, Passages]:
-        passages = sample(train, val, test, seed)
-        plays_of = Counter(documents[n] for n in train)
-        counts = [-(-cfg.train_per_label // plays_of[documents[n]]) for n in train]
-        plays = [play for play, count in enumerate(counts) for _ in range(count)]
-        if len(plays) != len(passages[0].texts):
-            raise RuntimeError("the sampler no longer draws the passage counts this benchmark assumes")
-        _TRAIN_PLAYS[id(passages[0])] = plays
-        return passages
-
-    return wrapped
+    torch.manual_seed(seed)  # the adversary's initial weights
+    adversary = PlayAdversary(cfg.model.hidden_dims[0], train.sources)
+    return fit_and_predict_mlp(train, val, test, labels, cfg, seed, auxiliary=adversary)
 
 
 FITTERS = {"5-seed ensemble": fit_ensemble, "play-adversarial": fit_with_adversary}
@@ -165,11 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(ClassifierTrainConfig(), **train_over, model=replace(ClassifierConfig(), **model_over))
         documents, sample = passage_sampler(docs, None, cfg)
         started = time.monotonic()
-        if name == "play-adversarial":
-            sample = recording_plays(documents, sample, cfg)
         with (
             mock.patch.object(classifier, "ngram_counts", FEATURIZERS.get(name, ngram_counts)),
-            mock.patch.object(classifier, "fit_and_predict_mlp", FITTERS.get(name, classifier.fit_and_predict_mlp)),
+            mock.patch.object(classifier, "fit_and_predict_mlp", FITTERS.get(name, fit_and_predict_mlp)),
         ):
             cv = cross_validate(documents, sample, sorted(set(documents.values())), cfg, args.seed)
         summary = cv["summary"]

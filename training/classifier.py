@@ -39,6 +39,7 @@ class ClassifierTrainConfig:
 class Passages:
     texts: list[str]
     labels: list[str]
+    sources: list[int] = field(default_factory=list)  # index of the text each passage was drawn from
 
 
 def sample_passages(
@@ -51,10 +52,11 @@ def sample_passages(
     """
     rng = random.Random(seed)
     out = Passages([], [])
-    for (label, text), count in zip(texts, count_of, strict=True):
+    for source, ((label, text), count) in enumerate(zip(texts, count_of, strict=True)):
         if len(text) <= cfg.min_chars:
             out.texts.append(text)
             out.labels.append(label)
+            out.sources.append(source)
             continue
         line_starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n" and i + 1 < len(text)]
         for _ in range(count):
@@ -67,6 +69,7 @@ def sample_passages(
                 passage = passage[:cut]
             out.texts.append(passage.strip("\n") or passage)
             out.labels.append(label)
+            out.sources.append(source)
     return out
 
 
@@ -137,7 +140,7 @@ def train_mlp(
             optimizer.step()
             total += loss.item() * len(rows)
         logits = predict(model, val_batch)
-        val_loss = float(torch.nn.functional.cross_entropy(logits, val_y))
+        val_loss = float(F.cross_entropy(logits, val_y))
         val_f1 = float(f1_score(val_y.tolist(), logits.argmax(1).tolist(), average="macro", zero_division=0))
         history["train_loss"].append(total / len(train_counts))
         history["val_loss"].append(val_loss)
@@ -188,10 +191,17 @@ def encode_passages(
 
 
 def fit_and_predict_mlp(
-    train: Passages, val: Passages, test: Passages, labels: list[str], cfg: ClassifierTrainConfig, seed: int
+    train: Passages,
+    val: Passages,
+    test: Passages,
+    labels: list[str],
+    cfg: ClassifierTrainConfig,
+    seed: int,
+    auxiliary: torch.nn.Module | None = None,
 ) -> tuple[MLPClassifier, list[str], dict[str, list[float]]]:
+    """Trains the MLP (with `train_mlp`'s `auxiliary` loss, where given) and labels the test passages."""
     train_c, y_train, val_c, y_val, test_c = encode_passages(train, val, test, labels, cfg)
-    model, history = train_mlp(train_c, y_train, val_c, y_val, cfg, seed)
+    model, history = train_mlp(train_c, y_train, val_c, y_val, cfg, seed, auxiliary)
     predicted = [labels[i] for i in predict(model, NgramBatch.of(test_c)).argmax(1).tolist()]
     return model, predicted, history
 

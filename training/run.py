@@ -197,7 +197,8 @@ def passage_sampler(
 
         def whole(train: list[str], val: list[str], test: list[str], seed: int) -> tuple[Passages, Passages, Passages]:
             def of(names: list[str]) -> Passages:
-                return Passages([by_name[n].text for n in names], [by_name[n].label for n in names])
+                texts, labels = [by_name[n].text for n in names], [by_name[n].label for n in names]
+                return Passages(texts, labels, list(range(len(names))))
 
             return of(train), of(val), of(test)
 
