@@ -121,6 +121,7 @@ OLD_DEFAULT = {"train_per_label": 600}
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default (1,500 passages a genre)": ({}, {}),
     "600 passages a genre": (OLD_DEFAULT, {}),
+    "3,000 passages a genre": ({"train_per_label": 3000}, {}),
     "line shapes": (OLD_DEFAULT, {}),
     "no feature dropout": (OLD_DEFAULT, {"feature_dropout": 0.0}),
     "2^18 buckets, 64 hidden": (OLD_DEFAULT, {"buckets": 1 << 18, "hidden_dims": [64]}),

@@ -192,7 +192,8 @@ class CharLSTM(nn.Module):
         anchors = [p.detach().clone() for p in params] if adapt.decay > 0 else []
         state: LSTMState | None = None
         out = torch.empty(targets.size(1), dtype=torch.float64)
-        with torch.enable_grad():
+        # A rate of 0 (the tuning's baseline trial) takes no steps, so it needs no gradients either.
+        with torch.set_grad_enabled(adapt.lr > 0):
             for begin in range(0, inputs.size(1), adapt.segment_len):
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"adaptive scoring stopped after {begin} of {inputs.size(1)} characters")
@@ -201,8 +202,8 @@ class CharLSTM(nn.Module):
                 logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, begin:end, None])[0, :, 0]
                 out[begin:end] = logp.detach().double()
                 state = (state[0].detach(), state[1].detach())
-                if end == inputs.size(1):
-                    break
+                if end == inputs.size(1) or adapt.lr == 0:
+                    continue
                 grads = torch.autograd.grad(-logp.mean(), params)
                 with torch.no_grad():
                     for p, g in zip(params, grads, strict=True):

@@ -15,6 +15,7 @@ from seqmodels.networks import AdaptConfig, CharLSTM, LMConfig
 from service.app import create_app
 from service.settings import Settings
 from tests.test_api import assert_error, post
+from training.lm import adapted_bpc
 
 TEXT = "What light through yonder window breaks? It is the east, and Juliet is the sun. " * 3
 
@@ -55,6 +56,23 @@ def test_adaptation_leaves_the_served_weights_untouched(tiny_artifacts: Path) ->
     before = copy.deepcopy(models.lm.state_dict())
     adapted(models.lm, models.vocab.encode(TEXT), models.adapt, models.vocab.bos_id)
     assert all(torch.equal(before[k], v) for k, v in models.lm.state_dict().items())
+
+
+def test_documents_adapted_side_by_side_score_as_they_do_one_at_a_time(tiny_artifacts: Path) -> None:
+    """The training run's adaptive figure shares documents out over threads, one core each: the same
+    bits as reading them one after another on one core, and the thread setting is given back."""
+    models = load_artifacts(tiny_artifacts)
+    documents = [torch.tensor(models.vocab.encode(TEXT[:n])) for n in (240, 150, 90)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        side_by_side = adapted_bpc(models.lm, documents, models.vocab.bos_id, models.adapt)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        one_at_a_time = adapted_bpc(models.lm, documents, models.vocab.bos_id, models.adapt)
+    finally:
+        torch.set_num_threads(threads)
+    assert side_by_side == one_at_a_time > 0
 
 
 def test_training_graph_with_dropouts_off_is_the_served_lstm() -> None:
