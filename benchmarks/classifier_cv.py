@@ -145,11 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(ClassifierTrainConfig(), **train_over, model=replace(ClassifierConfig(), **model_over))
         documents, sample = passage_sampler(docs, None, cfg)
         started = time.monotonic()
-        with (
-            mock.patch.object(classifier, "ngram_counts", FEATURIZERS.get(name, ngram_counts)),
-            mock.patch.object(classifier, "fit_and_predict_mlp", FITTERS.get(name, fit_and_predict_mlp)),
-        ):
-            cv = cross_validate(documents, sample, sorted(set(documents.values())), cfg, args.seed)
+        fit = FITTERS.get(name, fit_and_predict_mlp)
+        with mock.patch.object(classifier, "ngram_counts", FEATURIZERS.get(name, ngram_counts)):
+            cv = cross_validate(documents, sample, sorted(set(documents.values())), cfg, args.seed, fit)
         summary = cv["summary"]
         rows.append(
             {

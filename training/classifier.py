@@ -207,16 +207,26 @@ def fit_and_predict_mlp(
 
 
 Sampler = Callable[[list[str], list[str], list[str], int], tuple[Passages, Passages, Passages]]
+Fitter = Callable[
+    [Passages, Passages, Passages, list[str], ClassifierTrainConfig, int],
+    tuple[MLPClassifier, list[str], dict[str, list[float]]],
+]
 
 
 def cross_validate(
-    documents: dict[str, str], sample: Sampler, labels: list[str], cfg: ClassifierTrainConfig, seed: int
+    documents: dict[str, str],
+    sample: Sampler,
+    labels: list[str],
+    cfg: ClassifierTrainConfig,
+    seed: int,
+    fit: Fitter = fit_and_predict_mlp,
 ) -> dict[str, Any]:
     """Grouped k-fold by document: each document is in the test fold exactly once, folds stratified by
     label. In each fold every model trains on the same passages of the training documents and is
     tested on the same passages of the test documents; the MLP stops early on validation documents
     taken from the training side. `documents` maps each document to its label; `sample(train, val,
-    test, fold_seed)` draws the passages. Returns per-fold and mean/spread figures and the MLP's
+    test, fold_seed)` draws the passages; `fit` trains the MLP (a benchmark passes its variants' own).
+    Returns per-fold and mean/spread figures and the MLP's
     confusion matrix summed over folds."""
     names = sorted(documents)
     folds = StratifiedKFold(n_splits=cfg.cv_folds, shuffle=True, random_state=seed)
@@ -236,7 +246,7 @@ def cross_validate(
         val_names = sorted(rng.choice(sorted(group)) for group in spare)
         fit_names = [n for n in train_names if n not in val_names]
         train, val, test = sample(fit_names, val_names, [names[i] for i in test_rows], seed + fold)
-        _, predicted, _ = fit_and_predict_mlp(train, val, test, labels, cfg, seed + fold)
+        _, predicted, _ = fit(train, val, test, labels, cfg, seed + fold)
         results: dict[str, Any] = {
             "test_documents": [names[i] for i in test_rows],
             "test_passages": len(test.texts),
