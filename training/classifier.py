@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections import Counter
@@ -101,6 +102,32 @@ def predict(model: MLPClassifier, batch: NgramBatch) -> torch.Tensor:
     return logits
 
 
+@dataclass
+class BestEpoch:
+    """Early stopping on a validation score: keeps the weights of the best epoch so far."""
+
+    patience: int  # epochs without a better score before stopping
+    score: float = -math.inf
+    state: dict[str, torch.Tensor] | None = None
+    since_best: int = 0
+
+    def should_stop(self, score: float, model: torch.nn.Module) -> bool:
+        """Records an epoch's score (keeping a copy of the weights if it is the best); True once
+        `patience` epochs in a row have not beaten the best."""
+        if score > self.score:
+            self.score, self.since_best = score, 0
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return False
+        self.since_best += 1
+        return self.since_best >= self.patience
+
+    def restore(self, model: torch.nn.Module) -> None:
+        """Loads the best epoch's weights and puts the model in eval mode."""
+        assert self.state is not None, "no epoch was recorded"
+        model.load_state_dict(self.state)
+        model.eval()
+
+
 def train_mlp(
     train_counts: list[Counter[int]],
     train_y: torch.Tensor,
@@ -122,7 +149,7 @@ def train_mlp(
     class_weights = balanced_weights(train_y, cfg.model.num_labels)
     generator = torch.Generator().manual_seed(seed)
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_macro_f1": []}
-    best_f1, best_state, since_best = -1.0, None, 0
+    best = BestEpoch(cfg.patience)
     passages = [NgramBatch.text_tensors(c) for c in train_counts]
     val_batch = NgramBatch.of(val_counts)
     for _ in range(cfg.epochs):
@@ -145,16 +172,9 @@ def train_mlp(
         history["train_loss"].append(total / len(train_counts))
         history["val_loss"].append(val_loss)
         history["val_macro_f1"].append(val_f1)
-        if val_f1 > best_f1:
-            best_f1, since_best = val_f1, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            since_best += 1
-            if since_best >= cfg.patience:
-                break
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    model.eval()
+        if best.should_stop(val_f1, model):
+            break
+    best.restore(model)
     return model, history
 
 

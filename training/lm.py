@@ -403,8 +403,8 @@ def adapted_bpc(model: CharLSTM, documents: list[torch.Tensor], bos: int, adapt:
 
     On the CPU the documents are shared out over one Python thread per core, each running its
     operators on one core: a batch-1 step is too small to split across cores, while independent
-    documents keep all of them busy (the default run's test plays took 325 s this way on 2 cores,
-    783 s one at a time on both)."""
+    documents keep all of them busy (the test plays, in 50-character segments, took 325 s this way on
+    2 cores, 783 s one at a time on both)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
