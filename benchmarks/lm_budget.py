@@ -3,6 +3,7 @@
     python -m training.run --out /tmp/lm12 --max-minutes 12 --adapt-lrs --train-passages 60 --cv-folds 2
     python -m training.run --out /tmp/lm24 --max-minutes 24 --adapt-lrs --train-passages 60 --cv-folds 2
     python -m benchmarks.lm_budget artifacts /tmp/lm12 /tmp/lm24 [more run folders ...]
+    python -m benchmarks.lm_budget --compare lm_lr /tmp/lm12 /tmp/lm12lr6   (any settings; no fit)
 
 Each folder is a training run's output (its manifest records the command, and the report repeats it).
 The cosine schedule shrinks to fit `--max-minutes`, so every budget needs a run of its own; `--adapt-lrs`
@@ -74,8 +75,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="training output folders")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument(
+        "--compare",
+        metavar="STEM",
+        help="only tabulate the runs, whatever their settings (peak learning rate shown), into STEM.json and .md",
+    )
     args = parser.parse_args(argv)
     rows = sorted((run_row(f) for f in args.runs), key=lambda r: (r["max_minutes"], r["folder"]))
+    if args.compare:
+        for row in rows:
+            row["peak_lr"] = row.pop("same_run_settings")["lm"]["lr"]
+        table = "| run | LM budget (minutes) | peak lr | steps | validation bpc | test bpc | vs PPMd |\n" + (
+            "|---|---|---|---|---|---|---|\n"
+            + "".join(
+                f"| `{r['command']}` | {r['max_minutes']:g} | {r['peak_lr']:g} | {r['steps']:,} | {r['val_bpc']:.3f} "
+                f"| {r['test_bpc']:.3f} | {r['ratio_to_ppmd']:.3f} x |\n"
+                for r in rows
+            )
+        )
+        write_report(args.out, args.compare, {"rows": rows}, table)
+        return 0
     if len({json.dumps(r["same_run_settings"], sort_keys=True) for r in rows}) != 1:
         raise SystemExit("the runs differ in more than their budget (seed, split or LM settings)")
     ppmd = rows[0]["ppmd_bpc"]
