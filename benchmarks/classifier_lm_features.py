@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     features = [lm_features(models.lm, models.vocab, p.texts) for p in (train, val, test)]
     feature_seconds = time.monotonic() - started
     mean, std = features[0].mean(0), features[0].std(0).clamp_min(1e-6)
-    dense = (features[0] - mean) / std, (features[1] - mean) / std, (features[2] - mean) / std
+    train_dense, val_dense, test_dense = ((f - mean) / std for f in features)
+    dense = train_dense, val_dense, test_dense
     chars = sum(len(t) for p in (train, val, test) for t in p.texts)
     print(f"LM features of {chars:,} characters in {feature_seconds:.0f} s")
     baseline = tfidf_baseline(train, test, args.seed)

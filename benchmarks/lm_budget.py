@@ -32,11 +32,12 @@ from benchmarks.serve import write_report
 TARGET_RATIO = 0.97  # the issue's static target, as a multiple of PPMd's bits per character
 
 
-def run_row(folder: Path) -> dict[str, Any]:
+def run_row(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's figures, and the settings that runs compared by budget must share (seed, split, LM)."""
     manifest = json.loads((folder / "manifest.json").read_text())
     metrics = json.loads((folder / "metrics.json").read_text())["lm"]
     lm_training = manifest["training"]["lm"]
-    return {
+    row = {
         "folder": str(folder),
         "command": manifest["command"],
         "max_minutes": lm_training["max_minutes"],
@@ -45,12 +46,13 @@ def run_row(folder: Path) -> dict[str, Any]:
         "test_bpc": metrics["test_bpc"],
         "ppmd_bpc": metrics["ppmd"]["bpc"],
         "ratio_to_ppmd": metrics["ratio_to_ppmd"],
-        "same_run_settings": {
-            "seed": manifest["seed"],
-            "split": manifest["split"],
-            "lm": {k: v for k, v in lm_training.items() if k != "max_minutes"},
-        },
     }
+    shared = {
+        "seed": manifest["seed"],
+        "split": manifest["split"],
+        "lm": {k: v for k, v in lm_training.items() if k != "max_minutes"},
+    }
+    return row, shared
 
 
 def power_law_fit(minutes: list[float], bpc: list[float]) -> tuple[float, float, float]:
@@ -81,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         help="only tabulate the runs, whatever their settings (peak learning rate shown), into STEM.json and .md",
     )
     args = parser.parse_args(argv)
-    rows = sorted((run_row(f) for f in args.runs), key=lambda r: (r["max_minutes"], r["folder"]))
+    runs = sorted((run_row(f) for f in args.runs), key=lambda run: (run[0]["max_minutes"], run[0]["folder"]))
+    rows = [row for row, _ in runs]
     if args.compare:
-        for row in rows:
-            row["peak_lr"] = row.pop("same_run_settings")["lm"]["lr"]
+        for row, shared in runs:
+            row["peak_lr"] = shared["lm"]["lr"]
         table = "| run | LM budget (minutes) | peak lr | steps | validation bpc | test bpc | vs PPMd |\n" + (
             "|---|---|---|---|---|---|---|\n"
             + "".join(
@@ -95,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         write_report(args.out, args.compare, {"rows": rows}, table)
         return 0
-    if len({json.dumps(r["same_run_settings"], sort_keys=True) for r in rows}) != 1:
+    if len({json.dumps(shared, sort_keys=True) for _, shared in runs}) != 1:
         raise SystemExit("the runs differ in more than their budget (seed, split or LM settings)")
-    ppmd = rows[0]["ppmd_bpc"]
-    target = TARGET_RATIO * ppmd
     budgets = sorted({r["max_minutes"] for r in rows})
-    mean_test = [statistics.fmean(r["test_bpc"] for r in rows if r["max_minutes"] == m) for m in budgets]
     if len(budgets) < 3:
         raise SystemExit("give runs of at least three budgets: the power law has three parameters")
+    ppmd = rows[0]["ppmd_bpc"]
+    target = TARGET_RATIO * ppmd
+    mean_test = [statistics.fmean(r["test_bpc"] for r in rows if r["max_minutes"] == m) for m in budgets]
     floor, scale, exponent = power_law_fit(budgets, mean_test)
     minutes_for_target = ((target - floor) / scale) ** (-1 / exponent) if target > floor else math.inf
     summary = {
@@ -116,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{a:g} to {b:g} minutes: {bpc_a - bpc_b:.3f}"
         for (a, bpc_a), (b, bpc_b) in itertools.pairwise(zip(budgets, mean_test, strict=True))
     )
-    for row in rows:
-        del row["same_run_settings"]
     table = (
         "| LM budget (minutes) | steps | validation bpc | test bpc | vs PPMd |\n|---|---|---|---|---|\n"
         + "".join(
