@@ -29,7 +29,7 @@ class LMTrainConfig:
     batch_size: int = 64  # parallel streams through the training text (on a GPU 256 won per minute)
     seq_len: int = 128  # truncated-BPTT window; the state is carried between windows
     max_steps: int = 30_000  # length of the learning-rate schedule and the hard cap on optimizer steps
-    lr: float = 3e-3  # peak AdamW learning rate
+    lr: float = 6e-3  # peak AdamW learning rate (3e-3 lost to it at 12 and 48 minutes: benchmarks/lm_lr.md)
     min_lr_ratio: float = 0.05  # cosine decay floor, as a fraction of `lr`
     warmup_steps: int = 100  # linear warm-up
     weight_decay: float = 0.1  # AdamW decay on matrices only
