@@ -201,7 +201,7 @@ class ScoreRequest(RequestModel):
         False,
         description="dynamic evaluation: score each text segment by segment, taking an SGD step on each scored "
         "segment on a private copy of the weights (every character is still scored before the model trains on "
-        "it); lower bits/char on long texts, at about 1 ms per character; at most MAX_ADAPT_CHARS in all",
+        "it); lower bits/char on long texts, at about 0.7 ms per character; at most MAX_ADAPT_CHARS in all",
     )
 
     _texts = field_validator("texts")(_check_texts)
