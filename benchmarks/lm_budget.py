@@ -2,7 +2,7 @@
 
     python -m training.run --out /tmp/lm12 --max-minutes 12 --adapt-lrs --train-passages 60 --cv-folds 2
     python -m training.run --out /tmp/lm24 --max-minutes 24 --adapt-lrs --train-passages 60 --cv-folds 2
-    python -m benchmarks.lm_budget artifacts /tmp/lm12 /tmp/lm24 [more run folders ...]
+    python -m benchmarks.lm_budget artifacts /tmp/lm12 /tmp/lm24 [more run folders ...] [--name STEM]
     python -m benchmarks.lm_budget --compare lm_lr /tmp/lm12 /tmp/lm12lr6   (any settings; no fit)
 
 Each folder is a training run's output (its manifest records the command, and the report repeats it).
@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="training output folders")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument(
+        "--name", default="lm_budget", help="the budget fit's report, STEM.json and .md (one per set of settings)"
+    )
+    parser.add_argument(
         "--compare",
         metavar="STEM",
         help="only tabulate the runs, whatever their settings (peak learning rate shown), into STEM.json and .md",
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         f"minutes^-{exponent:.2f}; on it, the target ({target:.3f}, 0.97 x PPMd) would take "
         f"{minutes_for_target:,.0f} minutes of LM training on this machine.\n"
     )
-    write_report(args.out, "lm_budget", {"rows": rows, "summary": summary}, table)
+    write_report(args.out, args.name, {"rows": rows, "summary": summary}, table)
     return 0
 
 
