@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -156,14 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     chars = sum(len(t) for p in (train, val, test) for t in p.texts)
     print(f"LM features of {chars:,} characters in {feature_seconds:.0f} s")
     baseline = tfidf_baseline(train, test, args.seed)
-    _, served, _ = fit_and_predict_mlp(train, val, test, labels, replace(cfg, model=replace(cfg.model)), args.seed)
+    _, served, _ = fit_and_predict_mlp(train, val, test, labels, cfg, args.seed)
     rows: list[dict[str, Any]] = [
         {"model": "TF-IDF + logistic regression", **scores(test.labels, baseline)},
         {"model": "MLP on n-grams (the served recipe)", **scores(test.labels, served)},
     ]
     for name, use_ngrams in (("MLP on LM features", False), ("MLP on n-grams + LM features", True)):
-        run_cfg = replace(cfg, model=replace(cfg.model))
-        predicted = fit_and_predict(train, val, test, dense, labels, run_cfg, args.seed, use_ngrams)
+        predicted = fit_and_predict(train, val, test, dense, labels, cfg, args.seed, use_ngrams)
         rows.append({"model": name, **scores(test.labels, predicted)})
         print(rows[-1], flush=True)
     report = {

@@ -62,10 +62,7 @@ def power_law_fit(minutes: list[float], bpc: list[float]) -> tuple[float, float,
     for step in range(1, 301):
         exponent = step / 100
         xs = [m**-exponent for m in minutes]
-        mean_x, mean_y = sum(xs) / len(xs), sum(bpc) / len(bpc)
-        spread = sum((x - mean_x) ** 2 for x in xs)
-        scale = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, bpc, strict=True)) / spread
-        floor = mean_y - scale * mean_x
+        scale, floor = statistics.linear_regression(xs, bpc)
         error = sum((floor + scale * x - y) ** 2 for x, y in zip(xs, bpc, strict=True))
         if best is None or error < best[0]:
             best = (error, floor, scale, exponent)
