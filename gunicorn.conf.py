@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import warnings
 
+from service.settings import Settings
 from service.worker import claim_slot, create_connection_table, release_slot
 
 
@@ -36,11 +37,20 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WORKERS", "2"))
-worker_class = "service.worker.GracefulThreadWorker"  # gthread, closing its listeners on SIGTERM
+worker_class = "service.worker.GracefulThreadWorker"  # gthread, reading requests whole in its event loop
 threads = int(os.environ.get("THREADS", "32"))  # concurrent requests per worker
 timeout = int(os.environ.get("TIMEOUT", "60"))  # a worker silent this long is restarted
 graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", "30"))  # SIGTERM: in-flight requests get this long
-keepalive = 5
+# The connection limits are the service's settings (service/settings.py), read from the same variables.
+_settings = Settings()
+keepalive = _settings.keepalive_seconds  # KEEPALIVE_SECONDS
+worker_connections = _settings.max_connections  # MAX_CONNECTIONS, per worker; more wait in the listen queue
+backlog = 2048  # the listen queue
+# gunicorn's header limits (its defaults, stated): longer request lines or fields, or more fields, get 400;
+# the worker's event loop stops reading a header block that cannot fit them and answers 431.
+limit_request_line = 4094
+limit_request_fields = 100
+limit_request_field_size = 8190
 preload_app = True  # load and verify the artifacts once, in the master, before forking; a bad artifact stops start-up
 accesslog = None  # the app writes one JSON access line per request, with its request id
 errorlog = "-"

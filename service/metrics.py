@@ -25,6 +25,23 @@ REQUEST_LATENCY = Histogram(
 IN_FLIGHT = Gauge(
     "charlm_http_requests_in_flight", "Requests being handled, streams until they close", multiprocess_mode="livesum"
 )
+OPEN_CONNECTIONS = Gauge(
+    "charlm_connections_open", "Client connections open, reading, in use or kept alive", multiprocess_mode="livesum"
+)
+REQUESTS_WAITING = Gauge(
+    "charlm_requests_waiting", "Complete requests waiting for a free request thread", multiprocess_mode="livesum"
+)
+REQUESTS_REFUSED = Counter(
+    "charlm_requests_refused_total",
+    "Requests answered by the worker's event loop without reaching the app: overloaded (503), "
+    "headers_too_large (431), body_too_large (413)",
+    ["reason"],
+)
+CONNECTIONS_TIMED_OUT = Counter(
+    "charlm_connections_timed_out_total",
+    "Connections closed at a deadline: headers or body not arrived in time (408), or a write that made no progress",
+    ["phase"],
+)
 CHARS_SCORED = Counter("charlm_chars_scored_total", "Characters scored by /v1/score and echoed prompts")
 CLASSIFIED = Counter("charlm_texts_classified_total", "Texts classified")
 MODEL_LOAD_SECONDS = Gauge(

@@ -36,7 +36,7 @@ def generation_request(req: CompletionRequest, prompt: str, n: int, deadline: fl
     )
     return GenerationRequest(
         prompt=prompt,
-        max_tokens=req.max_tokens if req.max_tokens is not None else 16,
+        max_tokens=req.max_new_tokens(),
         params=params,
         seed=req.seed,
         stop=req.stop_list(),

@@ -51,6 +51,15 @@ def _check_cap(value: int | None, info: ValidationInfo, cap_name: str) -> int | 
     return value
 
 
+def _default_within_cap(model: BaseModel, name: str, default: int, info: ValidationInfo, cap_name: str) -> int:
+    """The value a field will have when generating: as sent, or, when absent or null, its default lowered to
+    the server's cap. An explicit value over the cap is refused by the field's own validator."""
+    value = getattr(model, name)
+    if name in model.model_fields_set and value is not None:
+        return int(value)
+    return min(default, getattr(_settings(info), cap_name))
+
+
 def _check_total(total: int, info: ValidationInfo) -> None:
     cap = _settings(info).max_total_tokens
     if total > cap:
@@ -80,7 +89,10 @@ NonEmptyText = Annotated[str, Field(min_length=1)]
 
 class NextTokenRequest(RequestModel):
     text: str = Field(description="context; an empty text asks for the first character")
-    top_k: int = Field(5, ge=1, description="number of candidates; capped by MAX_TOP_K and the vocabulary size")
+    top_k: int = Field(
+        5, ge=1, description="number of candidates; capped by MAX_TOP_K (absent: 5 or the cap, if lower) and the "
+        "vocabulary size"
+    )
 
     _text = field_validator("text")(_check_text)
 
@@ -88,6 +100,11 @@ class NextTokenRequest(RequestModel):
     @classmethod
     def _top_k(cls, value: int, info: ValidationInfo) -> int | None:
         return _check_cap(value, info, "max_top_k")
+
+    @model_validator(mode="after")
+    def _defaults_within_caps(self, info: ValidationInfo) -> NextTokenRequest:
+        self.top_k = _default_within_cap(self, "top_k", 5, info, "max_top_k")
+        return self
 
 
 class CandidateOut(BaseModel):
@@ -107,7 +124,9 @@ class NextTokenResponse(BaseModel):
 
 class GenerateRequest(RequestModel):
     prompt: str = Field(description="text to continue; may be empty")
-    max_tokens: int = Field(64, ge=1, description="characters to generate; capped by MAX_TOKENS")
+    max_tokens: int = Field(
+        64, ge=1, description="characters to generate; capped by MAX_TOKENS (absent: 64 or the cap, if lower)"
+    )
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="0 means greedy")
     top_k: int | None = Field(None, ge=1, description="sample among the k most likely characters")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
@@ -147,6 +166,7 @@ class GenerateRequest(RequestModel):
 
     @model_validator(mode="after")
     def _total(self, info: ValidationInfo) -> GenerateRequest:
+        self.max_tokens = _default_within_cap(self, "max_tokens", 64, info, "max_tokens")
         _check_total(self.n * self.max_tokens, info)
         return self
 
@@ -297,6 +317,9 @@ class ErrorResponse(BaseModel):
 # --------------------------------------------------------------------------- OpenAI-compatible completions
 
 
+OPENAI_DEFAULT_MAX_TOKENS = 16  # what OpenAI's completions API generates when max_tokens is null or absent
+
+
 class StreamOptions(RequestModel):
     include_usage: bool = Field(False, description="send a last chunk with the usage and no choices")
 
@@ -306,7 +329,12 @@ class CompletionRequest(RequestModel):
 
     model: str = Field(description="a model id from /v1/models; only the language model completes")
     prompt: str | list[str] = Field("", description="one prompt or a list; token-id prompts are not supported")
-    max_tokens: int | None = Field(16, ge=0, description="0 is allowed with echo, to score the prompt")
+    max_tokens: int | None = Field(
+        16,
+        ge=0,
+        description="characters per choice; null or absent means 16, or MAX_TOKENS if lower; 0 is allowed with "
+        "echo, to score the prompt",
+    )
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1, 0 or null turn it off")
@@ -350,7 +378,8 @@ class CompletionRequest(RequestModel):
 
     @model_validator(mode="after")
     def _combinations(self, info: ValidationInfo) -> CompletionRequest:
-        _check_total(len(self.prompts()) * (self.best_of or self.n) * (self.max_tokens or 0), info)
+        self.max_tokens = _default_within_cap(self, "max_tokens", OPENAI_DEFAULT_MAX_TOKENS, info, "max_tokens")
+        _check_total(len(self.prompts()) * (self.best_of or self.n) * self.max_tokens, info)
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens 0 is only allowed with echo, to score the prompt")
         if self.best_of is not None and self.best_of < self.n:
@@ -363,6 +392,10 @@ class CompletionRequest(RequestModel):
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def max_new_tokens(self) -> int:
+        """max_tokens as validation settled it (never null once validated)."""
+        return OPENAI_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
     def stop_list(self) -> list[str]:
         return stop_list(self.stop)

@@ -62,6 +62,27 @@ class Settings(BaseSettings):
         le=65536,
         description="a long prompt is encoded this many characters at a time between decode steps; 0: whole",
     )
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a request's headers must have arrived this long after its first byte, else 408"
+    )
+    body_timeout_seconds: float = Field(
+        30.0, gt=0, description="a request's whole body must have arrived this long after its headers, else 408"
+    )
+    keepalive_seconds: int = Field(5, ge=0, description="an idle keep-alive connection is closed after this long")
+    write_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="a response write that makes no progress for this long (a client not reading) "
+        "closes the connection and cancels its generation",
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="per worker: open connections; more wait in the listen queue, unaccepted"
+    )
+    max_waiting_requests: int = Field(
+        32,
+        ge=0,
+        description="per worker: complete requests that may wait for a free request thread; more get 503 at once",
+    )
     session_ttl_seconds: float = Field(3600.0, gt=0, description="a session handle expires this long after issue")
     session_secret: str = Field(
         "",

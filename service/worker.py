@@ -1,14 +1,23 @@
-"""The gunicorn worker class: gunicorn's threaded worker, refusing new work promptly on SIGTERM and
+"""The gunicorn worker class: gunicorn's threaded worker, reading every request whole in its event loop
+before a request thread sees it, answering overload at once, refusing new work promptly on SIGTERM and
 spreading connections evenly over the workers."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import selectors
+import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
+
+from service.framing import Limits, PendingRequest, Verdict
+from service.settings import Settings
 
 # One row per worker slot: pid (0 for a free slot, -1 while its worker starts), open connections,
 # and the time.monotonic() (one clock for every process) of its event loop's last turn.
@@ -16,6 +25,17 @@ PID, CONNECTIONS, HEARTBEAT = range(3)
 FIELDS = 3
 STALE_SECONDS = 2.0  # a peer whose loop has not turned for this long (stuck or dying) is left out
 DEFER_POLL_SECONDS = 0.01  # how often a worker that leaves connections to its peers looks again
+# A worker leaves new connections to a peer with fewer than n - n // BALANCE_TOLERANCE of its n: exact
+# below 16 connections, and hundreds (a burst) are accepted in runs of n/16 rather than one or two at a
+# time, each waiting up to DEFER_POLL_SECONDS for the peer to look again.
+BALANCE_TOLERANCE = 16
+
+READ_SIZE = 1 << 16  # bytes read from a client per readiness event
+SWEEP_SECONDS = 0.25  # how often the loop looks for requests past their deadline
+LINGER_SECONDS = 5.0  # after an error answer that closes, unread request bytes are drained this long at most
+LINGER_MAX_BYTES = 64 << 20  # ... and up to this much, so that the client reads the answer, not a reset
+PROBE_THREADS = 2  # threads that serve only the probes and /metrics, so they never queue behind model work
+PROBE_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
 
 _table: Any = None  # shared memory (multiprocessing.RawArray), created by the master before it forks
 
@@ -46,8 +66,48 @@ def release_slot(worker: Any) -> None:
         _table[slot * FIELDS + PID] = 0
 
 
+def _error_body(message: str, type_: str, code: str) -> bytes:
+    """OpenAI's error envelope, as the app's ApiError renders it."""
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+
+
+class _CapturedAnswer:
+    """Stands in for the client socket while gunicorn writes its error page, to learn its status line."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def gettimeout(self) -> float | None:
+        return None
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+    send = sendall
+
+    def status_line(self) -> str:
+        return self.data.split(b"\r\n", 1)[0].decode("latin-1").removeprefix("HTTP/1.1 ")
+
+
 class GracefulThreadWorker(ThreadWorker):
-    """gthread, with two changes.
+    """gthread, with four changes.
+
+    Requests are read whole in the event loop. Stock gthread hands a connection to a request thread as
+    soon as its first byte arrives, and the thread then blocks reading the rest: a few dozen clients
+    that send headers and trickle a body held every thread, probes included. Here the loop reads each
+    request (headers, then the body its Content-Length or chunked encoding announces) into memory, with
+    a total deadline for the headers and another for the body (408, then close); only a complete
+    request reaches a thread. A slow client costs a socket and its buffer.
+
+    Overload is answered at once. Complete requests beyond the threads wait in the pool's queue; once
+    MAX_WAITING_REQUESTS of them wait, a new one gets 503 with Retry-After from the loop instead of
+    waiting without end. /healthz, /readyz and /metrics run on threads of their own, so a probe never
+    waits behind model work. A response write that makes no progress for WRITE_TIMEOUT_SECONDS (a client
+    that stopped reading its stream) closes the connection, which frees the thread and cancels the
+    generation.
 
     On SIGTERM the stock worker stops polling its listening sockets but keeps them open until its
     in-flight requests finish, so the kernel goes on queueing new connections that nobody will answer:
@@ -67,6 +127,25 @@ class GracefulThreadWorker(ThreadWorker):
     def init_process(self) -> None:
         if _table is not None and self.connection_slot is not None:
             _table[self.connection_slot * FIELDS + PID] = os.getpid()
+        settings = Settings()
+        # gunicorn's parser refuses header blocks beyond these limits; the loop stops reading there too.
+        header_bytes = (
+            self.cfg.limit_request_line + 2 + self.cfg.limit_request_fields * (self.cfg.limit_request_field_size + 2)
+        )
+        self.limits = Limits(max_header_bytes=header_bytes + 2, max_body_bytes=settings.max_body_bytes)
+        self.header_timeout = settings.header_timeout_seconds
+        self.body_timeout = settings.body_timeout_seconds
+        self.write_timeout = settings.write_timeout_seconds
+        self.max_waiting = settings.max_waiting_requests
+        self.reading: dict[TConn, PendingRequest] = {}
+        self.lingering: dict[TConn, tuple[float, int]] = {}  # closing connections: deadline, bytes drained
+        self.admitted = 0  # requests handed to the request threads and not yet finished
+        self.next_sweep = 0.0
+        self.probe_pool = ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="probe")
+        # Imported here, after gunicorn.conf.py has set PROMETHEUS_MULTIPROC_DIR.
+        from service import metrics
+
+        self.metrics = metrics
         super().init_process()
 
     def set_accept_enabled(self, enabled: bool) -> None:
@@ -74,6 +153,254 @@ class GracefulThreadWorker(ThreadWorker):
         if not enabled and not self.alive:
             for listener in self.sockets:
                 listener.close()
+
+    # ------------------------------------------------------------------ reading requests in the loop
+
+    def enqueue_req(self, conn: TConn) -> None:
+        """Called for a new connection, a kept-alive one that became readable, and one whose previous
+        request was followed by pipelined bytes: read its next request here before any thread sees it."""
+        if self.cfg.is_ssl:  # TLS is terminated in front of the service; encrypted bytes cannot be framed here
+            super().enqueue_req(conn)
+            return
+        pipelined = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
+        pending = PendingRequest(self.limits, time.monotonic())
+        conn.sock.setblocking(False)
+        self.reading[conn] = pending
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+        if pipelined:
+            self._advance(conn, pending, pipelined)
+        else:  # the request has often arrived already: read it now rather than a loop turn later
+            self._on_readable(conn, conn.sock)
+
+    def accept(self, listener: socket.socket) -> None:
+        """Every connection waiting in the listen queue, up to the cap, rather than gthread's one per loop
+        turn: under a burst, a loop turn can wait milliseconds for the GIL, and a probe queued behind
+        hundreds of connections would wait that long for each of them."""
+        while self.nr_conns < self.worker_connections:
+            before = self.nr_conns
+            super().accept(listener)
+            if self.nr_conns == before:  # nothing more to accept (EAGAIN)
+                return
+
+    @staticmethod
+    def _receive(conn: TConn) -> bytes | None:
+        """What the client sent since the last read: None if nothing yet, b"" once it has closed."""
+        try:
+            return conn.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return b""
+
+    def _on_readable(self, conn: TConn, _sock: socket.socket) -> None:
+        if (data := self._receive(conn)) is None:
+            return
+        if not data:  # the client went away before its request was complete
+            self._stop_reading(conn)
+            self._close(conn)
+            return
+        self._advance(conn, self.reading[conn], data)
+
+    def _advance(self, conn: TConn, pending: PendingRequest, data: bytes) -> None:
+        verdict = pending.feed(data, time.monotonic())
+        if verdict is Verdict.NEED_MORE:
+            if pending.expects_continue and pending.in_body and not pending.continue_sent:
+                pending.continue_sent = True
+                self._send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+            return
+        self._stop_reading(conn)
+        if verdict is Verdict.HEADERS_TOO_LARGE:
+            self.metrics.REQUESTS_REFUSED.labels("headers_too_large").inc()
+            message = f"request headers larger than {self.limits.max_header_bytes} bytes"
+            self._answer_and_close(conn, 431, "Request Header Fields Too Large", message, "headers_too_large")
+        elif verdict is Verdict.BODY_TOO_LARGE:
+            self.metrics.REQUESTS_REFUSED.labels("body_too_large").inc()
+            message = f"request body larger than {self.limits.max_body_bytes} bytes"
+            self._answer_and_close(conn, 413, "Content Too Large", message, "request_too_large")
+        else:
+            self._dispatch(conn, pending)
+
+    def _stop_reading(self, conn: TConn) -> None:
+        del self.reading[conn]
+        self.poller.unregister(conn.sock)
+
+    def _dispatch(self, conn: TConn, pending: PendingRequest) -> None:
+        """Hand a complete request to a thread, or answer 503 when too many already wait for one."""
+        probe = pending.method in (b"GET", b"HEAD") and pending.path in PROBE_PATHS
+        if not probe and self.admitted >= self.cfg.threads + self.max_waiting:
+            self.metrics.REQUESTS_REFUSED.labels("overloaded").inc()
+            self._answer_overloaded(conn, pending)
+            return
+        if conn.parser is None:
+            conn.init()  # plain HTTP/1.x: makes the parser, reads nothing
+        conn.data_ready = True  # gthread's handle() must not wait for more bytes
+        conn.parser.unreader.unread(pending.request_bytes() + pending.leftover())
+        if not probe:
+            self.admitted += 1
+        future = (self.probe_pool if probe else self.tpool).submit(self.handle, conn)
+        future.add_done_callback(lambda done: self.method_queue.defer(self._finished, conn, done, probe))
+
+    def _finished(self, conn: TConn, future: Future[Any], probe: bool) -> None:
+        if not probe:
+            self.admitted -= 1
+        self.finish_request(conn, future)
+
+    def _answer_overloaded(self, conn: TConn, pending: PendingRequest) -> None:
+        waiting = self.admitted - self.cfg.threads
+        message = f"the server is busy ({waiting} requests are waiting for it); retry in a second"
+        body = _error_body(message, "service_unavailable", "overloaded")
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        if not self._send(conn, head.encode() + body):
+            self._close(conn)
+            return
+        if leftover := pending.leftover():  # a pipelined request: read it like any other
+            self.reading[conn] = fresh = PendingRequest(self.limits, time.monotonic())
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+            self._advance(conn, fresh, leftover)
+            return
+        self._keep_alive(conn)
+
+    # ------------------------------------------------------------------ answers written by the loop
+
+    def _send(self, conn: TConn, data: bytes) -> bool:
+        """Write a short answer without blocking; whether all of it went out."""
+        try:
+            return conn.sock.send(data) == len(data)
+        except OSError:
+            return False
+
+    def _answer_and_close(self, conn: TConn, status: int, reason: str, message: str, code: str) -> None:
+        """An error answer, then a lingering close: what the client still sends is read and dropped for
+        a while, so that its kernel gets no reset before it has read the answer."""
+        body = _error_body(message, "invalid_request_error", code)
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self._send(conn, head.encode() + body)
+        self._close_lingering(conn)
+
+    def _close_lingering(self, conn: TConn) -> None:
+        """Send FIN, then drop what the client still sends until it closes too or LINGER_SECONDS pass, in
+        the loop. (gthread's own graceful close waits for that in the loop's thread, up to 2 s a
+        connection: a client that never closes stalled every other connection of the worker meanwhile.)"""
+        try:
+            conn.sock.setblocking(False)
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        self.lingering[conn] = (time.monotonic() + LINGER_SECONDS, 0)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_lingering_readable, conn))
+
+    def finish_request(self, conn: TConn, fs: Future[Any]) -> None:
+        """gthread's, in the loop's thread when a request thread is done: keep the connection alive, or
+        close it without blocking the loop."""
+        if self.cfg.is_ssl:
+            super().finish_request(conn, fs)
+            return
+        try:
+            keep_alive = not fs.cancelled() and fs.result() is True
+        except Exception:
+            keep_alive = False
+        if not keep_alive:
+            self._close_lingering(conn)
+        elif conn.parser.unreader.buf.getvalue():  # the client pipelined its next request
+            self.enqueue_req(conn)
+        else:
+            conn.sock.setblocking(False)
+            self._keep_alive(conn)
+
+    def _keep_alive(self, conn: TConn) -> None:
+        """Wait in the loop, up to KEEPALIVE_SECONDS, for the connection's next request."""
+        conn.set_timeout()
+        if not self.alive:  # a stopping worker keeps it only briefly, as gthread does
+            conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
+        self.keepalived_conns.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_client_socket_readable, conn))
+
+    def _on_lingering_readable(self, conn: TConn, _sock: socket.socket) -> None:
+        deadline, drained = self.lingering[conn]
+        if (data := self._receive(conn)) is None:
+            return
+        if data and drained + len(data) < LINGER_MAX_BYTES:
+            self.lingering[conn] = (deadline, drained + len(data))
+            return
+        self._end_lingering(conn)
+
+    def _end_lingering(self, conn: TConn) -> None:
+        del self.lingering[conn]
+        self.poller.unregister(conn.sock)
+        self._close(conn)
+
+    def _close(self, conn: TConn) -> None:
+        self.nr_conns -= 1
+        conn.close()
+
+    # ------------------------------------------------------------------ deadlines, once per loop turn
+
+    def murder_pending(self) -> None:
+        super().murder_pending()
+        now = time.monotonic()
+        if now < self.next_sweep:
+            return
+        self.next_sweep = now + SWEEP_SECONDS
+        for conn, pending in list(self.reading.items()):
+            if pending.headers_done_at is None:
+                phase, late = "headers", now - pending.started > self.header_timeout
+            else:
+                phase, late = "body", now - pending.headers_done_at > self.body_timeout
+            if late:
+                self._stop_reading(conn)
+                self.metrics.CONNECTIONS_TIMED_OUT.labels(phase).inc()
+                limit = self.header_timeout if phase == "headers" else self.body_timeout
+                message = f"the request {phase} did not arrive within {limit:g} s"
+                self._answer_and_close(conn, 408, "Request Timeout", message, "request_timeout")
+        for conn, (deadline, _) in list(self.lingering.items()):
+            if now > deadline:
+                self._end_lingering(conn)
+        self.metrics.OPEN_CONNECTIONS.set(self.nr_conns)
+        self.metrics.REQUESTS_WAITING.set(max(0, self.admitted - self.cfg.threads))
+
+    # ------------------------------------------------------------------ in the request thread
+
+    def handle_request(self, req: Any, conn: TConn) -> bool:
+        """gthread's, with a bound on every write: a client that stops reading for WRITE_TIMEOUT_SECONDS
+        loses its connection instead of holding this thread."""
+        conn.sock.settimeout(self.write_timeout)
+        try:
+            return bool(super().handle_request(req, conn))
+        except TimeoutError:
+            self.metrics.CONNECTIONS_TIMED_OUT.labels("write").inc()
+            self.log.info("closed a connection from %s: it read nothing for %g s", conn.client, self.write_timeout)
+            raise StopIteration from None
+
+    def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
+        """gunicorn's answer to a request its parser refused (a malformed request line, a header over its
+        limits, a bad chunk), in the API's JSON error envelope instead of gunicorn's HTML page."""
+        page = _CapturedAnswer()
+        super().handle_error(req, page, addr, exc)
+        status, _, reason = page.status_line().partition(" ")
+        if not status.isdigit():
+            return
+        message = f"{reason}: {exc}" if str(exc) and int(status) < 500 else reason
+        type_ = "invalid_request_error" if int(status) < 500 else "server_error"
+        code = reason.lower().replace(" ", "_")
+        body = _error_body(message, type_, code)
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        try:
+            client.setblocking(False)
+            client.send(head.encode() + body)
+        except OSError:
+            self.log.debug("Failed to send error message.")
+
+    # ------------------------------------------------------------------ connection balancing
 
     # gthread's loop accepts while `nr_conns < worker_connections`, re-evaluated at every turn.
     @property  # type: ignore[override]
@@ -98,7 +425,7 @@ class GracefulThreadWorker(ThreadWorker):
             row = peer * FIELDS
             if peer == slot or _table[row + PID] <= 0 or now - _table[row + HEARTBEAT] > STALE_SECONDS:
                 continue
-            if _table[row + CONNECTIONS] < self.nr_conns:
+            if _table[row + CONNECTIONS] < self.nr_conns - self.nr_conns // BALANCE_TOLERANCE:
                 return True
         return False
 
@@ -108,3 +435,9 @@ class GracefulThreadWorker(ThreadWorker):
         if not self._accepting and self.alive:
             timeout = min(timeout, DEFER_POLL_SECONDS)
         super().wait_for_and_dispatch_events(timeout)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self.probe_pool.shutdown(wait=False)

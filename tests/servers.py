@@ -37,11 +37,18 @@ class GunicornProcess(subprocess.Popen[str]):
 
 def start_gunicorn(artifacts: Path, **env: str) -> tuple[GunicornProcess, str]:
     """The shipped gunicorn config on a free loopback port; returns the master process and base URL."""
+    return start_checkout(REPO, artifacts, **env)
+
+
+def start_checkout(repo: Path, artifacts: Path, **env: str) -> tuple[GunicornProcess, str]:
+    """As start_gunicorn, with the code and gunicorn config of another checkout of the project."""
     port = free_port()
     environment = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "ARTIFACTS_DIR": str(artifacts), **env}
     gunicorn = Path(sys.executable).with_name("gunicorn")
     log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - closed by stop()
-    proc = GunicornProcess([str(gunicorn), "-c", "gunicorn.conf.py"], log, cwd=REPO, env=environment)
+    if repo != REPO:  # another checkout's code, with this environment's packages
+        environment["PYTHONPATH"] = str(repo)
+    proc = GunicornProcess([str(gunicorn), "-c", "gunicorn.conf.py"], log, cwd=repo, env=environment)
     return proc, f"http://127.0.0.1:{port}"
 
 
