@@ -33,7 +33,7 @@ test: $(VENV)/.test-installed
 train: $(VENV)/.test-installed
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m training.run
 
-## bench: serving, weight-precision, matmul, connection-balance and session-handle benchmarks (about 10 minutes; write benchmarks/*.json and *.md)
+## bench: serving, weight-precision, matmul, connection-balance, session-handle and slow-client benchmarks (about 30 minutes; write benchmarks/*.json and *.md)
 bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks.serve
 	$(BIN)/python -m benchmarks.precision
@@ -41,3 +41,4 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks.balance --off
 	$(BIN)/python -m benchmarks.balance
 	$(BIN)/python -m benchmarks.sessions
+	$(BIN)/python -m benchmarks.slow_clients

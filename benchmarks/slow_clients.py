@@ -17,8 +17,10 @@ Three parts, each against a fresh server:
 - workers: the worker pids before and after, which must match (no worker died or was restarted).
 
 `--baseline PATH` runs the slow-client part against a second checkout too (say, `git worktree add PATH
-REF`), side by side in the same run. It writes `slow_clients.json` and `slow_clients.md` into `--out`.
-The helpers here (trickling connections, the prober) are also what tests/test_slow_clients.py uses.
+REF`), side by side in the same run; `--nginx` runs it once more through Debian's nginx as a buffering
+reverse proxy in front of that checkout (or of this one), the usual alternative. It writes
+`slow_clients.json` and `slow_clients.md` into `--out`. `--attack MODE` runs one attack alone, as
+tests/test_slow_clients.py does in a process of its own.
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +46,11 @@ import aiohttp
 import psutil
 
 from benchmarks.serve import ARTIFACTS, REPO, machine, percentile, unique_tag, utc_now, window, write_report
-from tests.servers import start_checkout, stop
+from tests.servers import free_port, start_checkout, stop
 
 SLOW_PATH = b"/v1/next-token"
+# One count for the whole run: a server serves several runs, and a prompt seen before would hit its prefix cache.
+REQUEST_NUMBERS = itertools.count()
 
 
 @dataclass
@@ -143,14 +153,13 @@ class Load:
 async def next_token_clients(base: str, clients: int, seconds: float, honour_retry_after: bool = True) -> Load:
     """`clients` closed-loop next-token clients for `seconds` (after a 1 s warm-up that is not counted)."""
     load = Load()
-    numbers = iter(range(10**9))
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as session:
 
         async def client(measure_from: float, until: float) -> None:
             while (started := time.monotonic()) < until:
-                number = next(numbers)
+                number = next(REQUEST_NUMBERS)
                 body = {"text": unique_tag(number, 6) + window(number, 94), "top_k": 5}
                 wait = 0.0
                 try:
@@ -194,25 +203,29 @@ def health_summary(latencies: list[float], failures: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- one attack, for the tests
 
 
-async def attack(port: int, mode: str, connections: int, seconds: float) -> dict[str, Any]:
-    """What tests/test_slow_clients.py runs in a process of its own (a second machine, in effect), so that
-    its well-behaved client measures the server rather than an event loop it shares with the attack.
-    Prints "ready" once the attack is under way; returns what the attacking connections saw.
+async def attack(
+    port: int, mode: str, connections: int, seconds: float, interval: float = 1.0, reconnect: bool = False
+) -> dict[str, Any]:
+    """An attack, run in a process of its own (a second machine, in effect) by the benchmark and by
+    tests/test_slow_clients.py, so that the well-behaved clients measure the server rather than an event
+    loop they share with the attack. Prints "ready" once it is under way; returns what the attacking
+    connections saw.
 
-    headers / body: `connections` slowloris or slow-POST connections, one byte a second, no reconnecting;
+    headers / body: `connections` slowloris or slow-POST connections, one byte per `interval`;
     idle: `connections` keep-alive connections that each send one request and then stay idle;
     burst: `connections` next-token requests and a quarter as many 50-character generations at once."""
     until = time.monotonic() + seconds
     if mode in ("headers", "body"):
         stats = SlowStats()
         tasks = [
-            asyncio.ensure_future(trickle(port, mode, 1.0, until, stats, reconnect=False)) for _ in range(connections)
+            asyncio.ensure_future(trickle(port, mode, interval, until, stats, reconnect)) for _ in range(connections)
         ]
         while stats.opened + stats.refused < connections and time.monotonic() < until:
             await asyncio.sleep(0.05)
         print("ready", flush=True)
         await asyncio.gather(*tasks)
-        return {"opened": stats.opened, "refused": stats.refused, "answers": dict(stats.answers)}
+        return {"opened": stats.opened, "refused": stats.refused, "answers": dict(stats.answers),
+                "closed_by_server": stats.closed_by_server}  # fmt: skip
     if mode == "idle":
         idle = []
         for _ in range(connections):
@@ -268,37 +281,176 @@ class Server:
         stop(self.proc)
 
 
-async def slow_part(server: Server, seconds: float, slow: int, mode: str, clients: int = 8) -> dict[str, Any]:
+NGINX_CONF = """
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    client_header_timeout 10s;
+    client_body_timeout 30s;
+    client_max_body_size 1m;
+    keepalive_timeout 5s;
+    upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_request_buffering on;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+class NginxFront:
+    """Debian's nginx as a buffering reverse proxy in front of a server: the usual alternative to reading
+    requests in the worker, measured beside it."""
+
+    def __init__(self, upstream: int) -> None:
+        self.prefix = Path(tempfile.mkdtemp(prefix="charlm-nginx-"))
+        self.port = free_port()
+        conf = self.prefix / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(prefix=self.prefix, upstream=upstream, port=self.port))
+        self.proc = subprocess.Popen(
+            ["nginx", "-c", str(conf), "-p", str(self.prefix), "-g", "daemon off;"], stderr=subprocess.DEVNULL
+        )
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError, RuntimeError):
+                asyncio.run(probe(self.port, "/readyz"))
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("nginx did not start")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.prefix, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def attacking(
+    port: int, mode: str, connections: int, seconds: float, interval: float = 1.0, reconnect: bool = False
+) -> Iterator[dict[str, Any]]:
+    """`--attack MODE` in a process of its own, under way inside the block; afterwards the dict holds what
+    the attacking connections saw."""
+    command = [sys.executable, "-m", "benchmarks.slow_clients", "--attack", mode, "--port", str(port),
+               "--connections", str(connections), "--seconds", str(seconds), "--interval", str(interval)]  # fmt: skip
+    with subprocess.Popen(command + ["--reconnect"] * reconnect, cwd=REPO, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the attack did not start")
+        seen: dict[str, Any] = {}
+        yield seen
+        out, _ = proc.communicate(timeout=seconds + 60)
+        if proc.returncode != 0:
+            raise RuntimeError("the attack failed")
+        seen.update(json.loads(out))
+
+
+async def measured_clients(server: Server | NginxFront, seconds: float, clients: int) -> dict[str, Any]:
     until = time.monotonic() + 1.0 + seconds
-    stats = SlowStats()
-    trickles = [asyncio.ensure_future(trickle(server.port, mode, 5.0, until, stats)) for _ in range(slow)]
-    await asyncio.sleep(0.5)  # the slow connections are open before the measured clients start
     (health, failures), load = await asyncio.gather(
         prober(server.port, until), next_token_clients(server.base, clients, seconds)
     )
-    await asyncio.gather(*trickles)
+    return {"clients": summary(load), "health": health_summary(health, failures)}
+
+
+def slow_part(server: Server | NginxFront, seconds: float, slow: int, mode: str, clients: int = 8) -> dict[str, Any]:
+    """`clients` next-token clients and the prober for `seconds`, beside `slow` connections trickling a byte
+    every 5 s (and reconnecting when closed) in `mode`."""
+    if not slow:
+        return asyncio.run(measured_clients(server, seconds, clients)) | {"slow_connections": {}}
+    with attacking(server.port, mode, slow, seconds + 2, 5.0, reconnect=True) as seen:
+        result = asyncio.run(measured_clients(server, seconds, clients))
+    return result | {"slow_connections": seen}
+
+
+RUNS = (  # name, slow connections, their mode, measured clients, share of --seconds
+    ("quiet_1_client", 0, "body", 1, 1 / 3),
+    ("quiet", 0, "body", 8, 1.0),
+    ("slow_post_512", 512, "body", 8, 1.0),
+    ("slowloris_512", 512, "headers", 8, 1.0),
+)
+
+
+@dataclass
+class Side:
+    """One server of the comparison: a checkout's gunicorn, maybe behind nginx, and its runs' length."""
+
+    name: str
+    repo: Path
+    nginx: bool
+    seconds: float
+
+    def start(self) -> None:
+        self.server = Server(self.repo)
+        self.front = NginxFront(self.server.port) if self.nginx else None
+        self.workers = self.server.workers()
+        asyncio.run(measured_clients(self.target, 10.0, 8))  # warm-up, not recorded: the first seconds run slower
+
+    @property
+    def target(self) -> Server | NginxFront:
+        return self.front or self.server
+
+    def stop(self) -> None:
+        if self.front is not None:
+            self.front.stop()
+        self.server.stop()
+
+
+def slow_clients(sides: list[Side], rounds: int) -> dict[str, Any]:
+    """Every side's runs, `rounds` times, the sides taking turns within each round (the machine's speed
+    drifts over minutes, so side-by-side means interleaved); per side and run, every round's figures
+    and their medians."""
+    rows: dict[str, dict[str, list[dict[str, Any]]]] = {side.name: {name: [] for name, *_ in RUNS} for side in sides}
+    unchanged = {}
+    try:
+        for side in sides:
+            side.start()
+        for round_number in range(rounds):
+            for side in sides:
+                for name, slow, mode, clients, share in RUNS:
+                    rows[side.name][name].append(slow_part(side.target, side.seconds * share, slow, mode, clients))
+                    print(f"  {side.name} round {round_number + 1} {name}: {json.dumps(rows[side.name][name][-1])}",
+                          flush=True)  # fmt: skip
+                    time.sleep(2)  # connections the server closed at the end finish closing
+        for side in sides:
+            unchanged[side.name] = side.server.workers() == side.workers
+    finally:
+        for side in sides:
+            if hasattr(side, "server"):
+                side.stop()
     return {
-        "clients": summary(load),
-        "health": health_summary(health, failures),
-        "slow_connections": {"opened": stats.opened, "closed_by_server": stats.closed_by_server,
-                             "answers": dict(stats.answers), "refused": stats.refused},
-    }  # fmt: skip
-
-
-def slow_clients(repo: Path, seconds: float) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    runs = (("quiet_1_client", 0, "body", 1), ("quiet", 0, "body", 8), ("slow_post_512", 512, "body", 8),
-            ("slowloris_512", 512, "headers", 8))  # fmt: skip
-    for name, slow, mode, clients in runs:
-        server = Server(repo)
-        workers = server.workers()
-        try:
-            result[name] = asyncio.run(slow_part(server, seconds, slow, mode, clients))
-            result[name]["workers_unchanged"] = server.workers() == workers
-        finally:
-            server.stop()
-        print(f"  {repo.name} {name}: {json.dumps(result[name])}", flush=True)
-    return result
+        side: {
+            name: {
+                "rounds": runs,
+                "ok_per_s": statistics.median(run["clients"]["ok_per_s"] for run in runs),
+                "p50_ms": statistics.median(run["clients"]["p50_ms"] for run in runs),
+                "p99_ms": statistics.median(run["clients"]["p99_ms"] for run in runs),
+                "health_p99_ms": statistics.median(run["health"]["p99_ms"] for run in runs),
+                "probes_failed": sum(run["health"]["failed"] for run in runs),
+                "probes": sum(run["health"]["probes"] for run in runs),
+                "slow_closed": sum(run["slow_connections"].get("closed_by_server", 0) for run in runs),
+                "slow_opened": sum(run["slow_connections"].get("opened", 0) for run in runs),
+                "workers_unchanged": unchanged[side],
+            }
+            for name, runs in side_rows.items()
+        }
+        for side, side_rows in rows.items()
+    }
 
 
 def overload(seconds: float, levels: tuple[int, ...]) -> dict[str, Any]:
@@ -318,33 +470,33 @@ def overload(seconds: float, levels: tuple[int, ...]) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
+    args = report["arguments"]
     lines = [
         "# Slow clients and overload",
         "",
-        f"`python -m benchmarks.slow_clients --seconds {report['seconds']:g}`, {report['date']}, on "
-        f"{report['machine']} ({report['cpu']}). The committed artifacts, 2 workers, default settings; "
-        "loopback only.",
+        f"`python -m benchmarks.slow_clients {args}`, {report['date']}, on {report['machine']} ({report['cpu']}). "
+        "The committed artifacts, 2 workers, default settings; loopback only. Each run is repeated in "
+        f"{report['rounds']} rounds, in turn on one server per row group; the figures are medians over the "
+        "rounds (probes and connections: totals).",
         "",
-        "## Next-token clients, quiet and beside 512 slow connections",
+        "## Next-token clients, quiet and beside 512 slow connections (a byte every 5 s, reconnecting)",
         "",
-        "| server | run | next-token req/s | p50 ms | p99 ms | /healthz p99 ms | probes failed | "
-        "slow connections closed (answers) | workers unchanged |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| server | run | seconds | next-token req/s | p50 ms | p99 ms | /healthz p99 ms | probes failed | "
+        "slow connections closed by the server | workers unchanged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for server, parts in report["slow_clients"].items():
-        for name, part in parts.items():
-            slow = part["slow_connections"]
+    for server, runs in report["slow_clients"].items():
+        seconds = report["seconds_by_server"][server]
+        for (name, *_, share), row in zip(RUNS, runs.values(), strict=True):
             lines.append(
-                f"| {server} | {name} | {part['clients']['ok_per_s']} | {part['clients']['p50_ms']} | "
-                f"{part['clients']['p99_ms']} | "
-                f"{part['health']['p99_ms']} | {part['health']['failed']} of {part['health']['probes']} | "
-                f"{slow['closed_by_server']} of {slow['opened']} {slow['answers'] or ''} | "
-                f"{part['workers_unchanged']} |"
+                f"| {server} | {name} | {seconds * share:.0f} | {row['ok_per_s']} | {row['p50_ms']} | {row['p99_ms']} "
+                f"| {row['health_p99_ms']} | {row['probes_failed']} of {row['probes']} | "
+                f"{row['slow_closed']} of {row['slow_opened']} | {row['workers_unchanged']} |"
             )
+    lines.append("")
     for server, ratios in report["ratios"].items():
-        lines.append("")
         lines.append(
-            f"{server}: next-token throughput beside slow POSTs {ratios['slow_post']:.2f} x quiet, beside "
+            f"- {server}: next-token throughput beside slow POSTs {ratios['slow_post']:.2f} x quiet, beside "
             f"slowloris {ratios['slowloris']:.2f} x quiet."
         )
     load = report["overload"]
@@ -370,27 +522,43 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="measured seconds per slow-client run")
-    parser.add_argument("--overload-seconds", type=float, default=20.0, help="measured seconds per overload level")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the slow-client runs")
+    parser.add_argument("--compare-seconds", type=float, default=20.0, help="--seconds for --baseline and --nginx")
+    parser.add_argument("--overload-seconds", type=float, default=15.0, help="measured seconds per overload level")
     parser.add_argument("--baseline", type=Path, help="another checkout to run the slow-client part against too")
+    parser.add_argument("--nginx", action="store_true", help="also run it through Debian's nginx in front of the "
+                        "baseline (or of this checkout), as a buffering proxy")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for the reports")
     parser.add_argument("--attack", choices=["headers", "body", "idle", "burst"], help="only run this attack")
     parser.add_argument("--port", type=int, help="with --attack: the server's port on 127.0.0.1")
     parser.add_argument("--connections", type=int, default=512, help="with --attack: how many")
+    parser.add_argument("--interval", type=float, default=1.0, help="with --attack: seconds between trickled bytes")
+    parser.add_argument("--reconnect", action="store_true", help="with --attack: reopen what the server closes")
     args = parser.parse_args(argv)
     if args.attack:
-        print(json.dumps(asyncio.run(attack(args.port, args.attack, args.connections, args.seconds))))
+        seen = attack(args.port, args.attack, args.connections, args.seconds, args.interval, args.reconnect)
+        print(json.dumps(asyncio.run(seen)))
         return 0
-    servers = {"this checkout": REPO} | ({f"baseline ({args.baseline.name})": args.baseline} if args.baseline else {})
-    report: dict[str, Any] = {"date": utc_now(), "machine": machine(), "cpu": cpu_name(), "seconds": args.seconds}
-    report["slow_clients"] = {name: slow_clients(repo, args.seconds) for name, repo in servers.items()}
-    report["ratios"] = {
-        name: {
-            kind: parts[f"{kind}_512"]["clients"]["ok_per_s"] / parts["quiet"]["clients"]["ok_per_s"]
-            for kind in ("slow_post", "slowloris")
-        }
-        for name, parts in report["slow_clients"].items()
+    sides = [Side("this checkout", REPO, False, args.seconds)]
+    if args.baseline:
+        sides.append(Side(f"baseline ({args.baseline.name})", args.baseline, False, args.compare_seconds))
+    if args.nginx:
+        behind = f"baseline ({args.baseline.name})" if args.baseline else "this checkout"
+        sides.append(Side(f"nginx in front of {behind}", args.baseline or REPO, True, args.compare_seconds))
+    report: dict[str, Any] = {
+        "date": utc_now(),
+        "machine": machine(),
+        "cpu": cpu_name(),
+        "arguments": " ".join(argv if argv is not None else sys.argv[1:]),
+        "rounds": args.rounds,
+        "seconds_by_server": {side.name: side.seconds for side in sides},
     }
-    report["overload"] = overload(args.overload_seconds, (8, 32, 128, 512))
+    report["slow_clients"] = slow_clients(sides, args.rounds)
+    report["ratios"] = {
+        name: {kind: runs[f"{kind}_512"]["ok_per_s"] / runs["quiet"]["ok_per_s"] for kind in ("slow_post", "slowloris")}
+        for name, runs in report["slow_clients"].items()
+    }
+    report["overload"] = overload(args.overload_seconds, (8, 16, 32, 64, 128, 512))
     levels = report["overload"]["levels"]
     report["overload_p99_ratio"] = (
         levels[str(max(map(int, levels)))]["p99_ms"] / levels[str(report["overload"]["saturation_clients"])]["p99_ms"]

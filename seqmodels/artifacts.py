@@ -12,6 +12,7 @@ import ctypes.util
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -156,6 +157,30 @@ def write_artifacts(
         if staging.exists():
             shutil.rmtree(staging)
     return out_dir
+
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a model's folder in a repository
+MODEL_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+VERSION_NAME = re.compile(r"^[1-9][0-9]{0,8}$")  # a version's folder: a positive integer
+
+
+def versions_in(model_dir: Path) -> list[int]:
+    """The version folders of one model in a repository, ascending; staging folders (".N.staging-...")
+    and anything else that is not a positive integer are not versions."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and VERSION_NAME.match(p.name))
+
+
+def next_version_dir(repository: Path, name: str) -> Path:
+    """Where the next version of model `name` goes: `repository/name/N+1` (1 for a new model). Written with
+    `write_artifacts`, it appears there by one rename of a finished folder, never half-written."""
+    if not MODEL_NAME.match(name):
+        raise ArtifactError(
+            f"model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    existing = versions_in(repository / name)
+    return repository / name / str((existing[-1] if existing else 0) + 1)
 
 
 def read_manifest(artifacts_dir: Path) -> dict[str, Any]:

@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         1000, ge=1, description="per worker: open connections; more wait in the listen queue, unaccepted"
     )
     max_waiting_requests: int = Field(
-        32,
+        8,
         ge=0,
         description="per worker: complete requests that may wait for a free request thread; more get 503 at once",
     )

@@ -107,7 +107,9 @@ class GracefulThreadWorker(ThreadWorker):
     waiting without end. /healthz, /readyz and /metrics run on threads of their own, so a probe never
     waits behind model work. A response write that makes no progress for WRITE_TIMEOUT_SECONDS (a client
     that stopped reading its stream) closes the connection, which frees the thread and cancels the
-    generation.
+    generation. Connections are closed without blocking the loop (gthread's graceful close waited up to
+    2 s in it for each client that did not close its end), and what gunicorn's parser refuses is
+    answered in the API's JSON error envelope.
 
     On SIGTERM the stock worker stops polling its listening sockets but keeps them open until its
     in-flight requests finish, so the kernel goes on queueing new connections that nobody will answer:

@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +21,8 @@ import pytest
 import requests
 
 from benchmarks.balance import established
-from benchmarks.slow_clients import SlowStats, trickle
-from tests.conftest import REPO, booted_workers, gunicorn_process
+from benchmarks.slow_clients import SlowStats, attacking, trickle
+from tests.conftest import booted_workers, gunicorn_process
 from tests.servers import GunicornProcess
 
 SLOW_CONNECTIONS = 512
@@ -69,22 +66,6 @@ def well_behaved(base: str, rounds: int = 4, busy_allowed: bool = False) -> None
         time.sleep(0.5)
 
 
-@contextmanager
-def attack(port: int, mode: str, connections: int = SLOW_CONNECTIONS, seconds: float = 5.0) -> Iterator[dict[str, Any]]:
-    """`python -m benchmarks.slow_clients --attack MODE` in a process of its own, under way inside the block;
-    afterwards the dict holds what the attacking connections saw."""
-    command = [sys.executable, "-m", "benchmarks.slow_clients", "--attack", mode, "--port", str(port),
-               "--connections", str(connections), "--seconds", str(seconds)]  # fmt: skip
-    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, text=True) as proc:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
-        seen: dict[str, Any] = {}
-        yield seen
-        out, _ = proc.communicate(timeout=seconds + 60)
-        assert proc.returncode == 0
-        seen.update(json.loads(out))
-
-
 class StreamInFlight(threading.Thread):
     """A streamed generation in flight before an attack starts; `check()` says it ran to its end."""
 
@@ -117,9 +98,9 @@ def test_512_slow_connections_starve_nothing(server: Server, mode: str) -> None:
     """Slowloris (headers trickled) and slow POST (headers sent, body trickled): each costs the server a
     socket, not a request thread."""
     stream = StreamInFlight(server.base)
-    with attack(server.port, mode) as seen:
+    with attacking(server.port, mode, SLOW_CONNECTIONS, 5.0) as seen:
         well_behaved(server.base)
-    assert seen == {"opened": SLOW_CONNECTIONS, "refused": 0, "answers": {}}  # none answered yet: deadline 30 s
+    assert seen == {"opened": SLOW_CONNECTIONS, "refused": 0, "answers": {}, "closed_by_server": 0}  # deadline 30 s
     stream.check()
     assert server.workers_unchanged()
 
@@ -151,7 +132,7 @@ def test_a_client_that_reads_its_stream_slowly_holds_up_no_one(server: Server) -
 
 def test_many_idle_keep_alive_connections(server: Server) -> None:
     stream = StreamInFlight(server.base)
-    with attack(server.port, "idle") as seen:
+    with attacking(server.port, "idle", SLOW_CONNECTIONS, 5.0) as seen:
         well_behaved(server.base)
     assert seen == {"opened": SLOW_CONNECTIONS, "answers": {"HTTP/1.1 200 OK": SLOW_CONNECTIONS}}
     stream.check()
@@ -166,7 +147,7 @@ def test_an_overload_burst_is_answered_at_once_with_503_and_retry_after(tiny_art
     with gunicorn_process(tiny_artifacts, **env) as (proc, base):
         server = Server(proc, base)
         stream = StreamInFlight(base)
-        with attack(server.port, "burst", connections=400) as seen:
+        with attacking(server.port, "burst", 400, 5.0) as seen:
             well_behaved(base, rounds=3, busy_allowed=True)
         assert sorted(seen["statuses"]) == ["200", "503"] and sum(seen["statuses"].values()) == 500
         assert seen["refused_codes"] == ["overloaded"]

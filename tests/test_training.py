@@ -172,6 +172,32 @@ def test_runs_are_reproducible(tmp_path: Path, tiny_corpus: Path, tiny_artifacts
             assert first[key].equal(second[key]), f"{name}:{key}"
 
 
+def test_versions_go_into_a_repository_one_after_another(
+    tmp_path: Path, tiny_corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--repository R --name N` writes R/N/1, then R/N/2, each renamed into place when complete, and leaves
+    the versions before it as they were; an interrupted run adds no version and leaves no staging folder."""
+    repository = tmp_path / "models"
+    args = ["--corpus", str(tiny_corpus), "--repository", str(repository), "--name", "tiny", *TINY_TRAIN_ARGS]
+    assert training_run.main([*args, "--max-steps", "4"]) == 0
+    first = snapshot(repository / "tiny" / "1")
+    assert training_run.main([*args, "--max-steps", "4", "--seed", "8"]) == 0
+    assert snapshot(repository / "tiny" / "1") == first
+    second = load_artifacts(repository / "tiny" / "2").manifest["files"]
+    assert second != load_artifacts(repository / "tiny" / "1").manifest["files"]
+
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_run, "train_classifier", interrupt)
+    assert training_run.cli([*args, "--max-steps", "4"]) == 130
+    assert sorted(p.name for p in (repository / "tiny").iterdir()) == ["1", "2"]
+    with pytest.raises(SystemExit):
+        training_run.parse_args(["--repository", str(repository), "--name", "../escape"])
+    with pytest.raises(SystemExit):
+        training_run.parse_args(["--repository", str(repository)])
+
+
 @pytest.mark.parametrize(
     ("module", "failing_step"),
     [(training_run, "train_classifier"), (artifact_format, "sha256_file")],  # during training; mid-write

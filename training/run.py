@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 
-from seqmodels.artifacts import FORMAT_VERSION, classifier_config_json, lm_config_json, write_artifacts
+from seqmodels.artifacts import (
+    FORMAT_VERSION,
+    MODEL_NAME,
+    MODEL_NAME_RULE,
+    classifier_config_json,
+    lm_config_json,
+    next_version_dir,
+    write_artifacts,
+)
 from seqmodels.networks import ClassifierConfig, LMConfig
 from training import distributed
 from training.checkpoint import CheckpointError, Checkpointing, Preempted
@@ -80,6 +88,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: passages of the corpus labelled by each file's folder)",
     )
     p.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact folder, replaced atomically")
+    p.add_argument(
+        "--repository",
+        type=Path,
+        help="instead of --out: write the next version of model --name into this model repository "
+        "(REPOSITORY/NAME/N+1, renamed into place when complete; earlier versions are not touched)",
+    )
+    p.add_argument("--name", help="with --repository: the model's name (its folder)")
     p.add_argument("--seed", type=int, default=1234, help="seeds the split, the sampling and the weights")
     p.add_argument("--max-minutes", type=float, default=lm.max_minutes, help="wall-clock budget for LM optimization")
     p.add_argument("--max-steps", type=int, default=lm.max_steps, help="LM optimizer steps (the schedule's length)")
@@ -131,6 +146,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.resume and args.checkpoint_dir is None:
         p.error("--resume needs --checkpoint-dir")
+    if (args.repository is None) != (args.name is None):
+        p.error("--repository and --name go together")
+    if args.name is not None and not MODEL_NAME.match(args.name):
+        p.error(f"--name {args.name!r}: use {MODEL_NAME_RULE}")
     return args
 
 
@@ -406,7 +425,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
     }
     card = model_card({**manifest_fields, "format_version": FORMAT_VERSION}, metrics, command)
     out = write_artifacts(
-        args.out,
+        next_version_dir(args.repository, args.name) if args.repository else args.out,
         lm,
         lm_config_json(lm, vocab, lm_cfg.min_count, adapt),
         classifier,
