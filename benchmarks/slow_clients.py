@@ -261,8 +261,8 @@ async def attack(
 
 
 class Server:
-    def __init__(self, repo: Path = REPO, **env: str) -> None:
-        self.proc, self.base = start_checkout(repo, ARTIFACTS, LOG_LEVEL="WARNING", **env)
+    def __init__(self, repo: Path = REPO, env: dict[str, str] | None = None) -> None:
+        self.proc, self.base = start_checkout(repo, ARTIFACTS, LOG_LEVEL="WARNING", **(env or {}))
         self.port = int(self.base.rsplit(":", 1)[1])
         deadline = time.monotonic() + 60
         while True:
@@ -453,20 +453,59 @@ def slow_clients(sides: list[Side], rounds: int) -> dict[str, Any]:
     }
 
 
-def overload(seconds: float, levels: tuple[int, ...]) -> dict[str, Any]:
-    server = Server()
+OVERLOAD_LEVELS = (8, 16, 32, 64, 128, 512)
+
+
+def overload(seconds: float, levels: tuple[int, ...] = OVERLOAD_LEVELS, **env: str) -> dict[str, Any]:
+    """Closed-loop next-token clients at each level in turn, on one server started with `env`."""
+    server = Server(env=env)
     workers = server.workers()
     rows = {}
     try:
         for clients in levels:
             rows[str(clients)] = summary(asyncio.run(next_token_clients(server.base, clients, seconds)))
-            print(f"  overload {clients}: {json.dumps(rows[str(clients)])}", flush=True)
+            print(f"  overload {env or ''} {clients}: {json.dumps(rows[str(clients)])}", flush=True)
         unchanged = server.workers() == workers
     finally:
         server.stop()
     best = max(row["ok_per_s"] for row in rows.values())
     saturation = next(level for level, row in rows.items() if row["ok_per_s"] >= 0.95 * best)
-    return {"levels": rows, "saturation_clients": int(saturation), "workers_unchanged": unchanged}
+    p99_ratio = rows[str(max(levels))]["p99_ms"] / rows[saturation]["p99_ms"]
+    return {
+        "levels": rows,
+        "saturation_clients": int(saturation),
+        "p99_ratio": p99_ratio,
+        "workers_unchanged": unchanged,
+    }
+
+
+def waiting_trial(seconds: float, values: list[int]) -> int:
+    """The overload levels once per MAX_WAITING_REQUESTS value: overload_waiting.json and .md."""
+    trials = {str(value): overload(seconds, MAX_WAITING_REQUESTS=str(value)) for value in values}
+    lines = [
+        "# Overload by MAX_WAITING_REQUESTS",
+        "",
+        f"`python -m benchmarks.slow_clients --waiting {' '.join(map(str, values))} --overload-seconds {seconds:g}`, "
+        f"{utc_now()}, on {machine()} ({cpu_name()}). Closed-loop next-token clients, a 503 waits its "
+        "Retry-After; 2 workers of 32 threads.",
+        "",
+        "| MAX_WAITING_REQUESTS | clients | answers | 200/s | p50 ms (200) | p99 ms (200) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for value, trial in trials.items():
+        for clients, row in trial["levels"].items():
+            lines.append(
+                f"| {value} | {clients} | {row['answers']} | {row['ok_per_s']} | {row['p50_ms']} | {row['p99_ms']} |"
+            )
+    lines.append("")
+    for value, trial in trials.items():
+        lines.append(
+            f"- {value} waiting: saturation at {trial['saturation_clients']} clients; p99 at {max(OVERLOAD_LEVELS)} "
+            f"clients {trial['p99_ratio']:.2f} x that at saturation; workers unchanged: {trial['workers_unchanged']}."
+        )
+    write_report(REPO / "benchmarks", "overload_waiting", {"trials": trials}, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -529,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nginx", action="store_true", help="also run it through Debian's nginx in front of the "
                         "baseline (or of this checkout), as a buffering proxy")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for the reports")
+    parser.add_argument(
+        "--waiting", type=int, nargs="+", help="only the overload part, once per MAX_WAITING_REQUESTS value given"
+    )
     parser.add_argument("--attack", choices=["headers", "body", "idle", "burst"], help="only run this attack")
     parser.add_argument("--port", type=int, help="with --attack: the server's port on 127.0.0.1")
     parser.add_argument("--connections", type=int, default=512, help="with --attack: how many")
@@ -539,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         seen = attack(args.port, args.attack, args.connections, args.seconds, args.interval, args.reconnect)
         print(json.dumps(asyncio.run(seen)))
         return 0
+    if args.waiting:
+        return waiting_trial(args.overload_seconds, args.waiting)
     sides = [Side("this checkout", REPO, False, args.seconds)]
     if args.baseline:
         sides.append(Side(f"baseline ({args.baseline.name})", args.baseline, False, args.compare_seconds))
@@ -558,11 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         name: {kind: runs[f"{kind}_512"]["ok_per_s"] / runs["quiet"]["ok_per_s"] for kind in ("slow_post", "slowloris")}
         for name, runs in report["slow_clients"].items()
     }
-    report["overload"] = overload(args.overload_seconds, (8, 16, 32, 64, 128, 512))
-    levels = report["overload"]["levels"]
-    report["overload_p99_ratio"] = (
-        levels[str(max(map(int, levels)))]["p99_ms"] / levels[str(report["overload"]["saturation_clients"])]["p99_ms"]
-    )
+    report["overload"] = overload(args.overload_seconds)
+    report["overload_p99_ratio"] = report["overload"]["p99_ratio"]
     write_report(args.out, "slow_clients", report, markdown(report))
     print(markdown(report))
     return 0

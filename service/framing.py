@@ -12,11 +12,13 @@ this module cannot make out is handed over as it stands, to be refused there.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 CRLF = b"\r\n"
 HEADER_END = b"\r\n\r\n"
-MAX_CHUNK_LINE = 4096  # a chunk-size line longer than this is malformed (gunicorn refuses it too)
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # as gunicorn reads it: hex digits only, no sign or 0x
+CHUNKED_OVERHEAD = 64 << 10  # chunked framing a body may add to its size before it counts as too large
 
 
 class Verdict(enum.Enum):
@@ -30,6 +32,7 @@ class Verdict(enum.Enum):
 class Limits:
     max_header_bytes: int  # the largest header block gunicorn's limits let through
     max_body_bytes: int  # MAX_BODY_BYTES: the app refuses larger bodies anyway
+    max_line_bytes: int  # gunicorn's limit on one header field, which it also applies to a chunk-size line
 
 
 class PendingRequest:
@@ -46,11 +49,14 @@ class PendingRequest:
         self.end = -1  # offset just past the request, once known
         self.chunked = False
         self.chunk_cursor = 0  # next chunk-size line, when chunked
+        self.trailers_from = -1  # after the last chunk: where to look for the end of the trailers
         self.chunked_body_bytes = 0
         self.expects_continue = False  # the client waits for "100 Continue" before it sends the body
         self.continue_sent = False
         self.method = b""
         self.path = b""
+        self.http_10 = False
+        self.wants_close = False  # `Connection: close`, or HTTP/1.0 without keep-alive
 
     @property
     def in_body(self) -> bool:
@@ -79,8 +85,10 @@ class PendingRequest:
         request_line = lines[0].split(b" ")
         if len(request_line) == 3:
             self.method, self.path = request_line[0], request_line[1].partition(b"?")[0]
+            self.http_10 = request_line[2] == b"HTTP/1.0"
         lengths: list[bytes] = []
         encodings: list[bytes] = []
+        connection: set[bytes] = set()
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
@@ -89,7 +97,10 @@ class PendingRequest:
             elif name == b"transfer-encoding":
                 encodings.append(value.strip().lower())
             elif name == b"expect" and value.strip().lower() == b"100-continue":
-                self.expects_continue = True
+                self.expects_continue = not self.http_10  # HTTP/1.0 clients get no 1xx answers
+            elif name == b"connection":
+                connection.update(token.strip().lower() for token in value.split(b","))
+        self.wants_close = b"close" in connection or (self.http_10 and b"keep-alive" not in connection)
         if encodings:
             if lengths or not encodings[-1].endswith(b"chunked"):
                 self.end = self.header_end  # malformed or unsupported framing: gunicorn refuses it
@@ -111,45 +122,54 @@ class PendingRequest:
 
     def _scan_chunks(self) -> Verdict:
         buffer = self.buffer
+        if len(buffer) - self.header_end > 2 * self.limits.max_body_bytes + CHUNKED_OVERHEAD:
+            return Verdict.BODY_TOO_LARGE  # however it is chunked, no body this large is wanted
+        if self.trailers_from >= 0:
+            return self._scan_trailers()
         while True:
             line_end = buffer.find(CRLF, self.chunk_cursor)
             if line_end < 0:
-                if len(buffer) - self.chunk_cursor > MAX_CHUNK_LINE:
+                if len(buffer) - self.chunk_cursor > self.limits.max_line_bytes:
                     return self._malformed()
                 return Verdict.NEED_MORE
-            size_field = bytes(buffer[self.chunk_cursor : line_end]).split(b";")[0].strip()
-            try:
-                size = int(size_field, 16)
-            except ValueError:
+            size_field = bytes(buffer[self.chunk_cursor : line_end]).split(b";")[0].strip(b" \t")
+            if not CHUNK_SIZE.fullmatch(size_field):
                 return self._malformed()
+            size = int(size_field, 16)
             if size == 0:  # the last chunk: then optional trailer lines and a blank line
-                found = buffer.find(HEADER_END, line_end)
-                if found < 0:
-                    return Verdict.NEED_MORE
-                self.end = found + len(HEADER_END)
-                return Verdict.COMPLETE
-            self.chunked_body_bytes += size
-            if self.chunked_body_bytes > self.limits.max_body_bytes:
+                self.trailers_from = line_end
+                return self._scan_trailers()
+            if self.chunked_body_bytes + size > self.limits.max_body_bytes:
                 return Verdict.BODY_TOO_LARGE
             after = line_end + len(CRLF) + size + len(CRLF)
             if len(buffer) < after:
-                self.chunked_body_bytes -= size  # counted again once the whole chunk is here
                 return Verdict.NEED_MORE
+            self.chunked_body_bytes += size
             self.chunk_cursor = after
+
+    def _scan_trailers(self) -> Verdict:
+        found = self.buffer.find(HEADER_END, self.trailers_from)
+        if found >= 0:
+            self.end = found + len(HEADER_END)
+            return Verdict.COMPLETE
+        self.trailers_from = max(self.trailers_from, len(self.buffer) - len(HEADER_END))  # look only at new bytes
+        if len(self.buffer) - self.chunk_cursor > self.limits.max_header_bytes:
+            return Verdict.HEADERS_TOO_LARGE
+        return Verdict.NEED_MORE
 
     def _malformed(self) -> Verdict:
         self.end = len(self.buffer)  # gunicorn's parser finds the fault in what is here
         return Verdict.COMPLETE
 
     def request_bytes(self) -> bytes:
-        """The request without its `Expect: 100-continue` line once the loop has answered it, so that
-        gunicorn does not send a second 100 Continue; the rest exactly as received."""
+        """The request without an `Expect: 100-continue` line: the body is all here, so gunicorn must not
+        send a 100 Continue (a second one, or one to HTTP/1.0); the rest exactly as received."""
         head = bytes(self.buffer[: self.header_end]) if self.in_body else bytes(self.buffer)
-        if self.expects_continue and self.in_body:
+        if self.in_body and b"100-continue" in head.lower():
             kept = [
                 line
                 for line in head.split(CRLF)
-                if not line.lower().replace(b" ", b"").startswith(b"expect:100-continue")
+                if not line.lower().replace(b" ", b"").replace(b"\t", b"").startswith(b"expect:100-continue")
             ]
             head = CRLF.join(kept)
         return head + bytes(self.buffer[self.header_end : self.end] if self.in_body else b"")

@@ -39,7 +39,8 @@ REQUESTS_REFUSED = Counter(
 )
 CONNECTIONS_TIMED_OUT = Counter(
     "charlm_connections_timed_out_total",
-    "Connections closed at a deadline: headers or body not arrived in time (408), or a write that made no progress",
+    "Connections closed at a deadline: nothing sent (idle), headers or body not arrived in time (408), "
+    "or a write not sent in time",
     ["phase"],
 )
 CHARS_SCORED = Counter("charlm_chars_scored_total", "Characters scored by /v1/score and echoed prompts")

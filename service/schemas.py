@@ -90,8 +90,10 @@ NonEmptyText = Annotated[str, Field(min_length=1)]
 class NextTokenRequest(RequestModel):
     text: str = Field(description="context; an empty text asks for the first character")
     top_k: int = Field(
-        5, ge=1, description="number of candidates; capped by MAX_TOP_K (absent: 5 or the cap, if lower) and the "
-        "vocabulary size"
+        5,
+        ge=1,
+        description="number of candidates; capped by MAX_TOP_K (absent: 5 or the cap, if lower) and the "
+        "vocabulary size",
     )
 
     _text = field_validator("text")(_check_text)

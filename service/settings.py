@@ -72,8 +72,8 @@ class Settings(BaseSettings):
     write_timeout_seconds: float = Field(
         30.0,
         gt=0,
-        description="a response write that makes no progress for this long (a client not reading) "
-        "closes the connection and cancels its generation",
+        description="a response write (a piece of a stream, or a whole answer) not sent within this long "
+        "(a client not reading) closes the connection and cancels its generation",
     )
     max_connections: int = Field(
         1000, ge=1, description="per worker: open connections; more wait in the listen queue, unaccepted"

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import selectors
 import socket
+import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -105,9 +106,9 @@ class GracefulThreadWorker(ThreadWorker):
     Overload is answered at once. Complete requests beyond the threads wait in the pool's queue; once
     MAX_WAITING_REQUESTS of them wait, a new one gets 503 with Retry-After from the loop instead of
     waiting without end. /healthz, /readyz and /metrics run on threads of their own, so a probe never
-    waits behind model work. A response write that makes no progress for WRITE_TIMEOUT_SECONDS (a client
-    that stopped reading its stream) closes the connection, which frees the thread and cancels the
-    generation. Connections are closed without blocking the loop (gthread's graceful close waited up to
+    waits behind model work. A response write (a piece of a stream, or a whole answer) not sent within
+    WRITE_TIMEOUT_SECONDS (a client that stopped reading) closes the connection, which frees the thread
+    and cancels the generation. Connections are closed without blocking the loop (gthread's graceful close waited up to
     2 s in it for each client that did not close its end), and what gunicorn's parser refuses is
     answered in the API's JSON error envelope.
 
@@ -134,7 +135,11 @@ class GracefulThreadWorker(ThreadWorker):
         header_bytes = (
             self.cfg.limit_request_line + 2 + self.cfg.limit_request_fields * (self.cfg.limit_request_field_size + 2)
         )
-        self.limits = Limits(max_header_bytes=header_bytes + 2, max_body_bytes=settings.max_body_bytes)
+        self.limits = Limits(
+            max_header_bytes=header_bytes + 2,
+            max_body_bytes=settings.max_body_bytes,
+            max_line_bytes=self.cfg.limit_request_field_size,
+        )
         self.header_timeout = settings.header_timeout_seconds
         self.body_timeout = settings.body_timeout_seconds
         self.write_timeout = settings.write_timeout_seconds
@@ -155,6 +160,8 @@ class GracefulThreadWorker(ThreadWorker):
         if not enabled and not self.alive:
             for listener in self.sockets:
                 listener.close()
+            if _table is not None and self.connection_slot is not None:
+                _table[self.connection_slot * FIELDS + HEARTBEAT] = 0.0  # peers stop leaving connections to it
 
     # ------------------------------------------------------------------ reading requests in the loop
 
@@ -165,10 +172,8 @@ class GracefulThreadWorker(ThreadWorker):
             super().enqueue_req(conn)
             return
         pipelined = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
-        pending = PendingRequest(self.limits, time.monotonic())
         conn.sock.setblocking(False)
-        self.reading[conn] = pending
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+        pending = self._start_reading(conn)
         if pipelined:
             self._advance(conn, pending, pipelined)
         else:  # the request has often arrived already: read it now rather than a loop turn later
@@ -204,66 +209,84 @@ class GracefulThreadWorker(ThreadWorker):
         self._advance(conn, self.reading[conn], data)
 
     def _advance(self, conn: TConn, pending: PendingRequest, data: bytes) -> None:
-        verdict = pending.feed(data, time.monotonic())
-        if verdict is Verdict.NEED_MORE:
-            if pending.expects_continue and pending.in_body and not pending.continue_sent:
-                pending.continue_sent = True
-                self._send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
-            return
-        self._stop_reading(conn)
-        if verdict is Verdict.HEADERS_TOO_LARGE:
-            self.metrics.REQUESTS_REFUSED.labels("headers_too_large").inc()
-            message = f"request headers larger than {self.limits.max_header_bytes} bytes"
-            self._answer_and_close(conn, 431, "Request Header Fields Too Large", message, "headers_too_large")
-        elif verdict is Verdict.BODY_TOO_LARGE:
-            self.metrics.REQUESTS_REFUSED.labels("body_too_large").inc()
-            message = f"request body larger than {self.limits.max_body_bytes} bytes"
-            self._answer_and_close(conn, 413, "Content Too Large", message, "request_too_large")
-        else:
-            self._dispatch(conn, pending)
+        while True:  # a loop, not recursion: a client may pipeline many requests that each get a 503
+            verdict = pending.feed(data, time.monotonic())
+            if verdict is Verdict.NEED_MORE:
+                if pending.expects_continue and pending.in_body and not pending.continue_sent:
+                    pending.continue_sent = True
+                    self._send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+                return
+            self._stop_reading(conn)
+            if verdict is Verdict.HEADERS_TOO_LARGE:
+                self.metrics.REQUESTS_REFUSED.labels("headers_too_large").inc()
+                message = f"request headers larger than {self.limits.max_header_bytes} bytes"
+                self._answer_and_close(conn, 431, "Request Header Fields Too Large", message, "headers_too_large")
+                return
+            if verdict is Verdict.BODY_TOO_LARGE:
+                self.metrics.REQUESTS_REFUSED.labels("body_too_large").inc()
+                message = f"request body larger than {self.limits.max_body_bytes} bytes"
+                self._answer_and_close(conn, 413, "Content Too Large", message, "request_too_large")
+                return
+            pipelined = self._dispatch(conn, pending)
+            if not pipelined:
+                return
+            pending = self._start_reading(conn)
+            data = pipelined
+
+    def _start_reading(self, conn: TConn) -> PendingRequest:
+        self.reading[conn] = pending = PendingRequest(self.limits, time.monotonic())
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+        return pending
 
     def _stop_reading(self, conn: TConn) -> None:
         del self.reading[conn]
         self.poller.unregister(conn.sock)
 
-    def _dispatch(self, conn: TConn, pending: PendingRequest) -> None:
-        """Hand a complete request to a thread, or answer 503 when too many already wait for one."""
+    def _dispatch(self, conn: TConn, pending: PendingRequest) -> bytes:
+        """Hand a complete request to a thread, or answer 503 when too many already wait for one; what
+        the client pipelined behind a refused request, to be read next (b"" when there is none)."""
         probe = pending.method in (b"GET", b"HEAD") and pending.path in PROBE_PATHS
         if not probe and self.admitted >= self.cfg.threads + self.max_waiting:
             self.metrics.REQUESTS_REFUSED.labels("overloaded").inc()
-            self._answer_overloaded(conn, pending)
-            return
+            return self._answer_overloaded(conn, pending)
         if conn.parser is None:
             conn.init()  # plain HTTP/1.x: makes the parser, reads nothing
         conn.data_ready = True  # gthread's handle() must not wait for more bytes
+        # The request is all here; should gunicorn's parser still want bytes from the socket (a framing
+        # this module read differently), the kernel gives up after the body deadline, not never.
+        timeout = struct.pack("ll", int(self.body_timeout), int(self.body_timeout % 1 * 1e6))
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
         conn.parser.unreader.unread(pending.request_bytes() + pending.leftover())
         if not probe:
             self.admitted += 1
         future = (self.probe_pool if probe else self.tpool).submit(self.handle, conn)
         future.add_done_callback(lambda done: self.method_queue.defer(self._finished, conn, done, probe))
+        return b""
 
     def _finished(self, conn: TConn, future: Future[Any], probe: bool) -> None:
         if not probe:
             self.admitted -= 1
         self.finish_request(conn, future)
 
-    def _answer_overloaded(self, conn: TConn, pending: PendingRequest) -> None:
+    def _answer_overloaded(self, conn: TConn, pending: PendingRequest) -> bytes:
         waiting = self.admitted - self.cfg.threads
         message = f"the server is busy ({waiting} requests are waiting for it); retry in a second"
         body = _error_body(message, "service_unavailable", "overloaded")
+        close = pending.wants_close or len(self.keepalived_conns) >= self.max_keepalived or not self.alive
         head = (
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
+            f"Content-Length: {len(body)}\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n"
         )
-        if not self._send(conn, head.encode() + body):
+        if not self._send(conn, head.encode() + (b"" if pending.method == b"HEAD" else body)):
             self._close(conn)
-            return
+            return b""
+        if close:
+            self._close_lingering(conn)
+            return b""
         if leftover := pending.leftover():  # a pipelined request: read it like any other
-            self.reading[conn] = fresh = PendingRequest(self.limits, time.monotonic())
-            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
-            self._advance(conn, fresh, leftover)
-            return
+            return leftover
         self._keep_alive(conn)
+        return b""
 
     # ------------------------------------------------------------------ answers written by the loop
 
@@ -313,8 +336,11 @@ class GracefulThreadWorker(ThreadWorker):
         elif conn.parser.unreader.buf.getvalue():  # the client pipelined its next request
             self.enqueue_req(conn)
         else:
-            conn.sock.setblocking(False)
-            self._keep_alive(conn)
+            try:
+                conn.sock.setblocking(False)
+                self._keep_alive(conn)
+            except (OSError, ValueError):  # the socket is gone
+                self._close(conn)
 
     def _keep_alive(self, conn: TConn) -> None:
         """Wait in the loop, up to KEEPALIVE_SECONDS, for the connection's next request."""
@@ -351,6 +377,13 @@ class GracefulThreadWorker(ThreadWorker):
             return
         self.next_sweep = now + SWEEP_SECONDS
         for conn, pending in list(self.reading.items()):
+            if not pending.buffer.strip():  # nothing sent yet (or blank lines only)
+                if now - pending.started > self.header_timeout or not self.alive:
+                    # No answer: a client that has not sent a request would take one for the answer to its next.
+                    self._stop_reading(conn)
+                    self.metrics.CONNECTIONS_TIMED_OUT.labels("idle").inc()
+                    self._close(conn)
+                continue
             if pending.headers_done_at is None:
                 phase, late = "headers", now - pending.started > self.header_timeout
             else:
@@ -375,7 +408,9 @@ class GracefulThreadWorker(ThreadWorker):
         conn.sock.settimeout(self.write_timeout)
         try:
             return bool(super().handle_request(req, conn))
-        except TimeoutError:
+        except TimeoutError as exc:
+            if exc.args != ("timed out",):  # not the socket's: the app's own, which gunicorn reports as usual
+                raise
             self.metrics.CONNECTIONS_TIMED_OUT.labels("write").inc()
             self.log.info("closed a connection from %s: it read nothing for %g s", conn.client, self.write_timeout)
             raise StopIteration from None
