@@ -67,13 +67,6 @@ class Vocab:
         index: dict[str, int] = self._index  # type: ignore[attr-defined]
         return [index.get(ch, 0) for ch in text]
 
-    def normalize(self, text: str) -> str:
-        """The text as the model sees it: out-of-vocabulary characters become U+FFFD."""
-        return "".join(self.chars[i] for i in self.encode(text))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
-
 
 # --------------------------------------------------------------------------- language model
 

@@ -7,6 +7,7 @@ Each public method follows the handler shape: preprocess (text -> ids), inferenc
 from __future__ import annotations
 
 import array
+import calendar
 import math
 import threading
 import time
@@ -187,7 +188,8 @@ class Engine:
     def describe_models(self) -> list[dict[str, Any]]:
         """OpenAI-style model entries with metadata; hashes come from the verified manifest."""
         manifest = self.models.manifest
-        created = int(time.mktime(time.strptime(manifest.get("created", "1970-01-01T00:00:00Z"), "%Y-%m-%dT%H:%M:%SZ")))
+        stamp = time.strptime(manifest.get("created", "1970-01-01T00:00:00Z"), "%Y-%m-%dT%H:%M:%SZ")
+        created = calendar.timegm(stamp)  # the stamp is UTC; time.mktime would read it as local time
         metrics = manifest.get("metrics", {})
         lm_metrics = metrics.get("lm", {})
         clf_metrics = metrics.get("classifier", {})

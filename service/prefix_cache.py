@@ -221,10 +221,3 @@ class PrefixCache:
                 del ends[held.length]
             if not ends:
                 del self._ends[held.region]
-
-    def clear(self) -> None:
-        with self._lock:
-            while self._entries:
-                self._remove(next(iter(self._entries)))
-        if self.on_size is not None:
-            self.on_size(0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -67,6 +69,18 @@ def test_models_list_has_openai_shape_and_metadata(client: FlaskClient) -> None:
 
 
 # --------------------------------------------------------------------------- next-token
+
+
+def test_models_created_is_the_manifests_utc_time_in_any_time_zone(app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = app.extensions["models"].require()
+    stamp = engine.models.manifest["created"]  # e.g. "2026-12-04T13:54:22Z"
+    expected = int(datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
+    for zone in ("UTC", "America/New_York", "Asia/Kolkata"):
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        assert {card["created"] for card in engine.describe_models()} == {expected}
+    monkeypatch.undo()
+    time.tzset()
 
 
 def test_next_token_candidates_are_sorted_and_consistent(client: FlaskClient) -> None:

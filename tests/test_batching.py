@@ -192,8 +192,10 @@ def test_a_cancelled_sequence_leaves_the_batch(batched: Engine) -> None:
     stream = batched.stream(endless)
     next(stream)
     stream.close()
+    assert batched.scheduler is not None
+    at_close = batched.scheduler.steps
     settled = steps_settle(batched)
-    assert settled < 1_000_000
+    assert settled - at_close <= 3  # the scheduler drops the row at its next step or so, not a million later
     time.sleep(0.2)
     assert batched.scheduler is not None and batched.scheduler.steps == settled
     # The batch serves later requests as before.
