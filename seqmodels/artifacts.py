@@ -176,9 +176,7 @@ def next_version_dir(repository: Path, name: str) -> Path:
     """Where the next version of model `name` goes: `repository/name/N+1` (1 for a new model). Written with
     `write_artifacts`, it appears there by one rename of a finished folder, never half-written."""
     if not MODEL_NAME.match(name):
-        raise ArtifactError(
-            f"model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
+        raise ArtifactError(f"model name {name!r}: use {MODEL_NAME_RULE}")
     existing = versions_in(repository / name)
     return repository / name / str((existing[-1] if existing else 0) + 1)
 

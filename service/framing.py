@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 CRLF = b"\r\n"
+CRLF_TEXT = "\r\n"
 HEADER_END = b"\r\n\r\n"
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # as gunicorn reads it: hex digits only, no sign or 0x
 CHUNKED_OVERHEAD = 64 << 10  # chunked framing a body may add to its size before it counts as too large

@@ -51,13 +51,13 @@ def _check_cap(value: int | None, info: ValidationInfo, cap_name: str) -> int | 
     return value
 
 
-def _default_within_cap(model: BaseModel, name: str, default: int, info: ValidationInfo, cap_name: str) -> int:
+def _default_within_cap(model: BaseModel, name: str, info: ValidationInfo, cap_name: str) -> int:
     """The value a field will have when generating: as sent, or, when absent or null, its default lowered to
     the server's cap. An explicit value over the cap is refused by the field's own validator."""
     value = getattr(model, name)
     if name in model.model_fields_set and value is not None:
         return int(value)
-    return min(default, getattr(_settings(info), cap_name))
+    return min(type(model).model_fields[name].default, getattr(_settings(info), cap_name))
 
 
 def _check_total(total: int, info: ValidationInfo) -> None:
@@ -105,7 +105,7 @@ class NextTokenRequest(RequestModel):
 
     @model_validator(mode="after")
     def _defaults_within_caps(self, info: ValidationInfo) -> NextTokenRequest:
-        self.top_k = _default_within_cap(self, "top_k", 5, info, "max_top_k")
+        self.top_k = _default_within_cap(self, "top_k", info, "max_top_k")
         return self
 
 
@@ -168,7 +168,7 @@ class GenerateRequest(RequestModel):
 
     @model_validator(mode="after")
     def _total(self, info: ValidationInfo) -> GenerateRequest:
-        self.max_tokens = _default_within_cap(self, "max_tokens", 64, info, "max_tokens")
+        self.max_tokens = _default_within_cap(self, "max_tokens", info, "max_tokens")
         _check_total(self.n * self.max_tokens, info)
         return self
 
@@ -332,7 +332,7 @@ class CompletionRequest(RequestModel):
     model: str = Field(description="a model id from /v1/models; only the language model completes")
     prompt: str | list[str] = Field("", description="one prompt or a list; token-id prompts are not supported")
     max_tokens: int | None = Field(
-        16,
+        OPENAI_DEFAULT_MAX_TOKENS,
         ge=0,
         description="characters per choice; null or absent means 16, or MAX_TOKENS if lower; 0 is allowed with "
         "echo, to score the prompt",
@@ -380,7 +380,7 @@ class CompletionRequest(RequestModel):
 
     @model_validator(mode="after")
     def _combinations(self, info: ValidationInfo) -> CompletionRequest:
-        self.max_tokens = _default_within_cap(self, "max_tokens", OPENAI_DEFAULT_MAX_TOKENS, info, "max_tokens")
+        self.max_tokens = _default_within_cap(self, "max_tokens", info, "max_tokens")
         _check_total(len(self.prompts()) * (self.best_of or self.n) * self.max_tokens, info)
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens 0 is only allowed with echo, to score the prompt")

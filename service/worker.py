@@ -17,7 +17,9 @@ from typing import Any
 
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
+from service.framing import CRLF_TEXT as CRLF
 from service.framing import Limits, PendingRequest, Verdict
+from service.schemas import ErrorResponse
 from service.settings import Settings
 
 # One row per worker slot: pid (0 for a free slot, -1 while its worker starts), open connections,
@@ -67,9 +69,16 @@ def release_slot(worker: Any) -> None:
         _table[slot * FIELDS + PID] = 0
 
 
-def _error_body(message: str, type_: str, code: str) -> bytes:
-    """OpenAI's error envelope, as the app's ApiError renders it."""
-    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
+def _error_answer(status: int, reason: str, message: str, type_: str, code: str, *, close: bool = True,
+                  head_only: bool = False, headers: str = "") -> bytes:  # fmt: skip
+    """A whole HTTP answer carrying the API's error envelope (the app's ErrorResponse), for the answers
+    the event loop and gunicorn's parser give without the app; `headers`: extra lines, each ending CRLF."""
+    body = json.dumps(ErrorResponse.of(message, type_, code=code)).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"{headers}{'Connection: close' + CRLF if close else ''}\r\n"
+    )
+    return head.encode() + (b"" if head_only else body)
 
 
 class _CapturedAnswer:
@@ -108,9 +117,9 @@ class GracefulThreadWorker(ThreadWorker):
     waiting without end. /healthz, /readyz and /metrics run on threads of their own, so a probe never
     waits behind model work. A response write (a piece of a stream, or a whole answer) not sent within
     WRITE_TIMEOUT_SECONDS (a client that stopped reading) closes the connection, which frees the thread
-    and cancels the generation. Connections are closed without blocking the loop (gthread's graceful close waited up to
-    2 s in it for each client that did not close its end), and what gunicorn's parser refuses is
-    answered in the API's JSON error envelope.
+    and cancels the generation. Connections are closed without blocking the loop (gthread's graceful
+    close waited up to 2 s in it for each client that did not close its end), and what gunicorn's parser
+    refuses is answered in the API's JSON error envelope.
 
     On SIGTERM the stock worker stops polling its listening sockets but keeps them open until its
     in-flight requests finish, so the kernel goes on queueing new connections that nobody will answer:
@@ -143,6 +152,8 @@ class GracefulThreadWorker(ThreadWorker):
         self.header_timeout = settings.header_timeout_seconds
         self.body_timeout = settings.body_timeout_seconds
         self.write_timeout = settings.write_timeout_seconds
+        # SO_RCVTIMEO for dispatched sockets (a struct timeval): the body deadline.
+        self.read_timeout = struct.pack("ll", int(self.body_timeout), int(self.body_timeout % 1 * 1e6))
         self.max_waiting = settings.max_waiting_requests
         self.reading: dict[TConn, PendingRequest] = {}
         self.lingering: dict[TConn, tuple[float, int]] = {}  # closing connections: deadline, bytes drained
@@ -254,8 +265,7 @@ class GracefulThreadWorker(ThreadWorker):
         conn.data_ready = True  # gthread's handle() must not wait for more bytes
         # The request is all here; should gunicorn's parser still want bytes from the socket (a framing
         # this module read differently), the kernel gives up after the body deadline, not never.
-        timeout = struct.pack("ll", int(self.body_timeout), int(self.body_timeout % 1 * 1e6))
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self.read_timeout)
         conn.parser.unreader.unread(pending.request_bytes() + pending.leftover())
         if not probe:
             self.admitted += 1
@@ -271,13 +281,12 @@ class GracefulThreadWorker(ThreadWorker):
     def _answer_overloaded(self, conn: TConn, pending: PendingRequest) -> bytes:
         waiting = self.admitted - self.cfg.threads
         message = f"the server is busy ({waiting} requests are waiting for it); retry in a second"
-        body = _error_body(message, "service_unavailable", "overloaded")
         close = pending.wants_close or len(self.keepalived_conns) >= self.max_keepalived or not self.alive
-        head = (
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-            f"Content-Length: {len(body)}\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n"
-        )
-        if not self._send(conn, head.encode() + (b"" if pending.method == b"HEAD" else body)):
+        answer = _error_answer(
+            503, "Service Unavailable", message, "service_unavailable", "overloaded",
+            close=close, head_only=pending.method == b"HEAD", headers="Retry-After: 1" + CRLF,
+        )  # fmt: skip
+        if not self._send(conn, answer):
             self._close(conn)
             return b""
         if close:
@@ -300,12 +309,7 @@ class GracefulThreadWorker(ThreadWorker):
     def _answer_and_close(self, conn: TConn, status: int, reason: str, message: str, code: str) -> None:
         """An error answer, then a lingering close: what the client still sends is read and dropped for
         a while, so that its kernel gets no reset before it has read the answer."""
-        body = _error_body(message, "invalid_request_error", code)
-        head = (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        self._send(conn, head.encode() + body)
+        self._send(conn, _error_answer(status, reason, message, "invalid_request_error", code))
         self._close_lingering(conn)
 
     def _close_lingering(self, conn: TConn) -> None:
@@ -403,8 +407,8 @@ class GracefulThreadWorker(ThreadWorker):
     # ------------------------------------------------------------------ in the request thread
 
     def handle_request(self, req: Any, conn: TConn) -> bool:
-        """gthread's, with a bound on every write: a client that stops reading for WRITE_TIMEOUT_SECONDS
-        loses its connection instead of holding this thread."""
+        """gthread's, with a bound on every write: a write not sent within WRITE_TIMEOUT_SECONDS (a client
+        that stopped reading) loses the connection instead of holding this thread."""
         conn.sock.settimeout(self.write_timeout)
         try:
             return bool(super().handle_request(req, conn))
@@ -412,7 +416,7 @@ class GracefulThreadWorker(ThreadWorker):
             if exc.args != ("timed out",):  # not the socket's: the app's own, which gunicorn reports as usual
                 raise
             self.metrics.CONNECTIONS_TIMED_OUT.labels("write").inc()
-            self.log.info("closed a connection from %s: it read nothing for %g s", conn.client, self.write_timeout)
+            self.log.info("closed a connection from %s: a write was not sent in %g s", conn.client, self.write_timeout)
             raise StopIteration from None
 
     def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
@@ -426,14 +430,9 @@ class GracefulThreadWorker(ThreadWorker):
         message = f"{reason}: {exc}" if str(exc) and int(status) < 500 else reason
         type_ = "invalid_request_error" if int(status) < 500 else "server_error"
         code = reason.lower().replace(" ", "_")
-        body = _error_body(message, type_, code)
-        head = (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nConnection: close\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
         try:
             client.setblocking(False)
-            client.send(head.encode() + body)
+            client.send(_error_answer(int(status), reason, message, type_, code))
         except OSError:
             self.log.debug("Failed to send error message.")
 

@@ -106,17 +106,8 @@ def test_512_slow_connections_starve_nothing(server: Server, mode: str) -> None:
 
 
 def test_a_client_that_reads_its_stream_slowly_holds_up_no_one(server: Server) -> None:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", server.port))
-    body = json.dumps({"prompt": "KING.", "max_tokens": 1000, "n": 3, "stream": True, "seed": 1}).encode()
-    sock.sendall(
-        b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    received = sock.recv(64)  # then reads nothing more for a while
-    assert received.startswith(b"HTTP/1.1 200")
+    sock = slow_reader(server.port, "/v1/generate", {"prompt": "KING.", "max_tokens": 1000, "n": 3, "seed": 1})
+    received = b""  # it reads nothing more for a while
     stream = StreamInFlight(server.base)
     well_behaved(server.base)
     stream.check()
@@ -157,22 +148,24 @@ def test_an_overload_burst_is_answered_at_once_with_503_and_retry_after(tiny_art
         assert server.workers_unchanged()
 
 
-def slow_reader(port: int, max_tokens: int = 1000) -> socket.socket:
-    """A client that asks for a long stream (8 prompts, n=4, five alternatives per character: about 7 MB,
-    more than the kernel's socket buffers hold) and reads only its first bytes: the server's writes soon
-    block on it. The server needs MAX_TOTAL_TOKENS of at least 32 x max_tokens."""
+def slow_reader(port: int, path: str, body: dict[str, Any]) -> socket.socket:
+    """A client with a small receive buffer that asks for a stream and reads only the status line's start."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
-    body = {"model": "char-lstm", "prompt": ["KING."] * 8, "max_tokens": max_tokens, "n": 4, "logprobs": 5}
     payload = json.dumps(body | {"stream": True}).encode()
     sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
         + f"Content-Length: {len(payload)}\r\n\r\n".encode()
         + payload
     )
     assert sock.recv(64).startswith(b"HTTP/1.1 200")
     return sock
+
+
+# 8 prompts, n=4, five alternatives per character: megabytes, more than the kernel's socket buffers hold,
+# so the server's writes soon block on a reader that stops. The server needs MAX_TOTAL_TOKENS >= 32,000.
+HUGE_STREAM = {"model": "char-lstm", "prompt": ["KING."] * 8, "max_tokens": 1000, "n": 4, "logprobs": 5}
 
 
 def test_a_stalled_reader_loses_its_connection_at_the_write_timeout(tiny_artifacts: Path) -> None:
@@ -182,7 +175,7 @@ def test_a_stalled_reader_loses_its_connection_at_the_write_timeout(tiny_artifac
     env = {"WORKERS": "1", "THREADS": "1", "MAX_WAITING_REQUESTS": "0", "WRITE_TIMEOUT_SECONDS": "3",
            "MAX_TOTAL_TOKENS": "32000"}  # fmt: skip
     with gunicorn_process(tiny_artifacts, **env) as (_, base):
-        stalled = slow_reader(int(base.rsplit(":", 1)[1]))
+        stalled = slow_reader(int(base.rsplit(":", 1)[1]), "/v1/completions", HUGE_STREAM)
         time.sleep(0.5)
         answer = requests.post(f"{base}/v1/next-token", json=NEXT_TOKEN, timeout=1)
         assert answer.status_code == 503 and answer.headers["Retry-After"] == "1"
