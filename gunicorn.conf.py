@@ -74,6 +74,30 @@ def post_fork(server, worker):
     import torch
 
     torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "1")))
+    # Each worker keeps its own model versions in line with the repository: it syncs now, before it
+    # accepts a connection (a worker started after a rollout serves the new version from its first
+    # request), then every REPOSITORY_POLL_SECONDS and on SIGHUP, on a thread of its own.
+    worker.app.wsgi().extensions["models"].repository.start_watching()
+
+
+def when_ready(server):
+    """SIGHUP to the master makes every worker look at the model repository again (new, changed and removed
+    versions, and folders refused before), without restarting a worker or cutting a request. This replaces
+    gunicorn's own SIGHUP (reload the configuration, replace every worker): the configuration here comes
+    from the environment, which a running process cannot change, and replacing workers would cut streams
+    longer than GRACEFUL_TIMEOUT."""
+    from prometheus_client import multiprocess
+
+    # The master loaded the models before forking, and so set their gauges in its own file; the workers
+    # set their own when they start. Dropping the master's keeps sums over the workers true.
+    multiprocess.mark_process_dead(os.getpid())
+    repository = server.app.wsgi().extensions["models"].repository
+
+    def handle_hup():
+        server.log.info("SIGHUP: the workers look at the model repository again")
+        repository.sighup.bump()
+
+    server.handle_hup = handle_hup
 
 
 # Workers spread connections evenly through a table in shared memory (see service/worker.py); a

@@ -140,6 +140,7 @@ class PodSpec:
     ports: dict[str, int]
     probes: dict[str, Probe]
     empty_dirs: dict[str, int]  # mount path -> size in bytes
+    read_only_claims: dict[str, str]  # mount path -> PersistentVolumeClaim (a model repository); not run here
     cpu_limit: float
     memory_limit: int
     uid: int
@@ -178,10 +179,13 @@ def pod_spec(docs: list[dict[str, Any]]) -> PodSpec:
         )
 
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    empty_dirs = {}
+    empty_dirs, claims = {}, {}
     for mount in container.get("volumeMounts", []):
         volume = volumes[mount["name"]]
-        assert "emptyDir" in volume, f"volume {mount['name']} is not an emptyDir"
+        if "persistentVolumeClaim" in volume and mount.get("readOnly"):
+            claims[mount["mountPath"]] = volume["persistentVolumeClaim"]["claimName"]
+            continue
+        assert "emptyDir" in volume, f"volume {mount['name']} is neither an emptyDir nor a read-only claim"
         empty_dirs[mount["mountPath"]] = int(quantity(volume["emptyDir"].get("sizeLimit", "64Mi")))
     security = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
     annotations = template["metadata"].get("annotations", {})
@@ -194,6 +198,7 @@ def pod_spec(docs: list[dict[str, Any]]) -> PodSpec:
         ports=ports,
         probes={name: probe(name) for name in ("startupProbe", "readinessProbe", "livenessProbe") if name in container},
         empty_dirs=empty_dirs,
+        read_only_claims=claims,
         cpu_limit=quantity(container["resources"]["limits"]["cpu"]),
         memory_limit=int(quantity(container["resources"]["limits"]["memory"])),
         uid=security["runAsUser"],

@@ -49,7 +49,7 @@ class LoadedModels:
     lm: CharLSTM
     vocab: Vocab
     adapt: AdaptConfig  # dynamic-evaluation settings chosen by the training run (off in older artifacts)
-    classifier: MLPClassifier
+    classifier: MLPClassifier | None  # None: an artifact trained with --no-classifier
     labels: list[str]
     manifest: dict[str, Any]
     digest: str  # SHA-256 of manifest.json: one id for the whole artifact set
@@ -114,12 +114,13 @@ def write_artifacts(
     out_dir: Path,
     lm: CharLSTM,
     lm_config: dict[str, Any],
-    classifier: MLPClassifier,
-    classifier_config: dict[str, Any],
+    classifier: MLPClassifier | None,
+    classifier_config: dict[str, Any] | None,
     manifest_fields: dict[str, Any],
     extra_files: dict[str, bytes],
 ) -> Path:
-    """Write a complete artifact set into a temporary sibling folder, then swap it into place.
+    """Write a complete artifact set (the classifier is optional) into a temporary sibling folder, then
+    swap it into place.
 
     The old folder stays untouched until the final swap, so an interrupted run leaves it
     as it was. On Linux the swap is one atomic renameat2(RENAME_EXCHANGE).
@@ -130,7 +131,8 @@ def write_artifacts(
     staging.chmod(0o755)  # mkdtemp makes it private; the served folder must be readable by the service user
     try:
         _write_model(staging / LM_DIR, lm, lm_config)
-        _write_model(staging / CLASSIFIER_DIR, classifier, classifier_config)
+        if classifier is not None and classifier_config is not None:
+            _write_model(staging / CLASSIFIER_DIR, classifier, classifier_config)
         for name, data in extra_files.items():
             (staging / name).write_bytes(data)
         files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
@@ -181,6 +183,28 @@ def next_version_dir(repository: Path, name: str) -> Path:
     return repository / name / str((existing[-1] if existing else 0) + 1)
 
 
+def publish_version(source: Path, repository: Path, name: str) -> Path:
+    """Copy a finished artifact folder into a repository as the next version of model `name`, the safe way:
+    verified, copied beside under a name that is not a version (".N.staging-..."), synced to disk, then
+    renamed in, so a server polling the repository never sees it half-written. Returns the new folder."""
+    verify_artifacts(source)
+    target = next_version_dir(repository, name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        staging.chmod(0o755)
+        for path in staging.rglob("*"):
+            if path.is_file():
+                with path.open("rb") as fh:
+                    os.fsync(fh.fileno())
+        staging.rename(target)  # fails, leaving nothing behind, if another writer took the number first
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
 def read_manifest(artifacts_dir: Path) -> dict[str, Any]:
     path = artifacts_dir / MANIFEST
     if not path.is_file():
@@ -201,10 +225,16 @@ def read_manifest(artifacts_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def has_classifier(manifest: dict[str, Any]) -> bool:
+    """Whether the artifact carries a classifier: any file under classifier/ in its manifest."""
+    return any(str(name).startswith(f"{CLASSIFIER_DIR}/") for name in manifest["files"])
+
+
 def verify_artifacts(artifacts_dir: Path) -> dict[str, Any]:
     """Check the format version and every recorded SHA-256; return the manifest."""
     manifest = read_manifest(artifacts_dir)
-    required = {f"{d}/{f}" for d in (LM_DIR, CLASSIFIER_DIR) for f in (CONFIG_FILE, WEIGHTS_FILE)}
+    parts = (LM_DIR, CLASSIFIER_DIR) if has_classifier(manifest) else (LM_DIR,)
+    required = {f"{d}/{f}" for d in parts for f in (CONFIG_FILE, WEIGHTS_FILE)}
     missing = required - set(manifest["files"])
     if missing:
         raise ArtifactError(f"{artifacts_dir / MANIFEST}: does not list {', '.join(sorted(missing))}")
@@ -236,28 +266,37 @@ def _load_weights(module: nn.Module, path: Path) -> None:
         raise ArtifactError(f"{path}: weights do not fit the config ({str(exc).splitlines()[0]})") from None
 
 
+def _load_classifier(artifacts_dir: Path) -> tuple[MLPClassifier, list[str]]:
+    clf_json = _read_config(artifacts_dir / CLASSIFIER_DIR / CONFIG_FILE)
+    try:
+        labels = [str(label) for label in clf_json["labels"]]
+        classifier = MLPClassifier(ClassifierConfig(**clf_json["architecture"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{artifacts_dir}: classifier config does not describe a model ({exc!r})") from None
+    if len(labels) != classifier.config.num_labels:
+        raise ArtifactError(f"{artifacts_dir / CLASSIFIER_DIR / CONFIG_FILE}: label count disagrees with architecture")
+    _load_weights(classifier, artifacts_dir / CLASSIFIER_DIR / WEIGHTS_FILE)
+    classifier.eval()
+    return classifier, labels
+
+
 def load_artifacts(artifacts_dir: Path | str) -> LoadedModels:
-    """Verify and load both models in eval mode. Raises ArtifactError naming what is wrong."""
+    """Verify and load the LM (and the classifier, where the artifact has one) in eval mode. Raises
+    ArtifactError naming what is wrong."""
     artifacts_dir = Path(artifacts_dir)
     manifest = verify_artifacts(artifacts_dir)
     lm_json = _read_config(artifacts_dir / LM_DIR / CONFIG_FILE)
-    clf_json = _read_config(artifacts_dir / CLASSIFIER_DIR / CONFIG_FILE)
     try:
         vocab = Vocab(tuple(lm_json["vocabulary"]))
         lm = CharLSTM(LMConfig(**lm_json["architecture"]))
         adapt = AdaptConfig(**lm_json.get("adaptation", {}))
-        labels = [str(label) for label in clf_json["labels"]]
-        classifier = MLPClassifier(ClassifierConfig(**clf_json["architecture"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"{artifacts_dir}: config does not describe a model ({exc!r})") from None
     if vocab.size != lm.config.vocab_size:
         raise ArtifactError(f"{artifacts_dir / LM_DIR / CONFIG_FILE}: vocabulary size disagrees with architecture")
-    if len(labels) != classifier.config.num_labels:
-        raise ArtifactError(f"{artifacts_dir / CLASSIFIER_DIR / CONFIG_FILE}: label count disagrees with architecture")
     _load_weights(lm, artifacts_dir / LM_DIR / WEIGHTS_FILE)
-    _load_weights(classifier, artifacts_dir / CLASSIFIER_DIR / WEIGHTS_FILE)
     lm.eval()
-    classifier.eval()
+    classifier, labels = _load_classifier(artifacts_dir) if has_classifier(manifest) else (None, [])
     return LoadedModels(
         lm=lm,
         vocab=vocab,

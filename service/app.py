@@ -13,7 +13,7 @@ from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
 from service import observability
-from service.helpers import ApiError, ModelRegistry, settings
+from service.helpers import ApiError, ModelRegistry, hand_leases_to_stream, release_models, settings
 from service.observability import configure_logging
 from service.schemas import ErrorResponse
 from service.settings import Settings
@@ -110,7 +110,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     models = ModelRegistry(settings)
     app.extensions["models"] = models
-    models.load()  # fail fast: a missing or tampered artifact stops start-up with a clear message
+    models.load()  # fail fast: a repository with nothing loadable stops start-up with a clear message
 
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:  # off unless configured: browsers on other origins cannot call the API
@@ -118,6 +118,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     observability.install(app)  # first: request ids and metrics cover every response, 401s included
     app.before_request(_require_api_key)
     app.after_request(_drain_request_body)
+    app.after_request(hand_leases_to_stream)  # a stream holds its model version until it is closed
+    app.teardown_request(release_models)
     app.register_error_handler(ApiError, _error_response)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)

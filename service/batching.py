@@ -502,6 +502,7 @@ class Scheduler:
         self._waiting: list[Job] = []
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._stopping = False
         self.steps = 0  # decode steps run, for tests and the benchmark
         self.max_batch_seen = 0
         self.prefills = 0  # prompt batches encoded, and the prompts in them
@@ -511,8 +512,16 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def stop(self) -> None:
+        """Let the scheduler thread end once it has nothing to do (a model version being unloaded); a later
+        submit starts a new one."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+
     def submit(self, job: Job) -> None:
         with self._wakeup:
+            self._stopping = False
             if not self.alive():
                 self._thread = threading.Thread(target=self._loop, name="decode-scheduler", daemon=True)
                 self._thread.start()
@@ -581,6 +590,9 @@ class Scheduler:
                     batch = self.make_batch()
                 with self._wakeup:
                     while not self._waiting and not batch.busy:
+                        if self._stopping:
+                            self._thread = None
+                            return
                         self._wakeup.wait()
                     expected = max(self._recent_prefill_sizes, default=0)
                     if not batch.busy and expected > 1:

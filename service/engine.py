@@ -7,10 +7,8 @@ Each public method follows the handler shape: preprocess (text -> ids), inferenc
 from __future__ import annotations
 
 import array
-import calendar
 import math
 import threading
-import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 
 import torch
 
-from seqmodels.artifacts import CLASSIFIER_DIR, LM_DIR, WEIGHTS_FILE, LoadedModels, load_artifacts
+from seqmodels.artifacts import LoadedModels, load_artifacts
 from seqmodels.networks import LSTMState
 from service.batching import (
     DecodeBatch,
@@ -35,9 +33,8 @@ from service.kernels import FusedStep
 from service.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
 
 __all__ = [
-    "CLASSIFIER_ID",
-    "LM_ID",
     "AdaptationUnavailable",
+    "ClassifierUnavailable",
     "Delta",
     "Engine",
     "GenerationRequest",
@@ -48,8 +45,6 @@ __all__ = [
 ]
 
 LN2 = math.log(2.0)
-LM_ID = "char-lstm"
-CLASSIFIER_ID = "mlp-classifier"
 
 
 @dataclass
@@ -77,6 +72,25 @@ class TextScore:
 
 class AdaptationUnavailable(Exception):
     """`adapt` was asked of an artifact that carries no dynamic-evaluation settings."""
+
+
+class ClassifierUnavailable(Exception):
+    """Classification was asked of an artifact trained without a classifier."""
+
+
+def _tensors_of(value: Any, seen: set[int] | None = None) -> list[torch.Tensor]:
+    """The tensors held by a kernel object's attributes, in lists and tuples too (not the LM it points to)."""
+    seen = set() if seen is None else seen
+    if id(value) in seen or isinstance(value, torch.nn.Module):
+        return []
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [t for item in value for t in _tensors_of(item, seen)]
+    if hasattr(value, "__dict__") and type(value).__module__.startswith("service."):
+        return [t for item in vars(value).values() for t in _tensors_of(item, seen)]
+    return []
 
 
 def text_score(
@@ -183,58 +197,22 @@ class Engine:
             return self.scheduler.results(job)
         return self.new_batch().run_alone(job)
 
-    # ------------------------------------------------------------------ metadata
+    def close(self) -> None:
+        """Let the scheduler thread end (the engine of a model version being unloaded, with no requests)."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
 
-    def describe_models(self) -> list[dict[str, Any]]:
-        """OpenAI-style model entries with metadata; hashes come from the verified manifest."""
-        manifest = self.models.manifest
-        stamp = time.strptime(manifest.get("created", "1970-01-01T00:00:00Z"), "%Y-%m-%dT%H:%M:%SZ")
-        created = calendar.timegm(stamp)  # the stamp is UTC; time.mktime would read it as local time
-        metrics = manifest.get("metrics", {})
-        lm_metrics = metrics.get("lm", {})
-        clf_metrics = metrics.get("classifier", {})
-        return [
-            {
-                "id": LM_ID,
-                "object": "model",
-                "created": created,
-                "owned_by": "local",
-                "kind": "char-lstm-lm",
-                "vocab_size": self.vocab.size,
-                "parameters": self.lm.num_parameters(),
-                "architecture": vars(self.lm.config),
-                "metrics": {k: lm_metrics.get(k) for k in ("test_bpc", "val_bpc")}
-                | {
-                    "ppmd_test_bpc": lm_metrics.get("ppmd", {}).get("bpc"),
-                    "adaptive_test_bpc": lm_metrics.get("adaptive", {}).get("test_bpc"),
-                },
-                "adaptation": vars(self.models.adapt),
-                "artifact_sha256": manifest["files"][f"{LM_DIR}/{WEIGHTS_FILE}"],
-                "manifest_sha256": self.models.digest,
-            },
-            {
-                "id": CLASSIFIER_ID,
-                "object": "model",
-                "created": created,
-                "owned_by": "local",
-                "kind": "mlp-classifier",
-                "labels": self.labels,
-                "parameters": self.classifier.num_parameters(),
-                "metrics": {k: clf_metrics.get(k) for k in ("mlp", "tfidf_logreg", "majority") if k in clf_metrics}
-                | (
-                    {
-                        "cross_validated_macro_f1": {
-                            model: figures["macro_f1"]["mean"]
-                            for model, figures in clf_metrics["cross_validation"]["summary"].items()
-                        }
-                    }
-                    if "cross_validation" in clf_metrics
-                    else {}
-                ),
-                "artifact_sha256": manifest["files"][f"{CLASSIFIER_DIR}/{WEIGHTS_FILE}"],
-                "manifest_sha256": self.models.digest,
-            },
-        ]
+    def memory_bytes(self) -> int:
+        """What this engine holds: the networks' weights, the decode kernel's packed copies, and the prefix
+        cache's bound (it grows to it)."""
+        tensors: dict[int, int] = {}
+        for module in (self.lm, self.classifier):
+            if module is not None:
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    tensors[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        for tensor in _tensors_of(self.kernel):
+            tensors.setdefault(id(tensor), tensor.numel() * tensor.element_size())
+        return sum(tensors.values()) + (self.prefix_cache.max_bytes if self.prefix_cache is not None else 0)
 
     # ------------------------------------------------------------------ helpers
 
@@ -281,6 +259,8 @@ class Engine:
             return self._score(texts, include_tokens, top_logprobs)
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
+        if self.classifier is None:
+            raise ClassifierUnavailable("this model was trained without a classifier")
         with self._scoring_slots:
             return self._classify(texts)
 
@@ -399,6 +379,7 @@ class Engine:
 
     @torch.inference_mode()
     def _classify(self, texts: Sequence[str]) -> list[Classification]:
+        assert self.classifier is not None
         logits, _ = self.classifier(self.classifier.featurize(texts))
         probs = torch.softmax(logits.double(), dim=-1)
         results = []

@@ -1,29 +1,35 @@
 """What views need from the app, without importing the factory: the error type, the model registry
-kept in `app.extensions`, and request parsing and response helpers.
+kept in `app.extensions` with the leases that requests hold on model versions, and request parsing and
+response helpers.
 
-The dependency runs one way: `service.app` -> `service.views` -> `service.helpers` -> `service.engine`.
+The dependency runs one way: `service.app` -> `service.views` -> `service.helpers` -> `service.repository`
+-> `service.engine`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import secrets
-import time
 from typing import Any
 
 import torch
-from flask import Response, current_app, jsonify, request
+from flask import Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
+from seqmodels.artifacts import LoadedModels
 from service.engine import Engine, PrefixCache, SessionState
 from service.metrics import (
-    MODEL_LOAD_SECONDS,
+    MODEL_REQUESTS,
     PREFILL_BATCH_PROMPTS,
     PREFIX_CACHE_BYTES,
-    record_cache_lookup,
-    record_decode_step,
+    SESSIONS_ISSUED,
+    SESSIONS_RESUMED,
+    cache_lookup_recorder,
+    decode_step_recorder,
 )
+from service.repository import ModelNotFound, ModelRepository, ModelVersion, RepositoryError
 from service.sessions import SessionCodec, SessionError, principal_of
 from service.settings import Settings
 
@@ -39,25 +45,23 @@ class ApiError(Exception):
 
 
 class ModelRegistry:
-    """Holds the engine; `engine is None` means not ready (readiness probes say 503)."""
+    """The model repository and the session key, kept in `app.extensions["models"]`."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.engine: Engine | None = None
-        self.sessions: SessionCodec | None = None
-        self.load_seconds = 0.0
         # Made here, in the gunicorn master before it forks (preload_app), so every worker signs and
         # checks session handles with the same key; SESSION_SECRET keeps it across restarts and replicas.
         secret = settings.session_secret.encode()
         self.session_key = (
             hashlib.sha256(b"charlm-session-key\0" + secret).digest() if secret else secrets.token_bytes(32)
         )
+        self.repository = ModelRepository(settings, self._build_engine, self._add_session_codec)
 
-    def load(self) -> None:
-        started = time.perf_counter()
-        engine = Engine.from_dir(
-            self.settings.artifacts_dir,
-            on_generated=record_decode_step,
+    def _build_engine(self, models: LoadedModels, model_id: str) -> Engine:
+        cache_bytes = int(self.settings.prefix_cache_mb * 2**20)
+        return Engine(
+            models,
+            on_generated=decode_step_recorder(model_id),
             on_prefill=PREFILL_BATCH_PROMPTS.observe,
             batching=self.settings.batching,
             max_batch_rows=self.settings.max_batch_rows,
@@ -65,37 +69,80 @@ class ModelRegistry:
             scoring_slots=self.settings.torch_threads,
             batch_gather_seconds=self.settings.batch_gather_ms / 1000,
             stream_interval_seconds=self.settings.stream_interval_ms / 1000,
-            prefix_cache=PrefixCache(int(cache_bytes), record_cache_lookup, PREFIX_CACHE_BYTES.set)
-            if (cache_bytes := self.settings.prefix_cache_mb * 2**20) > 0
+            prefix_cache=PrefixCache(
+                cache_bytes, cache_lookup_recorder(model_id), PREFIX_CACHE_BYTES.labels(model=model_id).set
+            )
+            if cache_bytes > 0
             else None,
             prefill_chunk=self.settings.prefill_chunk_chars,
         )
-        self.load_seconds = time.perf_counter() - started
-        MODEL_LOAD_SECONDS.set(self.load_seconds)
-        config = engine.lm.config
-        self.sessions = SessionCodec(
+
+    def _add_session_codec(self, mv: ModelVersion) -> None:
+        """Session handles are signed with the version's id and manifest hash: another version finds nothing,
+        even one with the same files."""
+        config = mv.engine.lm.config
+        mv.extras["sessions"] = SessionCodec(
             self.session_key,
             self.settings.session_ttl_seconds,
-            engine.models.digest,
+            f"{mv.id}\0{mv.digest}",
             config.num_layers,
             config.hidden_size,
-            engine.vocab.size,
+            mv.engine.vocab.size,
         )
-        self.engine = engine
-        for card in engine.describe_models():
-            log.info(
-                "loaded model %s from %s: %d parameters, sha256 %s, %.2f s",
-                card["id"],
-                self.settings.artifacts_dir,
-                card["parameters"],
-                card["artifact_sha256"][:16],
-                self.load_seconds,
-            )
 
-    def require(self) -> Engine:
-        if self.engine is None:
-            raise ApiError(503, "models are not loaded yet", "service_unavailable", code="not_ready")
-        return self.engine
+    def load(self) -> None:
+        """Load every model at start-up; RepositoryError when nothing can serve (fail fast)."""
+        self.repository.sync()
+        loaded = self.repository.versions()
+        if not loaded:
+            refused = "; ".join(r.message for r in self.repository.refusals().values())
+            where = self.settings.model_repository or self.settings.artifacts_dir
+            raise RepositoryError(f"no model could be loaded from {where}" + (f": {refused}" if refused else ""))
+        default = self.repository.default_name()
+        if default is not None and self.repository.serving(default) is None:
+            names = ", ".join(sorted({mv.name for mv in loaded}))
+            raise RepositoryError(f"DEFAULT_MODEL {default!r} is not among the loaded models ({names})")
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.repository.versions())
+
+
+def use_model(model: str | None) -> ModelVersion:
+    """The version a request's `model` names, held loaded until the request (or its stream) ends; 404
+    `model_not_found` for an unknown model or version."""
+    repository = registry().repository
+    if repository.empty():
+        raise ApiError(503, "no model is loaded", "service_unavailable", code="not_ready")
+    try:
+        mv = repository.acquire(model)
+    except ModelNotFound as exc:
+        raise ApiError(404, str(exc), "invalid_request_error", param="model", code="model_not_found") from None
+    _hold(mv)
+    return mv
+
+
+def _hold(mv: ModelVersion) -> None:
+    g.setdefault("model_leases", []).append(mv)
+    MODEL_REQUESTS.labels(model=mv.id).inc()
+
+
+def hand_leases_to_stream(response: Response) -> Response:
+    """After the view: a streamed response holds the request's leases until the server closes it (Flask
+    tears the request down when the view returns, before the stream is read)."""
+    if response.is_streamed:
+        leases = g.pop("model_leases", [])
+        repository = registry().repository
+        for mv in leases:
+            response.call_on_close(functools.partial(repository.release, mv))
+    return response
+
+
+def release_models(_: BaseException | None = None) -> None:
+    """Teardown: end the leases of a request answered whole (or failed before it had a response)."""
+    leases = g.pop("model_leases", [])
+    for mv in leases:
+        registry().repository.release(mv)
 
 
 def principal() -> bytes:
@@ -106,19 +153,34 @@ def principal() -> bytes:
     return principal_of(request.headers.get("Authorization", "").partition(" ")[2].strip())
 
 
-def open_session(handle: str) -> SessionState:
-    """The SessionState of a handle the current principal may use; 404 otherwise."""
-    codec = registry().sessions
-    assert codec is not None
-    try:
-        return codec.open(handle, principal())
-    except SessionError as exc:
-        raise ApiError(404, f"session: {exc}", "invalid_request_error", param="session", code=exc.code) from None
+def open_session(handle: str, mv: ModelVersion, pinned: bool) -> tuple[ModelVersion, SessionState]:
+    """The version that made a session handle and the state it carries, for the current principal. A handle
+    made by another version of the same model continues on that version while it is loaded, unless the
+    request pins a version; any other handle gets 404."""
+    repository = registry().repository
+    candidates = [mv] if pinned else [mv, *(other for other in repository.versions(mv.name) if other is not mv)]
+    for candidate in candidates:
+        try:
+            state = candidate.extras["sessions"].open(handle, principal())
+        except SessionError as exc:
+            if exc.code == "session_not_found":
+                continue
+            raise ApiError(404, f"session: {exc}", "invalid_request_error", param="session", code=exc.code) from None
+        if candidate is not mv:
+            if not repository.acquire_version(candidate):
+                continue
+            _hold(candidate)
+        SESSIONS_RESUMED.labels(model=candidate.id).inc()
+        return candidate, state
+    raise ApiError(404, "session: no such session", "invalid_request_error", param="session", code="session_not_found")
 
 
-def seal_session(state: SessionState | None) -> str | None:
-    codec = registry().sessions
-    return None if state is None or codec is None else codec.seal(state, principal())
+def seal_session(mv: ModelVersion, state: SessionState | None) -> str | None:
+    if state is None:
+        return None
+    SESSIONS_ISSUED.labels(model=mv.id).inc()
+    sealed: str = mv.extras["sessions"].seal(state, principal())
+    return sealed
 
 
 def registry() -> ModelRegistry:

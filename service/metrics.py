@@ -4,6 +4,7 @@ makes every worker write its values to shared files, and /metrics sums them."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -43,13 +44,31 @@ CONNECTIONS_TIMED_OUT = Counter(
     "or a write not sent in time",
     ["phase"],
 )
-CHARS_SCORED = Counter("charlm_chars_scored_total", "Characters scored by /v1/score and echoed prompts")
-CLASSIFIED = Counter("charlm_texts_classified_total", "Texts classified")
+CHARS_SCORED = Counter("charlm_chars_scored_total", "Characters scored by /v1/score and echoed prompts", ["model"])
+CLASSIFIED = Counter("charlm_texts_classified_total", "Texts classified", ["model"])
 MODEL_LOAD_SECONDS = Gauge(
-    "charlm_model_load_seconds", "Time to verify and load the artifacts at start-up", multiprocess_mode="max"
+    "charlm_model_load_seconds", "Time to verify and load a model version", ["model"], multiprocess_mode="livemax"
 )
-
-TOKENS_GENERATED = Counter("charlm_tokens_generated_total", "Characters generated, over all choices")
+MODEL_MEMORY_BYTES = Gauge(
+    "charlm_model_memory_bytes",
+    "Memory a loaded model version holds (weights, packed kernels, prefix cache bound), summed over the workers",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+MODEL_SERVING_VERSION = Gauge(
+    "charlm_model_serving_version",
+    "The version that serves requests naming the model, per worker",
+    ["model"],
+    multiprocess_mode="liveall",
+)
+MODEL_VERSIONS_REFUSED = Counter(
+    "charlm_model_versions_refused_total",
+    "Version folders not loaded: unverified (missing, truncated, tampered, another format) or over the memory "
+    "budget (memory); counted once per state of the folder's files",
+    ["reason"],
+)
+MODEL_REQUESTS = Counter("charlm_model_requests_total", "Requests answered by each model version", ["model"])
+TOKENS_GENERATED = Counter("charlm_tokens_generated_total", "Characters generated, over all choices", ["model"])
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 DECODE_BATCH_ROWS = Histogram(
     "charlm_decode_batch_rows",
@@ -64,30 +83,45 @@ GENERATIONS_CANCELLED = Counter(
 )
 
 PREFIX_CACHE_HITS = Counter(
-    "charlm_prefix_cache_hits_total", "Prompts and scored texts that started from a cached prefix"
+    "charlm_prefix_cache_hits_total", "Prompts and scored texts that started from a cached prefix", ["model"]
 )
-PREFIX_CACHE_MISSES = Counter("charlm_prefix_cache_misses_total", "Prefix cache lookups that found nothing")
+PREFIX_CACHE_MISSES = Counter("charlm_prefix_cache_misses_total", "Prefix cache lookups that found nothing", ["model"])
 PREFIX_CACHE_SAVED = Counter(
-    "charlm_prefix_cache_chars_saved_total", "Prompt positions (characters, start symbols) not encoded"
+    "charlm_prefix_cache_chars_saved_total", "Prompt positions (characters, start symbols) not encoded", ["model"]
 )
 PREFIX_CACHE_BYTES = Gauge(
-    "charlm_prefix_cache_bytes", "Bytes held by the prefix caches of the live workers", multiprocess_mode="livesum"
+    "charlm_prefix_cache_bytes",
+    "Bytes held by the prefix caches of the live workers",
+    ["model"],
+    multiprocess_mode="livesum",
 )
-SESSIONS_ISSUED = Counter("charlm_sessions_issued_total", "Session handles returned")
-SESSIONS_RESUMED = Counter("charlm_sessions_resumed_total", "Requests that continued a session")
+SESSIONS_ISSUED = Counter("charlm_sessions_issued_total", "Session handles returned", ["model"])
+SESSIONS_RESUMED = Counter("charlm_sessions_resumed_total", "Requests that continued a session", ["model"])
 
 
-def record_cache_lookup(saved: int) -> None:
-    if saved:
-        PREFIX_CACHE_HITS.inc()
-        PREFIX_CACHE_SAVED.inc(saved)
-    else:
-        PREFIX_CACHE_MISSES.inc()
+def cache_lookup_recorder(model: str) -> Callable[[int], None]:
+    hits, misses, saved_chars = (
+        c.labels(model=model) for c in (PREFIX_CACHE_HITS, PREFIX_CACHE_MISSES, PREFIX_CACHE_SAVED)
+    )
+
+    def record(saved: int) -> None:
+        if saved:
+            hits.inc()
+            saved_chars.inc(saved)
+        else:
+            misses.inc()
+
+    return record
 
 
-def record_decode_step(rows: int) -> None:
-    TOKENS_GENERATED.inc(rows)
-    DECODE_BATCH_ROWS.observe(rows)
+def decode_step_recorder(model: str) -> Callable[[int], None]:
+    tokens = TOKENS_GENERATED.labels(model=model)
+
+    def record(rows: int) -> None:
+        tokens.inc(rows)
+        DECODE_BATCH_ROWS.observe(rows)
+
+    return record
 
 
 def render() -> tuple[bytes, str]:

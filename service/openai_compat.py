@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from typing import Any
 
-from service.engine import LM_ID, Choice, Engine, GenerationRequest, TokenScore
+from service.engine import Choice, Engine, GenerationRequest, TokenScore
 from service.metrics import CHARS_SCORED
 from service.sampling import SamplingParams
 from service.schemas import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
@@ -60,19 +60,19 @@ def logprobs_block(tokens: list[TokenScore], offset: int) -> CompletionLogprobs:
     )
 
 
-def prompt_tokens(engine: Engine, req: CompletionRequest, prompt: str) -> list[TokenScore]:
+def prompt_tokens(engine: Engine, model: str, req: CompletionRequest, prompt: str) -> list[TokenScore]:
     if not prompt or not req.echo:
         return []
-    CHARS_SCORED.inc(len(prompt))
+    CHARS_SCORED.labels(model=model).inc(len(prompt))
     return engine.score([prompt], include_tokens=True, top_logprobs=req.logprobs or 0)[0].tokens
 
 
-def complete(engine: Engine, req: CompletionRequest, deadline: float | None = None) -> CompletionResponse:
+def complete(engine: Engine, model: str, req: CompletionRequest, deadline: float | None = None) -> CompletionResponse:
     """A whole (non-streaming) completion: n choices per prompt, the best n of best_of when asked."""
     choices: list[CompletionChoice] = []
     prompt_total = completion_total = 0
     for prompt_index, prompt in enumerate(req.prompts()):
-        echoed = prompt_tokens(engine, req, prompt)
+        echoed = prompt_tokens(engine, model, req, prompt)
         prompt_total += len(prompt)
         generated: list[Choice]
         if req.max_tokens == 0:
@@ -99,7 +99,7 @@ def complete(engine: Engine, req: CompletionRequest, deadline: float | None = No
     return CompletionResponse(
         id=new_completion_id(),
         created=int(time.time()),
-        model=LM_ID,
+        model=model,
         choices=choices,
         usage=Usage(
             prompt_tokens=prompt_total, completion_tokens=completion_total, total_tokens=prompt_total + completion_total
@@ -107,9 +107,11 @@ def complete(engine: Engine, req: CompletionRequest, deadline: float | None = No
     )
 
 
-def stream_chunks(engine: Engine, req: CompletionRequest, deadline: float | None = None) -> Iterator[dict[str, Any]]:
+def stream_chunks(
+    engine: Engine, model: str, req: CompletionRequest, deadline: float | None = None
+) -> Iterator[dict[str, Any]]:
     """Chunks for server-sent events, each one a text_completion with the choices that moved."""
-    header = {"id": new_completion_id(), "object": "text_completion", "created": int(time.time()), "model": LM_ID}
+    header = {"id": new_completion_id(), "object": "text_completion", "created": int(time.time()), "model": model}
 
     def chunk(index: int, text: str, tokens: list[TokenScore] | None, offset: int, finish: str | None) -> dict:
         logprobs = logprobs_block(tokens, offset).model_dump() if tokens is not None else None
@@ -121,7 +123,7 @@ def stream_chunks(engine: Engine, req: CompletionRequest, deadline: float | None
         prompt_total += len(prompt)
         base = prompt_index * req.n
         if req.echo and prompt:
-            echoed = prompt_tokens(engine, req, prompt)
+            echoed = prompt_tokens(engine, model, req, prompt)
             for j in range(req.n):
                 yield chunk(base + j, prompt, echoed if want_logprobs else None, 0, None)
         if req.max_tokens == 0:

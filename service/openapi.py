@@ -132,10 +132,14 @@ def build_spec(app: Flask, settings: Settings) -> dict[str, Any]:
         if path.startswith("/v1/"):
             responses["401"] = _error("API_KEYS is set and the bearer key is missing or wrong")
             responses["503"] = _error("models not loaded")
-        if path == "/v1/completions":
-            responses["404"] = _error("unknown model")
+        request_fields = facts["request"].model_fields if facts["request"] is not None else {}
+        if "model" in request_fields:
+            responses["404"] = _error("unknown model or version (code model_not_found)")
         if path == "/v1/generate":
-            responses["404"] = _error("unknown, altered or expired session, or one made with another API key")
+            responses["404"] = _error(
+                "unknown model or version (model_not_found), or an unknown, altered or expired session, or one "
+                "made with another API key or model version"
+            )
         if path == "/readyz":
             responses["503"] = {
                 "description": "models not loaded",

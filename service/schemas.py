@@ -21,6 +21,12 @@ class RequestModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
+MODEL_DOC = (
+    "a model from /v1/models: NAME for its serving version, NAME@VERSION to pin one; absent or null: the default model"
+)
+ModelField = Annotated[str | None, Field(None, min_length=1, max_length=128, description=MODEL_DOC)]
+
+
 def _settings(info: ValidationInfo) -> Settings:
     context = info.context or {}
     settings = context.get("settings")
@@ -88,6 +94,7 @@ NonEmptyText = Annotated[str, Field(min_length=1)]
 
 
 class NextTokenRequest(RequestModel):
+    model: ModelField
     text: str = Field(description="context; an empty text asks for the first character")
     top_k: int = Field(
         5,
@@ -125,6 +132,7 @@ class NextTokenResponse(BaseModel):
 
 
 class GenerateRequest(RequestModel):
+    model: ModelField
     prompt: str = Field(description="text to continue; may be empty")
     max_tokens: int = Field(
         64, ge=1, description="characters to generate; capped by MAX_TOKENS (absent: 64 or the cap, if lower)"
@@ -217,6 +225,7 @@ class GenerateChunk(BaseModel):
 
 
 class ScoreRequest(RequestModel):
+    model: ModelField
     texts: list[NonEmptyText] = Field(min_length=1, description="scored as one batch; at most MAX_TEXTS")
     include_tokens: bool = Field(False, description="also return each character's log-probability")
     adapt: bool = Field(
@@ -260,6 +269,7 @@ class ScoreResponse(BaseModel):
 
 
 class ClassifyRequest(RequestModel):
+    model: ModelField
     texts: list[NonEmptyText] = Field(min_length=1, description="classified as one batch; at most MAX_TEXTS")
 
     _texts = field_validator("texts")(_check_texts)
@@ -298,7 +308,8 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     status: Literal["ready"]
-    manifest_sha256: str
+    manifest_sha256: str = Field(description="the default model's serving version's manifest hash")
+    models: dict[str, int] = Field(description="each model's serving version in this worker")
 
 
 class ErrorBody(BaseModel):
@@ -329,7 +340,7 @@ class StreamOptions(RequestModel):
 class CompletionRequest(RequestModel):
     """The legacy OpenAI Completions request, with vLLM's `top_k`."""
 
-    model: str = Field(description="a model id from /v1/models; only the language model completes")
+    model: str = Field(min_length=1, max_length=128, description=MODEL_DOC.split("; absent")[0])
     prompt: str | list[str] = Field("", description="one prompt or a list; token-id prompts are not supported")
     max_tokens: int | None = Field(
         OPENAI_DEFAULT_MAX_TOKENS,

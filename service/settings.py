@@ -12,7 +12,38 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
-    artifacts_dir: Path = Field(Path("artifacts"), description="folder written by `python -m training.run`")
+    artifacts_dir: Path = Field(
+        Path("artifacts"),
+        description="folder written by `python -m training.run`, served as the one model `char-lstm` "
+        "(not used when MODEL_REPOSITORY is set)",
+    )
+    model_repository: Path | None = Field(
+        None,
+        description="a model repository: NAME/VERSION/ folders, each written by `python -m training.run "
+        "--repository DIR --name NAME`; each model's newest verified version serves",
+    )
+    default_model: str = Field(
+        "", description="the model of requests that name none; empty: the only model, else the first by name"
+    )
+    repository_poll_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="look for new, changed and removed versions this often; 0: only at start-up and on SIGHUP "
+        "to the gunicorn master",
+    )
+    model_versions: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="per model: the newest verified versions kept loaded; the newest serves, older ones answer "
+        "requests pinned to them (NAME@VERSION)",
+    )
+    model_memory_mb: float = Field(
+        512.0,
+        gt=0,
+        description="per worker: memory the loaded versions may hold in all (weights, packed kernels, prefix "
+        "caches); a version that would go over it is not loaded",
+    )
     log_level: str = Field("INFO", pattern=r"^(?i)(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     torch_threads: int = Field(1, ge=1, le=64, description="intra-op threads per worker process")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")

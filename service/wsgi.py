@@ -11,9 +11,10 @@ import sys
 
 from seqmodels.artifacts import ArtifactError
 from service.app import create_app
+from service.repository import RepositoryError
 
 try:
     application = create_app()
-except ArtifactError as exc:
+except (ArtifactError, RepositoryError) as exc:
     logging.getLogger("service").critical("refusing to start: %s", exc)
     sys.exit(3)

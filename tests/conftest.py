@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny artifact set built by the real training code, and the app on top of it."""
+# ruff: noqa: RUF001 - the Russian test corpus is Cyrillic on purpose
 
 from __future__ import annotations
 
+import random
 import subprocess
 import time
 from collections.abc import Iterator
@@ -97,6 +99,46 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) 
     out = tmp_path_factory.mktemp("tiny") / "artifacts"
     assert train_main(["--corpus", str(tiny_corpus), "--out", str(out), *TINY_TRAIN_ARGS]) == 0
     return out
+
+
+# Not English and not Latin script: Russian sentences written for these tests, read as a corpus of three
+# documents with no labels, so the model is trained with --no-classifier.
+CYRILLIC_SENTENCES = [
+    "Утром над рекой стоял густой туман, и лодки медленно выходили из гавани.",
+    "Старый учитель открыл окно, и в комнату вошёл запах мокрой травы.",
+    "На площади продавали яблоки, мёд и тёплый хлеб с тмином.",
+    "Дети бежали к мосту, потому что поезд уже показался за лесом.",
+    "Вечером бабушка читала вслух письма, которые пришли издалека.",
+    "Зимой дорога в деревню шла через замёрзшее озеро.",
+    "Он долго молчал, а потом сказал, что завтра будет ясная погода.",
+    "В библиотеке было тихо, только часы считали минуты на стене.",
+    "Кошка спала на подоконнике, а ветер качал голые ветки берёзы.",
+    "Мы вернулись домой поздно ночью и долго пили чай на кухне.",
+]
+CYRILLIC_TRAIN_ARGS = [
+    "--hidden-size", "32", "--layers", "1", "--embed-dim", "16", "--batch-size", "8", "--seq-len", "32",
+    "--max-steps", "40", "--eval-every", "20", "--seed", "3", "--adapt-lrs", "0.1", "--adapt-segments", "40",
+    "--no-classifier",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def cyrillic_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cyrillic")
+    rng = random.Random(5)
+    for name in ("осень", "зима", "весна"):
+        lines = [rng.choice(CYRILLIC_SENTENCES) for _ in range(120)]
+        (root / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cyrillic_artifacts(tmp_path_factory: pytest.TempPathFactory, cyrillic_corpus: Path) -> Path:
+    """A language model only, trained on Russian text and written as version 1 into a repository."""
+    repository = tmp_path_factory.mktemp("trained")
+    args = ["--corpus", str(cyrillic_corpus), "--repository", str(repository), "--name", "cyrillic"]
+    assert train_main([*args, *CYRILLIC_TRAIN_ARGS]) == 0
+    return repository / "cyrillic" / "1"
 
 
 @pytest.fixture(scope="session")

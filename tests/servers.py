@@ -64,3 +64,12 @@ def stop(proc: GunicornProcess) -> str:
     output = proc.output()
     proc.log.close()
     return output
+
+
+def metric_total(text: str, name: str) -> float:
+    """The sum of every series of a Prometheus metric (all label values) in an exposition text."""
+    total = 0.0
+    for line in text.splitlines():
+        if line == name or line.startswith((f"{name} ", f"{name}{{")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -126,7 +126,7 @@ def test_adapt_counts_against_the_request_deadline(tiny_artifacts: Path) -> None
 
 def test_adapt_needs_settings_in_the_artifact(tiny_artifacts: Path, tmp_path: Path) -> None:
     app = create_app(Settings(artifacts_dir=tiny_artifacts))
-    engine = app.extensions["models"].engine
+    engine = app.extensions["models"].repository.versions()[0].engine
     engine.models.adapt = AdaptConfig()  # as an artifact whose tuning chose no adaptation
     status, body = post(app.test_client(), "/v1/score", {"texts": ["abc"], "adapt": True})
     assert_error(status, body, 400, param="adapt")

@@ -11,7 +11,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.engine import CLASSIFIER_ID, LM_ID
+from service.repository import SINGLE_MODEL as LM_ID
+
+SERVED = f"{LM_ID}@1"  # the id responses give: the model and the version that answered
 
 
 def post(client: FlaskClient, path: str, body: Any) -> tuple[int, Any]:
@@ -38,47 +40,47 @@ def test_healthz_and_readyz(client: FlaskClient) -> None:
     assert len(ready.get_json()["manifest_sha256"]) == 64
 
 
-def test_readyz_is_503_until_models_are_loaded(app: Flask) -> None:
-    models = app.extensions["models"]
-    engine, models.engine = models.engine, None
-    try:
-        client = app.test_client()
-        assert client.get("/healthz").status_code == 200
-        assert client.get("/readyz").status_code == 503
-        status, body = post(client, "/v1/next-token", {"text": "a"})
-        assert_error(status, body, 503)
-    finally:
-        models.engine = engine
+def test_readyz_is_503_until_models_are_loaded(app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app.extensions["models"].repository, "_models", {})
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 503
+    status, body = post(client, "/v1/next-token", {"text": "a"})
+    assert_error(status, body, 503)
 
 
 def test_models_list_has_openai_shape_and_metadata(client: FlaskClient) -> None:
     body = client.get("/v1/models").get_json()
     assert body["object"] == "list"
     by_id = {m["id"]: m for m in body["data"]}
-    assert set(by_id) == {LM_ID, CLASSIFIER_ID}
+    assert list(by_id) == [LM_ID, SERVED]  # the model (its serving version), then each loaded version
+    assert by_id[LM_ID] | {"id": SERVED} == by_id[SERVED] | {"versions": [1]}
     for card in body["data"]:
         assert card["object"] == "model"
         assert isinstance(card["created"], int) and card["created"] > 1_700_000_000
         assert card["owned_by"]
-        assert card["parameters"] > 0
-        assert len(card["artifact_sha256"]) == 64
-    assert by_id[LM_ID]["vocab_size"] > 10
-    assert by_id[LM_ID]["metrics"]["test_bpc"] > 0
-    assert by_id[CLASSIFIER_ID]["labels"] == ["comedies", "tragedies"]
-    assert 0 <= by_id[CLASSIFIER_ID]["metrics"]["mlp"]["accuracy"] <= 1
+        assert (card["root"], card["version"], card["serving"], card["default"]) == (LM_ID, 1, True, True)
+        assert len(card["manifest_sha256"]) == 64 and card["memory_bytes"] > 0
+        for network in (card["lm"], card["classifier"]):
+            assert network["parameters"] > 0
+            assert len(network["artifact_sha256"]) == 64
+        assert card["lm"]["vocab_size"] > 10
+        assert card["lm"]["metrics"]["test_bpc"] > 0
+        assert card["classifier"]["labels"] == ["comedies", "tragedies"]
+        assert 0 <= card["classifier"]["metrics"]["mlp"]["accuracy"] <= 1
 
 
 # --------------------------------------------------------------------------- next-token
 
 
 def test_models_created_is_the_manifests_utc_time_in_any_time_zone(app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = app.extensions["models"].require()
-    stamp = engine.models.manifest["created"]  # e.g. "2026-12-04T13:54:22Z"
+    repository = app.extensions["models"].repository
+    stamp = repository.serving(LM_ID).engine.models.manifest["created"]  # e.g. "2026-12-04T13:54:22Z"
     expected = int(datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp())
     for zone in ("UTC", "America/New_York", "Asia/Kolkata"):
         monkeypatch.setenv("TZ", zone)
         time.tzset()
-        assert {card["created"] for card in engine.describe_models()} == {expected}
+        assert {card["created"] for card in repository.describe()} == {expected}
     monkeypatch.undo()
     time.tzset()
 
@@ -86,7 +88,7 @@ def test_models_created_is_the_manifests_utc_time_in_any_time_zone(app: Flask, m
 def test_next_token_candidates_are_sorted_and_consistent(client: FlaskClient) -> None:
     status, body = post(client, "/v1/next-token", {"text": "To be, or not to b", "top_k": 7})
     assert status == 200
-    assert body["model"] == LM_ID
+    assert body["model"] == SERVED
     candidates = body["candidates"]
     assert len(candidates) == 7
     probs = [c["prob"] for c in candidates]
@@ -98,7 +100,7 @@ def test_next_token_candidates_are_sorted_and_consistent(client: FlaskClient) ->
 
 
 def test_next_token_full_distribution_sums_to_one(client: FlaskClient) -> None:
-    vocab = client.get("/v1/models").get_json()["data"][0]["vocab_size"]
+    vocab = client.get("/v1/models").get_json()["data"][0]["lm"]["vocab_size"]
     status, body = post(client, "/v1/next-token", {"text": "", "top_k": 1000})
     assert status == 200
     assert len(body["candidates"]) == vocab  # capped at the vocabulary
@@ -119,7 +121,7 @@ def test_next_token_default_top_k_is_5(client: FlaskClient) -> None:
 def test_generate_shape_and_usage(client: FlaskClient) -> None:
     status, body = post(client, "/v1/generate", {"prompt": "HAMLET", "max_tokens": 12, "seed": 3, "n": 2})
     assert status == 200
-    assert body["model"] == LM_ID
+    assert body["model"] == SERVED
     assert [c["index"] for c in body["choices"]] == [0, 1]
     for choice in body["choices"]:
         assert len(choice["text"]) == 12
@@ -199,7 +201,7 @@ def test_score_sums_tokens_to_total(client: FlaskClient) -> None:
     texts = ["Now is the winter of our discontent", "x", "Émoji 🙂 and 中文 score too"]
     status, body = post(client, "/v1/score", {"texts": texts, "include_tokens": True})
     assert status == 200
-    assert body["model"] == LM_ID
+    assert body["model"] == SERVED
     for text, result in zip(texts, body["results"], strict=True):
         assert result["text"] == text
         assert result["n_chars"] == len(text)
@@ -244,7 +246,7 @@ def test_score_conditional_chain_rule(client: FlaskClient) -> None:
 def test_classify_probabilities_sum_to_one(client: FlaskClient) -> None:
     status, body = post(client, "/v1/classify", {"texts": ["O, I die, Horatio!", "Come, woo me, woo me"]})
     assert status == 200
-    assert body["model"] == CLASSIFIER_ID
+    assert body["model"] == SERVED
     assert len(body["results"]) == 2
     for result in body["results"]:
         assert set(result["probabilities"]) == {"comedies", "tragedies"}

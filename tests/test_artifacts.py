@@ -10,6 +10,7 @@ import pytest
 
 from seqmodels.artifacts import FORMAT_VERSION, ArtifactError, load_artifacts, sha256_file
 from service.app import create_app
+from service.repository import RepositoryError
 from service.settings import Settings
 from tests.conftest import COMMITTED_ARTIFACTS
 
@@ -76,7 +77,7 @@ def test_missing_folder_is_refused(tmp_path: Path) -> None:
 
 def test_app_refuses_to_start_on_tampered_artifacts(copy: Path) -> None:
     (copy / "MODEL_CARD.md").write_text("edited")
-    with pytest.raises(ArtifactError, match=r"MODEL_CARD\.md: SHA-256 mismatch"):
+    with pytest.raises(RepositoryError, match=r"no model could be loaded .*MODEL_CARD\.md: SHA-256 mismatch"):
         create_app(Settings(artifacts_dir=copy))
 
 

@@ -9,7 +9,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from service.app import create_app
-from service.engine import LM_ID, StopMatcher, TokenScore
+from service.engine import StopMatcher, TokenScore
+from service.repository import SINGLE_MODEL as LM_ID
 from service.settings import Settings
 from tests.test_api import assert_error, post
 
@@ -48,7 +49,7 @@ def test_completion_shape(client: FlaskClient) -> None:
     body = completion(client, prompt="Friends, Romans", max_tokens=10, seed=1)
     assert body["id"].startswith("cmpl-")
     assert body["object"] == "text_completion"
-    assert body["model"] == LM_ID
+    assert body["model"] == f"{LM_ID}@1"
     assert isinstance(body["created"], int)
     [choice] = body["choices"]
     assert choice["index"] == 0 and len(choice["text"]) == 10
@@ -160,8 +161,10 @@ def test_model_is_required_and_unknown_model_is_404(client: FlaskClient) -> None
     status, body = post(client, "/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "a"})
     assert_error(status, body, 404, "model")
     assert body["error"]["code"] == "model_not_found"
-    status, body = post(client, "/v1/completions", {"model": "mlp-classifier", "prompt": "a"})
-    assert_error(status, body, 404, "model")
+    for unknown in ("mlp-classifier", f"{LM_ID}@2", f"{LM_ID}@0", f"{LM_ID}@x"):
+        status, body = post(client, "/v1/completions", {"model": unknown, "prompt": "a"})
+        assert_error(status, body, 404, "model")
+        assert body["error"]["code"] == "model_not_found"
 
 
 # --------------------------------------------------------------------------- streaming
@@ -173,7 +176,7 @@ def test_streamed_completion_equals_the_whole_one(client: FlaskClient) -> None:
     chunks = read_events(client.post("/v1/completions", json={**request, "stream": True}))
     assert len(chunks) >= 4  # a chunk per choice at least; characters waiting together arrive merged
     assert {c["id"] for c in chunks} == {chunks[0]["id"]}
-    assert all(c["object"] == "text_completion" and c["model"] == LM_ID for c in chunks)
+    assert all(c["object"] == "text_completion" and c["model"] == f"{LM_ID}@1" for c in chunks)
     assert stream_text(chunks) == {c["index"]: c["text"] for c in whole["choices"]}
     finals = {ch["index"]: ch["finish_reason"] for c in chunks for ch in c["choices"] if ch["finish_reason"]}
     assert finals == {c["index"]: c["finish_reason"] for c in whole["choices"]}
@@ -213,7 +216,7 @@ def test_generate_streams_too(client: FlaskClient) -> None:
     whole = post(client, "/v1/generate", request)[1]
     chunks = read_events(client.post("/v1/generate", json={**request, "stream": True}))
     assert stream_text(chunks) == {c["index"]: c["text"] for c in whole["choices"]}
-    assert chunks[-1] == {"model": LM_ID, "choices": [], "usage": whole["usage"]}
+    assert chunks[-1] == {"model": f"{LM_ID}@1", "choices": [], "usage": whole["usage"]}
 
 
 def test_stream_validation_errors_are_plain_json(client: FlaskClient) -> None:

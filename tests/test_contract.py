@@ -10,8 +10,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from jsonschema import Draft202012Validator
 
-from service.engine import LM_ID
 from service.openapi import openapi_path
+from service.repository import SINGLE_MODEL as LM_ID
 from tests.test_api import assert_error, post
 
 
@@ -188,7 +188,7 @@ def test_wrong_content_types(client: FlaskClient, content_type: str) -> None:
 
 
 def test_no_stack_traces_in_responses(app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = app.extensions["models"].engine
+    engine = app.extensions["models"].repository.serving(LM_ID).engine
 
     def explode(*args: object, **kwargs: object) -> None:
         raise RuntimeError("secret internal detail")

@@ -28,7 +28,7 @@ def server() -> Iterator[str]:
 def test_every_endpoint_over_http(server: str) -> None:
     assert requests.get(f"{server}/healthz", timeout=5).json() == {"status": "ok"}
     models = requests.get(f"{server}/v1/models", timeout=5).json()
-    assert [m["id"] for m in models["data"]] == ["char-lstm", "mlp-classifier"]
+    assert [m["id"] for m in models["data"]] == ["char-lstm", "char-lstm@1"]
 
     nxt = requests.post(f"{server}/v1/next-token", json={"text": "To be, or not to b", "top_k": 3}, timeout=10)
     assert nxt.status_code == 200 and nxt.headers["Content-Type"] == "application/json"
@@ -47,7 +47,7 @@ def test_every_endpoint_over_http(server: str) -> None:
     assert result["bits_per_char"] < 4
 
     label = requests.post(f"{server}/v1/classify", json={"texts": ["My liege, the French are landed."]}, timeout=10)
-    assert label.status_code == 200 and label.json()["results"][0]["label"] in models["data"][1]["labels"]
+    assert label.status_code == 200 and label.json()["results"][0]["label"] in models["data"][0]["classifier"]["labels"]
 
 
 def test_errors_over_http(server: str) -> None:

@@ -23,6 +23,8 @@ from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 KUSTOMIZATIONS = {"base": REPO / "deploy/k8s/base", "overlay": REPO / "deploy/k8s/overlays/example"}
+# Rendered and checked like the others; not run as a pod here (it mounts a PersistentVolumeClaim).
+RENDERED_ONLY = {"repository": REPO / "deploy/k8s/overlays/repository"}
 # The oldest Kubernetes minor release still maintained when this was written, and the newest that
 # kubernetes-validate bundles schemas for.
 KUBERNETES_VERSIONS = ["1.33.0", kubernetes_validate.utils.latest_version() + ".0"]
@@ -35,10 +37,10 @@ def _kubectl_or_skip() -> None:
         pytest.skip(str(exc))
 
 
-@pytest.fixture(scope="module", params=sorted(KUSTOMIZATIONS))
+@pytest.fixture(scope="module", params=sorted(KUSTOMIZATIONS | RENDERED_ONLY))
 def docs(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
     _kubectl_or_skip()
-    return render(KUSTOMIZATIONS[request.param])
+    return render((KUSTOMIZATIONS | RENDERED_ONLY)[request.param])
 
 
 def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -197,7 +199,7 @@ def test_security_context(docs: list[dict[str, Any]]) -> None:
     assert (security["runAsUser"], security["runAsGroup"]) == (int(uid), int(gid or uid))
     # gunicorn.conf.py makes the Prometheus multiprocess folder with tempfile's default, /tmp, and
     # gunicorn its heartbeat files there too: the only writable mount.
-    mounts = {mount["mountPath"] for mount in container(docs)["volumeMounts"]}
+    mounts = {mount["mountPath"] for mount in container(docs)["volumeMounts"] if not mount.get("readOnly")}
     assert mounts == {"/tmp"}
     assert "PROMETHEUS_MULTIPROC_DIR" not in env_values(docs) and "TMPDIR" not in env_values(docs)
     assert pod["automountServiceAccountToken"] is False
@@ -266,3 +268,17 @@ def test_a_pod_runs_as_the_deployment_says(name: str) -> None:
     assert report["files_left_in_empty_dirs"] == {"/tmp": []}
     assert report["exit_code"] == 0, report["log_tail"]
     assert report["cgroup"].get("oom_kills") in (0, None), "killed at the memory limit"
+
+
+def test_the_repository_overlay_mounts_the_models_read_only() -> None:
+    _kubectl_or_skip()
+    docs = render(RENDERED_ONLY["repository"])
+    env = env_values(docs)
+    (mount,) = [m for m in container(docs)["volumeMounts"] if m["mountPath"] == env["MODEL_REPOSITORY"]]
+    assert mount["readOnly"]
+    (volume,) = [
+        v for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]
+    ]
+    claim = one(docs, "PersistentVolumeClaim")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert float(env["REPOSITORY_POLL_SECONDS"]) > 0 and env["DEFAULT_MODEL"]

@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from service.app import create_app
 from service.observability import RequestIdFilter, json_formatter
 from service.settings import Settings
+from tests.servers import metric_total
 
 
 def test_request_id_is_echoed_or_generated(client: FlaskClient) -> None:
@@ -56,15 +57,17 @@ def test_metrics_count_requests_tokens_and_characters(client: FlaskClient) -> No
     assert 'charlm_http_requests_total{method="POST",route="/v1/generate",status="200"}' in text
     assert 'route="<unmatched>",status="404"' in text
     assert "charlm_http_request_duration_seconds_bucket" in text
-    assert re.search(r"^charlm_tokens_generated_total \d+", text, re.M)
-    assert re.search(r"^charlm_chars_scored_total \d+", text, re.M)
-    assert re.search(r"^charlm_model_load_seconds [0-9.e-]+", text, re.M)
+    model = 'model="char-lstm@1"'
+    assert re.search(rf"^charlm_tokens_generated_total{{{model}}} \d+", text, re.M)
+    assert re.search(rf"^charlm_chars_scored_total{{{model}}} \d+", text, re.M)
+    assert re.search(rf"^charlm_model_load_seconds{{{model}}} [0-9.e-]+", text, re.M)
+    assert re.search(rf"^charlm_model_memory_bytes{{{model}}} [0-9.e+]+", text, re.M)
+    assert re.search(rf"^charlm_model_requests_total{{{model}}} [0-9.e+]+", text, re.M)
     assert "charlm_http_requests_in_flight" in text
 
 
 def metric_value(text: str, name: str) -> float:
-    match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+    return metric_total(text, name)
 
 
 def test_metrics_show_decode_and_prompt_batch_sizes(client: FlaskClient) -> None:

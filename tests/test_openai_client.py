@@ -4,7 +4,6 @@ and a client that disconnects mid-stream."""
 from __future__ import annotations
 
 import json
-import re
 import socket
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import gunicorn_server
+from tests.servers import metric_total
 
 KEY = "test-key-2"
 
@@ -32,7 +32,7 @@ def client(server: str) -> openai.OpenAI:
 
 def test_models_list(client: openai.OpenAI) -> None:
     ids = [model.id for model in client.models.list()]
-    assert ids == ["char-lstm", "mlp-classifier"]
+    assert ids == ["char-lstm", "char-lstm@1"]
 
 
 def test_completion(client: openai.OpenAI) -> None:
@@ -81,9 +81,7 @@ def test_unknown_model_is_not_found(client: openai.OpenAI) -> None:
 
 
 def metric(server: str, name: str) -> float:
-    text = requests.get(f"{server}/metrics", timeout=5).text
-    match = re.search(rf"^{name} ([0-9.e+]+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return metric_total(requests.get(f"{server}/metrics", timeout=5).text, name)
 
 
 def test_disconnect_mid_stream_stops_generation(tiny_artifacts: Path) -> None:

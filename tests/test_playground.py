@@ -15,6 +15,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -26,8 +27,9 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from seqmodels.artifacts import publish_version
 from service.views.playground import PAGE_POLICY
 from tests.conftest import REPO, gunicorn_server
 from tests.test_openai_client import metric
@@ -44,11 +46,18 @@ T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
-def server(request: pytest.FixtureRequest) -> Iterator[str]:
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, cyrillic_artifacts: Path
+) -> Iterator[str]:
+    """A repository of two models: `shakespeare` (the default) and `cyrillic` (no classifier)."""
     chosen = os.environ.get("PLAYGROUND_ARTIFACTS")
     artifacts = REPO / chosen if chosen else request.getfixturevalue("tiny_artifacts")
+    repository = tmp_path_factory.mktemp("playground-models")
+    publish_version(artifacts, repository, "shakespeare")
+    publish_version(cyrillic_artifacts, repository, "cyrillic")
     limits = {"MAX_TOKENS": str(CAP), "MAX_TOTAL_TOKENS": str(CAP)}
-    with gunicorn_server(artifacts, WORKERS="1", API_KEYS=f"other-key,{KEY}", **limits) as base:
+    env = {"MODEL_REPOSITORY": str(repository), "DEFAULT_MODEL": "shakespeare", "API_KEYS": f"other-key,{KEY}"}
+    with gunicorn_server(artifacts, WORKERS="1", **env, **limits) as base:
         yield base
 
 
@@ -173,19 +182,48 @@ def test_page_is_served_with_a_strict_policy(server: str) -> None:
 
 
 def test_models_panel_shows_v1_models(page: WebDriver, server: str) -> None:
-    cards = api(server, "/v1/models")["data"]
+    cards = [card for card in api(server, "/v1/models")["data"] if "@" in card["id"]]  # the loaded versions
     shown = js(
         page,
         "return [...document.querySelectorAll('#models-list .card')]"
         ".map(c => [c.dataset.id, Number(c.dataset.parameters), c.textContent])",
     )
-    assert [(card_id, parameters) for card_id, parameters, _ in shown] == [(c["id"], c["parameters"]) for c in cards]
-    lm_text = shown[0][2]
-    assert f"{cards[0]['parameters']:,}" in lm_text and f"{cards[0]['metrics']['test_bpc']:.3f}" in lm_text
-    assert all(label in shown[1][2] for label in cards[1]["labels"])
-    assert "char-lstm" in status(page, "model-summary")
+    assert [(i, parameters) for i, parameters, _ in shown] == [(c["id"], c["lm"]["parameters"]) for c in cards]
+    assert [i for i, _, _ in shown] == ["cyrillic@1", "shakespeare@1"]
+    cyrillic, shakespeare = (text for _, _, text in shown)
+    lm = cards[1]["lm"]
+    assert f"{lm['parameters']:,}" in shakespeare and f"{lm['metrics']['test_bpc']:.3f}" in shakespeare
+    assert all(label in shakespeare for label in cards[1]["classifier"]["labels"])
+    assert "serving, default" in shakespeare and "classifier" + "none" in cyrillic.replace(" ", "")
+    assert "default shakespeare@1" in status(page, "model-summary")
     shoot(page.find_element(By.ID, "models"), "models")
     assert console_errors(page) == []
+
+
+def test_the_model_picker_chooses_the_model_of_every_panel(page: WebDriver, server: str) -> None:
+    picker = page.find_element(By.ID, "model-picker")
+    options = [o.get_attribute("value") for o in picker.find_elements(By.TAG_NAME, "option")]
+    assert options == ["cyrillic", "cyrillic@1", "shakespeare", "shakespeare@1"]
+    assert picker.get_attribute("value") == "shakespeare"  # the default model
+    Select(picker).select_by_value("cyrillic")
+    fill(page, "gen-prompt", "")
+    fill(page, "gen-max-tokens", "40")
+    fill(page, "gen-seed", "2")
+    page.find_element(By.ID, "gen-start").click()
+    wait(page, lambda d: state(d, "gen-output") == "done")
+    settings = {"prompt": "", "max_tokens": 40, "seed": 2, "temperature": 0.8, "top_p": 0.95}  # the form's
+    expected = api(server, "/v1/generate", {"model": "cyrillic", **settings})
+    assert completion_text(page) == expected["choices"][0]["text"]
+    assert re.search(r"[\u0400-\u04ff]", completion_text(page))  # the Russian model's script
+    fill(page, "classify-text", "Утром над рекой")
+    page.find_element(By.ID, "classify-start").click()
+    wait(page, lambda d: state(d, "classify-results") == "error")
+    refusal = api(server, "/v1/classify", {"model": "cyrillic", "texts": ["a"]})["error"]["message"]
+    assert status(page, "classify-status") == refusal and "without a classifier" in refusal
+    Select(picker).select_by_value("shakespeare@1")
+    page.find_element(By.ID, "classify-start").click()
+    wait(page, lambda d: state(d, "classify-results") == "done")
+    assert console_errors(page, 400) == []
 
 
 def test_without_a_key_the_refusal_is_shown_and_with_one_it_works(browser: WebDriver, server: str) -> None:

@@ -41,7 +41,9 @@ def curves_png(history: dict[str, Any]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_lm, ax_clf) = plt.subplots(1, 2, figsize=(11, 4))
+    with_classifier = history.get("classifier") is not None
+    fig, axes = plt.subplots(1, 2 if with_classifier else 1, figsize=(11 if with_classifier else 5.5, 4), squeeze=False)
+    ax_lm = axes[0][0]
     steps, train = history["lm"]["steps"], history["lm"]["train_bpc"]
     window = max(1, len(train) // 100)
     smoothed = [
@@ -53,6 +55,9 @@ def curves_png(history: dict[str, Any]) -> bytes:
     ax_lm.set(xlabel="optimizer step", ylabel="bits per character", title="Character LSTM")
     ax_lm.legend()
     ax_lm.grid(alpha=0.3)
+    if not with_classifier:
+        return png_bytes(fig)
+    ax_clf = axes[0][1]
     epochs = range(1, len(history["classifier"]["train_loss"]) + 1)
     ax_clf.plot(epochs, history["classifier"]["train_loss"], label="train")
     ax_clf.plot(epochs, history["classifier"]["val_loss"], label="validation")
@@ -97,12 +102,9 @@ def cv_rows(cv: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def model_card(manifest: dict[str, Any], metrics: dict[str, Any], command: str) -> str:
-    lm, clf = metrics["lm"], metrics["classifier"]
-    ppmd = lm["ppmd"]
-    split = manifest["split"]
-    versus = 100 * (lm["test_bpc"] / ppmd["bpc"] - 1)
-    arch = manifest["training"]["lm"]["model"]
+def classifier_section(clf: dict[str, Any] | None) -> str:
+    if clf is None:
+        return "No classifier was trained (`--no-classifier`): this artifact serves the language model only.\n"
     rows = "\n".join(
         f"| {name} | {clf[key]['accuracy']:.3f} | {clf[key]['macro_f1']:.3f} |"
         for name, key in (
@@ -111,14 +113,6 @@ def model_card(manifest: dict[str, Any], metrics: dict[str, Any], command: str) 
             ("majority class", "majority"),
         )
     )
-    adaptive = lm["adaptive"]
-    adapt_row = ""
-    if adaptive["test_bpc"] is not None:
-        cfg = adaptive["config"]
-        adapt_row = (
-            f"| test, with dynamic evaluation (lr {cfg['lr']:g}, {cfg['segment_len']}-character segments) "
-            f"| {adaptive['test_bpc']:.3f} | {ppmd['bpc']:.3f} | {100 * (adaptive['ratio_to_ppmd'] - 1):+.1f} % |\n"
-        )
     cv = clf.get("cross_validation")
     cv_section = "Cross-validation was skipped: too few documents per label.\n"
     if cv is not None:
@@ -134,6 +128,34 @@ MLP macro-F1 minus the best baseline's: {100 * cv["mlp_minus_best_baseline_macro
 
 ![confusion matrix](confusion_matrix.png)
 """
+    return f"""An MLP ({clf["hidden_dims"]} hidden, GELU, dropout, {clf["parameters"]:,} parameters) over hashed word
+1-2-grams and character 2-5-grams, TF-IDF weighted, of a passage of {clf["min_chars"]}-{clf["max_chars"]} characters.
+It uses no LM features, so cross-validation needs no LM per fold. Speaker lines are removed and play-specific names are
+replaced by `NAME`, in training and test passages alike, for all three models. Labels: {", ".join(clf["labels"])}.
+
+{cv_section}
+On the single split above ({clf["test_passages"]} passages from the test plays):
+
+| model | accuracy | macro-F1 |
+|---|---|---|
+{rows}
+"""
+
+
+def model_card(manifest: dict[str, Any], metrics: dict[str, Any], command: str) -> str:
+    lm = metrics["lm"]
+    ppmd = lm["ppmd"]
+    split = manifest["split"]
+    versus = 100 * (lm["test_bpc"] / ppmd["bpc"] - 1)
+    arch = manifest["training"]["lm"]["model"]
+    adaptive = lm["adaptive"]
+    adapt_row = ""
+    if adaptive["test_bpc"] is not None:
+        cfg = adaptive["config"]
+        adapt_row = (
+            f"| test, with dynamic evaluation (lr {cfg['lr']:g}, {cfg['segment_len']}-character segments) "
+            f"| {adaptive['test_bpc']:.3f} | {ppmd['bpc']:.3f} | {100 * (adaptive['ratio_to_ppmd'] - 1):+.1f} % |\n"
+        )
     return f"""# Model card
 
 Produced by `{command}` on {manifest["created"]}, in {metrics["seconds"]["total"] / 60:.1f} minutes
@@ -169,18 +191,7 @@ model trains on it. Learning rate and segment length were chosen on the validati
 {adaptive["test_seconds"]:.0f} s on {adaptive["device"]}.
 
 ## Genre classifier
-An MLP ({clf["hidden_dims"]} hidden, GELU, dropout, {clf["parameters"]:,} parameters) over hashed word 1-2-grams
-and character 2-5-grams, TF-IDF weighted, of a passage of {clf["min_chars"]}-{clf["max_chars"]} characters. It uses
-no LM features, so cross-validation needs no LM per fold. Speaker lines are removed and play-specific names are
-replaced by `NAME`, in training and test passages alike, for all three models. Labels: {", ".join(clf["labels"])}.
-
-{cv_section}
-On the single split above ({clf["test_passages"]} passages from the test plays):
-
-| model | accuracy | macro-F1 |
-|---|---|---|
-{rows}
-
+{classifier_section(metrics["classifier"])}
 ## Limits
 - Trained on Early Modern English drama only; modern prose gets high bits per character.
 - Genre is decided from a few hundred characters; the single-split figures carry the sampling noise of seven

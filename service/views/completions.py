@@ -7,8 +7,7 @@ import time
 
 from flask import Blueprint, Response
 
-from service.engine import LM_ID
-from service.helpers import ApiError, parse, registry, respond, settings
+from service.helpers import parse, respond, settings, use_model
 from service.openai_compat import complete, stream_chunks
 from service.openapi import documented
 from service.schemas import CompletionRequest, CompletionResponse
@@ -27,18 +26,10 @@ log = logging.getLogger("service.completions")
 )
 def completions() -> Response:
     req = parse(CompletionRequest)
-    engine = registry().require()
-    if req.model != LM_ID:
-        raise ApiError(
-            404,
-            f"The model `{req.model}` does not exist or does not complete text; use `{LM_ID}`",
-            "invalid_request_error",
-            param="model",
-            code="model_not_found",
-        )
+    mv = use_model(req.model)
     if req.user:
         log.info("completion requested by user %r", req.user)
     deadline = time.monotonic() + settings().request_deadline_seconds
     if req.stream:
-        return sse_response(stream_chunks(engine, req, deadline))
-    return respond(complete(engine, req, deadline), exclude_none=False)  # OpenAI sends "logprobs": null
+        return sse_response(stream_chunks(mv.engine, mv.id, req, deadline))
+    return respond(complete(mv.engine, mv.id, req, deadline), exclude_none=False)  # OpenAI sends "logprobs": null

@@ -26,9 +26,11 @@ def metrics() -> Response:
 
 
 @bp.get("/readyz")
-@documented("Readiness: 200 once the models are loaded, 503 before", ReadyResponse)
+@documented("Readiness: 200 while a model is loaded (rollouts included), 503 otherwise", ReadyResponse)
 def readyz() -> tuple[Response, int]:
-    models = registry()
-    if models.engine is None:
+    repository = registry().repository
+    default = repository.serving(repository.default_name() or "")
+    if default is None:
         return jsonify(status="loading"), 503
-    return jsonify(status="ready", manifest_sha256=models.engine.models.digest), 200
+    models = {mv.name: mv.version for mv in repository.versions() if mv is repository.serving(mv.name)}
+    return jsonify(status="ready", manifest_sha256=default.digest, models=models), 200
