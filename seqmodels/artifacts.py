@@ -118,12 +118,14 @@ def write_artifacts(
     classifier_config: dict[str, Any] | None,
     manifest_fields: dict[str, Any],
     extra_files: dict[str, bytes],
+    replace: bool = True,
 ) -> Path:
     """Write a complete artifact set (the classifier is optional) into a temporary sibling folder, then
     swap it into place.
 
     The old folder stays untouched until the final swap, so an interrupted run leaves it
-    as it was. On Linux the swap is one atomic renameat2(RENAME_EXCHANGE).
+    as it was. On Linux the swap is one atomic renameat2(RENAME_EXCHANGE). Without `replace` (a new version
+    in a repository), an existing `out_dir` is an error: another writer took that version first.
     """
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +148,8 @@ def write_artifacts(
             if path.is_file():
                 with path.open("rb") as fh:
                     os.fsync(fh.fileno())
+        if out_dir.exists() and not replace:
+            raise ArtifactError(f"{out_dir}: already exists; another writer published this version first")
         if out_dir.exists():
             if not _rename_exchange(staging, out_dir):
                 backup = staging.with_name(staging.name + ".old")
@@ -198,7 +202,9 @@ def publish_version(source: Path, repository: Path, name: str) -> Path:
             if path.is_file():
                 with path.open("rb") as fh:
                     os.fsync(fh.fileno())
-        staging.rename(target)  # fails, leaving nothing behind, if another writer took the number first
+        if target.exists():
+            raise ArtifactError(f"{target}: already exists; another writer published this version first")
+        staging.rename(target)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -20,6 +20,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -470,6 +471,17 @@ def merge_deltas(items: list[Any]) -> list[Any]:
     return out
 
 
+_SCHEDULERS: weakref.WeakSet[Scheduler] = weakref.WeakSet()
+
+
+def _reset_schedulers_after_fork() -> None:
+    for scheduler in list(_SCHEDULERS):
+        scheduler._reset()
+
+
+os.register_at_fork(after_in_child=_reset_schedulers_after_fork)
+
+
 class Scheduler:
     """Continuous batching on a background thread of the current process (started on first use,
     so that a gunicorn worker forked from a preloading master gets its own)."""
@@ -495,8 +507,9 @@ class Scheduler:
         self.gather_seconds = gather_seconds
         self._reset()
         # A gunicorn worker is forked from the master that built the engine: it must not inherit
-        # the master's lock (possibly held), queue or thread.
-        os.register_at_fork(after_in_child=self._reset)
+        # the master's lock (possibly held), queue or thread. Held weakly, so an unloaded model
+        # version's scheduler (and through it the engine) can be freed.
+        _SCHEDULERS.add(self)
 
     def _reset(self) -> None:
         self._waiting: list[Job] = []

@@ -123,24 +123,31 @@ def use_model(model: str | None) -> ModelVersion:
 
 
 def _hold(mv: ModelVersion) -> None:
+    """Keep the lease for the end of the request; the last version held is the one that answers."""
     g.setdefault("model_leases", []).append(mv)
-    MODEL_REQUESTS.labels(model=mv.id).inc()
+    g.model_answering = mv
 
 
 def hand_leases_to_stream(response: Response) -> Response:
-    """After the view: a streamed response holds the request's leases until the server closes it (Flask
-    tears the request down when the view returns, before the stream is read)."""
-    if response.is_streamed:
-        leases = g.pop("model_leases", [])
+    """After the view: count the request for the version that answers; a streamed response holds the
+    request's leases until the server closes it (Flask tears the request down when the view returns, before
+    the stream is read)."""
+    answering = g.get("model_answering")
+    if answering is not None:
+        MODEL_REQUESTS.labels(model=answering.id).inc()
+    if response.is_streamed and g.get("model_leases"):
         repository = registry().repository
-        for mv in leases:
+        for mv in g.model_leases:
             response.call_on_close(functools.partial(repository.release, mv))
+        g.model_leases_handed = True
     return response
 
 
 def release_models(_: BaseException | None = None) -> None:
-    """Teardown: end the leases of a request answered whole (or failed before it had a response)."""
+    """Teardown: end the leases of a request answered whole, or failed before a stream took them."""
     leases = g.pop("model_leases", [])
+    if g.pop("model_leases_handed", False):
+        return
     for mv in leases:
         registry().repository.release(mv)
 

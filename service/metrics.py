@@ -64,7 +64,7 @@ MODEL_SERVING_VERSION = Gauge(
 MODEL_VERSIONS_REFUSED = Counter(
     "charlm_model_versions_refused_total",
     "Version folders not loaded: unverified (missing, truncated, tampered, another format) or over the memory "
-    "budget (memory); counted once per state of the folder's files",
+    "budget (memory); counted by each worker, once per state of the folder's files",
     ["reason"],
 )
 MODEL_REQUESTS = Counter("charlm_model_requests_total", "Requests answered by each model version", ["model"])

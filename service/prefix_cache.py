@@ -23,6 +23,7 @@ import collections
 import hashlib
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,6 +97,17 @@ class _Held:
     nbytes: int
 
 
+_CACHES: weakref.WeakSet[PrefixCache] = weakref.WeakSet()
+
+
+def _fresh_locks_after_fork() -> None:
+    for cache in list(_CACHES):
+        cache._after_fork()
+
+
+os.register_at_fork(after_in_child=_fresh_locks_after_fork)
+
+
 class PrefixCache:
     """Thread-safe: the scheduler thread (generation, next-token) and request threads (score) share it.
 
@@ -127,7 +139,7 @@ class PrefixCache:
         self._lock = threading.Lock()
         # A gunicorn worker is forked from the master that built the engine: a fresh lock, never one
         # that another thread of the master might have held at the fork.
-        os.register_at_fork(after_in_child=self._after_fork)
+        _CACHES.add(self)  # weakly: an unloaded model version's cache can be freed
 
     def _after_fork(self) -> None:
         self._lock = threading.Lock()

@@ -104,6 +104,7 @@ class Refusal:
     fingerprint: Fingerprint
     reason: str  # "unverified" (missing, truncated, tampered, another format) or "memory"
     message: str
+    memory_in_use: int  # bytes loaded when it was refused: a memory refusal is retried below that
 
 
 def parse_model(value: str) -> tuple[str, int | None]:
@@ -145,6 +146,7 @@ class ModelRepository:
         self.sighup = SighupCounter()
         self._models: dict[str, dict[int, ModelVersion]] = {}  # name -> version -> loaded version
         self._refused: dict[Path, Refusal] = {}
+        self._draining: set[ModelVersion] = set()  # retired versions that requests still hold
         self._lock = threading.Lock()  # the tables and the leases
         self._sync_lock = threading.Lock()  # one sync at a time
         self._watcher: threading.Thread | None = None
@@ -184,52 +186,89 @@ class ModelRepository:
             changes: list[str] = []
             folders = self._folders()
             for name in sorted(set(self._models) - set(folders)):
-                for mv in list(self._models.get(name, {}).values()):
-                    changes.append(self._retire(mv, "its folder is gone"))
+                changes += self._publish(name, [], "its folder is gone")
             for name, versions in folders.items():
-                changes += self._sync_model(name, versions)
+                try:
+                    changes += self._sync_model(name, versions)
+                except Exception:  # one model's surprise must not stop the others' sync
+                    log.exception("syncing model %s failed; its loaded versions are unchanged", name)
             self.syncs += 1
             for line in changes:
                 log.info("%s", line)
             return changes
 
     def _sync_model(self, name: str, folders: list[tuple[int, Path]]) -> list[str]:
-        changes: list[str] = []
+        """Choose the model's newest `MODEL_VERSIONS` loadable versions, loading what is new beside the
+        versions that serve, then publish the choice."""
         keep: list[ModelVersion] = []
-        was_serving = self.serving(name)
+        table = self._models.get(name, {})
         for version, path in folders:
             if len(keep) == self.settings.model_versions:
                 break
-            loaded = self._models.get(name, {}).get(version)
+            loaded = table.get(version)
             current = fingerprint(path)
             if loaded is not None and loaded.fingerprint == current:
                 keep.append(loaded)
                 continue
-            refusal = self._refused.get(path)
-            if refusal is not None and refusal.fingerprint == current:
+            if not self._worth_a_look(path, current):
+                if loaded is not None:  # its files changed into something refused: the loaded copy serves on
+                    keep.append(loaded)
                 continue
-            older = [mv for v, mv in self._models.get(name, {}).items() if v < version]
-            stays = keep + sorted(older, key=lambda mv: -mv.version)[: self.settings.model_versions - len(keep) - 1]
+            older = sorted((mv for v, mv in table.items() if v < version), key=lambda mv: -mv.version)
+            stays = keep + older[: self.settings.model_versions - len(keep) - 1]
             mv = self._load(name, version, path, current, stays)
             if mv is not None:
                 keep.append(mv)
-                if loaded is not None:
-                    changes.append(self._retire(loaded, "its files changed"))
-        on_disk = {version for version, _ in folders}
-        for mv in list(self._models.get(name, {}).values()):
-            if mv not in keep:
-                why = "newer versions replaced it" if mv.version in on_disk else "its folder is gone"
-                changes.append(self._retire(mv, why))
+            elif loaded is not None:
+                keep.append(loaded)
+        return self._publish(name, keep, "newer versions replaced it", on_disk={v for v, _ in folders})
+
+    def _publish(self, name: str, keep: list[ModelVersion], why: str, on_disk: set[int] | None = None) -> list[str]:
+        """Make `keep` the model's loaded versions in one swap of the tables (a reader sees the old set or
+        the new one, never a model without versions between them), then retire the versions left out."""
+        was = self._models.get(name, {})
+        was_serving = self.serving(name)
         with self._lock:
+            models = dict(self._models)
             if keep:
-                self._models[name] = {mv.version: mv for mv in keep}
+                models[name] = {mv.version: mv for mv in keep}
             else:
-                self._models.pop(name, None)
+                models.pop(name, None)
+            self._models = models
+        changes = []
         now_serving = self.serving(name)
-        if now_serving is not None and now_serving is not was_serving:
-            MODEL_SERVING_VERSION.labels(model=name).set(now_serving.version)
-            changes.append(f"model {name}: version {now_serving.version} serves")
+        if now_serving is not was_serving:
+            MODEL_SERVING_VERSION.labels(model=name).set(0 if now_serving is None else now_serving.version)
+            if now_serving is not None:
+                changes.append(f"model {name}: version {now_serving.version} serves")
+        for mv in was.values():
+            if mv not in keep:
+                gone = on_disk is not None and mv.version not in on_disk
+                replaced = any(k.version == mv.version for k in keep)
+                reason = "its files changed" if replaced else "its folder is gone" if gone else why
+                changes.append(self._retire(mv, reason))
         return changes
+
+    def _worth_a_look(self, path: Path, current: Fingerprint) -> bool:
+        """A folder refused before is looked at again when its files changed, or (refused for memory) when
+        less memory is in use than at its refusal."""
+        refusal = self._refused.get(path)
+        if refusal is None or refusal.fingerprint != current:
+            return True
+        return refusal.reason == "memory" and self._memory_in_use() < refusal.memory_in_use
+
+    def _memory_in_use(self, name: str | None = None, stays: list[ModelVersion] | None = None) -> int:
+        """Bytes held by the loaded versions and by retired ones that requests still hold. With `name`, that
+        model's versions count as `stays` (the versions this sync keeps), plus those still in use."""
+        with self._lock:
+            held = {
+                id(mv): mv
+                for n, versions in self._models.items()
+                for mv in versions.values()
+                if n != name or mv.leases > 0
+            }
+            held |= {id(mv): mv for mv in [*self._draining, *(stays or [])]}
+        return sum(mv.memory_bytes for mv in held.values())
 
     def _load(
         self, name: str, version: int, path: Path, before: Fingerprint, stays: list[ModelVersion]
@@ -237,23 +276,27 @@ class ModelRepository:
         """Verify and load one version folder, or refuse it (None) with a log line and a metric."""
         model_id = f"{name}{VERSION_SEPARATOR}{version}"
         budget = int(self.settings.model_memory_mb * 2**20)
-        others = sum(mv.memory_bytes for n, vs in self._models.items() if n != name for mv in vs.values())
-        committed = others + sum(mv.memory_bytes for mv in stays)
+        committed = self._memory_in_use(name, stays)
         weights = sum(size for rel, size, _ in before if rel.endswith(WEIGHTS_FILE))
         if committed + weights > budget:  # its weights alone would not fit: do not even read them
-            return self._refuse(path, before, "memory", f"{model_id}: {self._over_budget(committed, weights)}")
+            return self._refuse(
+                path, before, "memory", f"{model_id}: {self._over_budget(committed, weights)}", committed
+            )
         started = time.perf_counter()
         try:
             models = load_artifacts(path)
-        except (ArtifactError, OSError) as exc:
+            if fingerprint(path) != before:  # written to while we read it: looked at again at the next sync
+                return self._refuse(path, before, "unverified", f"{model_id}: its files changed while loading")
+            engine = self.build_engine(models, model_id)
+        except ArtifactError as exc:
             return self._refuse(path, before, "unverified", f"{model_id}: {exc}")
-        if fingerprint(path) != before:  # written to while we read it: look again at the next sync
-            return self._refuse(path, fingerprint(path), "unverified", f"{model_id}: its files changed while loading")
-        engine = self.build_engine(models, model_id)
+        except Exception as exc:  # an unreadable file, a config too large to build: refused, never fatal
+            return self._refuse(path, before, "unverified", f"{model_id}: {type(exc).__name__}: {exc}")
         mv = ModelVersion(name, version, path, engine, before, engine.memory_bytes(), time.perf_counter() - started, {})
         if committed + mv.memory_bytes > budget:
             engine.close()
-            return self._refuse(path, before, "memory", f"{model_id}: {self._over_budget(committed, mv.memory_bytes)}")
+            message = f"{model_id}: {self._over_budget(committed, mv.memory_bytes)}"
+            return self._refuse(path, before, "memory", message, committed)
         if self.on_loaded is not None:
             self.on_loaded(mv)
         self._refused.pop(path, None)
@@ -271,8 +314,9 @@ class ModelRepository:
 
     def _over_budget(self, committed: int, needed: int) -> str:
         return (
-            f"needs {needed / 2**20:.1f} MiB beside the {committed / 2**20:.1f} MiB of the versions that stay, "
-            f"over MODEL_MEMORY_MB={self.settings.model_memory_mb:g}; raise it, or lower MODEL_VERSIONS"
+            f"needs {needed / 2**20:.1f} MiB beside the {committed / 2**20:.1f} MiB of the versions that stay "
+            f"loaded or still answer requests, over MODEL_MEMORY_MB={self.settings.model_memory_mb:g}; raise it, "
+            "or lower MODEL_VERSIONS"
         )
 
     def publish_gauges(self) -> None:
@@ -285,27 +329,28 @@ class ModelRepository:
             if serving is not None:
                 MODEL_SERVING_VERSION.labels(model=name).set(serving.version)
 
-    def _refuse(self, path: Path, current: Fingerprint, reason: str, message: str) -> ModelVersion | None:
-        self._refused[path] = Refusal(current, reason, message)
+    def _refuse(
+        self, path: Path, current: Fingerprint, reason: str, message: str, committed: int = 0
+    ) -> ModelVersion | None:
+        self._refused[path] = Refusal(current, reason, message, committed)
         MODEL_VERSIONS_REFUSED.labels(reason=reason).inc()
         serving = self.serving(path.parent.name) if self.settings.model_repository is not None else None
         still = f"; {serving.id} goes on serving" if serving is not None else ""
-        log.error("refused model version %s%s; looking again when its files change", message, still)
+        again = "when memory frees up" if reason == "memory" else "when its files change"
+        log.error("refused model version %s%s; looking again %s", message, still, again)
         return None
 
     def _retire(self, mv: ModelVersion, why: str) -> str:
-        """Take a version out of the tables; it is unloaded now, or when its last lease ends."""
+        """Mark a version that left the tables; it is unloaded now, or when its last lease ends."""
         with self._lock:
-            versions = self._models.get(mv.name, {})
-            if versions.get(mv.version) is mv:
-                del versions[mv.version]
             mv.retired = True
             idle = mv.leases == 0
+            if not idle:
+                self._draining.add(mv)
         if idle:
             self._unload(mv)
-        return f"model {mv.id} retired ({why}); " + (
-            "unloaded" if idle else f"unloaded when its {mv.leases} running requests end"
-        )
+        later = f"unloaded when its {mv.leases} running requests end"
+        return f"model {mv.id} retired ({why}); " + ("unloaded" if idle else later)
 
     def _unload(self, mv: ModelVersion) -> None:
         mv.engine.close()
@@ -315,7 +360,7 @@ class ModelRepository:
     # ------------------------------------------------------------------ serving
 
     def serving(self, name: str) -> ModelVersion | None:
-        versions = self._models.get(name)
+        versions = self._models.get(name)  # the tables are replaced, never changed in place: no lock needed
         return versions[max(versions)] if versions else None
 
     def default_name(self) -> str | None:
@@ -356,6 +401,8 @@ class ModelRepository:
         with self._lock:
             mv.leases -= 1
             unload = mv.retired and mv.leases == 0
+            if unload:
+                self._draining.discard(mv)
         if unload:
             self._unload(mv)
 
@@ -384,16 +431,16 @@ class ModelRepository:
     def start_watching(self) -> None:
         """Sync now, then on a thread: every REPOSITORY_POLL_SECONDS (when > 0) and after each SIGHUP to the
         gunicorn master. Call it in each worker process after the fork, never in the master."""
+        seen = self.sighup.value  # read first: a SIGHUP during this sync is not lost
         self.sync()
         self.publish_gauges()
         if self._watcher is not None:
             return
-        self._watcher = threading.Thread(target=self._watch, name="model-repository", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, args=(seen,), name="model-repository", daemon=True)
         self._watcher.start()
 
-    def _watch(self) -> None:
+    def _watch(self, seen: int) -> None:
         poll = self.settings.repository_poll_seconds
-        seen = self.sighup.value
         next_poll = time.monotonic() + poll
         while True:
             time.sleep(WATCH_TICK_SECONDS)
@@ -431,7 +478,10 @@ def describe_version(mv: ModelVersion, serving: bool, default: bool) -> dict[str
     """One version's entry in /v1/models: its networks, hashes, held-out metrics and memory."""
     models = mv.engine.models
     manifest = models.manifest
-    stamp = time.strptime(manifest.get("created", "1970-01-01T00:00:00Z"), "%Y-%m-%dT%H:%M:%SZ")
+    try:
+        stamp = time.strptime(str(manifest.get("created")), "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:  # a manifest without a readable stamp still lists
+        stamp = time.gmtime(0)
     metrics = manifest.get("metrics", {})
     lm_metrics = metrics.get("lm", {})
     clf_metrics = metrics.get("classifier") or {}

@@ -4,10 +4,12 @@ when broken, and unloaded when gone. Through the real app and its test client; s
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import re
 import shutil
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from seqmodels.artifacts import LM_DIR, MANIFEST, WEIGHTS_FILE
+from seqmodels import artifacts
+from seqmodels.artifacts import LM_DIR, MANIFEST, WEIGHTS_FILE, ArtifactError
 from service.app import create_app
 from service.repository import ModelRepository, RepositoryError
 from service.settings import Settings
@@ -249,3 +252,62 @@ def test_the_memory_budget_refuses_a_version_that_would_not_fit(repository: Path
     assert refusal.reason == "memory" and "over MODEL_MEMORY_MB" in refusal.message
     cards = app.test_client().get("/v1/models").get_json()["data"]
     assert sum(c["memory_bytes"] for c in cards if "@" in c["id"]) <= room
+
+
+def test_with_one_version_a_rollout_never_leaves_the_model_without_one(repository: Path, tiny_artifacts: Path) -> None:
+    app = make_app(repository, model_versions=1)
+    repo = repo_of(app)
+    seen_while_loading = []
+    build = repo.build_engine
+
+    def build_and_look(models: Any, model_id: str) -> Any:
+        seen_while_loading.append(repo.resolve("shakespeare").id)  # a request arriving mid-load
+        return build(models, model_id)
+
+    repo.build_engine = build_and_look
+    publish(tiny_artifacts, repository, "shakespeare", 3)
+    assert "model shakespeare: version 3 serves" in repo.sync()
+    assert seen_while_loading == ["shakespeare@2"]
+    assert [mv.id for mv in repo.versions("shakespeare")] == ["shakespeare@3"]
+
+
+def test_a_loaded_version_overwritten_with_bad_files_keeps_serving(app: Flask, repository: Path) -> None:
+    repo = repo_of(app)
+    weights = repository / "shakespeare" / "2" / LM_DIR / WEIGHTS_FILE
+    weights.write_bytes(b"not weights")
+    assert repo.sync() == []
+    assert repo.serving("shakespeare").id == "shakespeare@2"  # type: ignore[union-attr]
+    assert post(app.test_client(), "/v1/next-token", {"text": "a"})[0] == 200
+
+
+def test_unloaded_versions_are_freed(app: Flask, repository: Path) -> None:
+    repo = repo_of(app)
+    engine = weakref.ref(repo.serving("cyrillic").engine)  # type: ignore[union-attr]
+    shutil.rmtree(repository / "cyrillic")
+    assert "model cyrillic@1 retired (its folder is gone); unloaded" in repo.sync()
+    gc.collect()
+    assert engine() is None  # nothing (fork hooks, schedulers, caches) keeps the weights alive
+
+
+def test_a_version_refused_for_memory_loads_once_memory_frees_up(repository: Path) -> None:
+    probe = make_app(repository)
+    sizes = {mv.id: mv.memory_bytes for mv in repo_of(probe).versions()}
+    room = sizes["cyrillic@1"] + sizes["shakespeare@2"] + sizes["shakespeare@1"] // 2
+    app = make_app(repository, model_memory_mb=room / 2**20, default_model="shakespeare")
+    repo = repo_of(app)
+    assert [mv.id for mv in repo.versions()] == ["cyrillic@1", "shakespeare@2"]  # loaded by name, then newest first
+    assert repo.sync() == []  # nothing freed: not tried again
+    shutil.rmtree(repository / "cyrillic")
+    changes = repo.sync()
+    assert "model cyrillic@1 retired (its folder is gone); unloaded" in changes
+    assert [mv.id for mv in repo.versions()] == ["shakespeare@2", "shakespeare@1"]
+
+
+def test_a_repository_version_is_never_replaced(
+    tiny_artifacts: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = publish(tiny_artifacts, tmp_path, "m", 1)
+    monkeypatch.setattr(artifacts, "next_version_dir", lambda repository, name: first)  # another writer's
+    with pytest.raises(ArtifactError, match="already exists"):
+        artifacts.publish_version(tiny_artifacts, tmp_path, "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]  # nothing replaced, nothing left behind

@@ -28,6 +28,7 @@ from seqmodels.artifacts import (
     FORMAT_VERSION,
     MODEL_NAME,
     MODEL_NAME_RULE,
+    ArtifactError,
     classifier_config_json,
     lm_config_json,
     next_version_dir,
@@ -466,6 +467,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
             ),
             "MODEL_CARD.md": card.encode(),
         },
+        replace=args.repository is None,  # a repository's versions are never replaced
     )
     print(f"wrote {out} in {(time.monotonic() - started) / 60:.1f} minutes")
     return 0
@@ -475,7 +477,7 @@ def cli(argv: list[str] | None = None) -> int:
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for all
     try:
         return main(argv)
-    except (CorpusError, CheckpointError, LaunchError) as exc:
+    except (CorpusError, CheckpointError, LaunchError, ArtifactError) as exc:
         if not quiet:
             print(f"error: {exc}", file=sys.stderr)
         return 2
