@@ -33,7 +33,7 @@ test: $(VENV)/.test-installed
 train: $(VENV)/.test-installed
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m training.run
 
-## bench: serving, weight-precision, matmul, connection-balance, session-handle, slow-client and rollout benchmarks (about 30 minutes; write benchmarks/*.json and *.md)
+## bench: serving, weight-precision, matmul, connection-balance, session-handle, slow-client, rollout and reference-server benchmarks (about 30 minutes; write benchmarks/*.json and *.md)
 bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks.serve
 	$(BIN)/python -m benchmarks.precision
@@ -44,3 +44,4 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks.slow_clients
 	$(BIN)/python -m benchmarks.rollout
 	$(BIN)/python -m benchmarks.rollout --sighup
+	$(BIN)/python -m benchmarks.reference

@@ -133,10 +133,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Server:
-    def __init__(self, batching: bool, step_dtype: str = "float32", **env: str) -> None:
+    def __init__(self, batching: bool, precision: str = "auto", **env: str) -> None:
         self.env = {"WORKERS": os.environ.get("WORKERS", "2"), "MAX_TOKENS": "1024", **env}
         self.proc, self.base = start_gunicorn(
-            ARTIFACTS, BATCHING="1" if batching else "0", STEP_DTYPE=step_dtype, LOG_LEVEL="WARNING", **self.env
+            ARTIFACTS, BATCHING="1" if batching else "0", PRECISION=precision, LOG_LEVEL="WARNING", **self.env
         )
         self.port = int(self.base.rsplit(":", 1)[1])
         self.master = psutil.Process(self.proc.pid)
@@ -457,7 +457,7 @@ def summarize(
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Measured {report['date']} on {report['machine']} with `python -m benchmarks.serve "
-        f"--seconds {report['seconds']} --repeats {report['repeats']} --step-dtype {report['step_dtype']}`.",
+        f"--seconds {report['seconds']} --repeats {report['repeats']} --precision {report['precision']}`.",
         "",
         "| scenario | batching | c | req/s | p50 ms | p95 ms | p99 ms | chars/s | TTFT p50 ms | server CPU % "
         "| client CPU % | worker RSS MiB (PSS) |",
@@ -508,7 +508,7 @@ def headline(args: argparse.Namespace) -> None:
     # These requests repeat their prompts now and then ("ROMEO." for every generation): with the prefix
     # cache off, their figures stay what they measure, prompt encoding included. The cache suite
     # measures the cache, on prompts of its own.
-    servers = {batching: Server(batching, args.step_dtype, PREFIX_CACHE_MB="0") for batching in (True, False)}
+    servers = {batching: Server(batching, args.precision, PREFIX_CACHE_MB="0") for batching in (True, False)}
     runs: dict[tuple[str, int, bool], list[Result]] = collections.defaultdict(list)
     try:
         for server in servers.values():
@@ -561,7 +561,7 @@ def headline(args: argparse.Namespace) -> None:
         "machine": machine(),
         "seconds": args.seconds,
         "repeats": args.repeats,
-        "step_dtype": args.step_dtype,
+        "precision": args.precision,
         "results": [asdict(r) for r in results],
         "repeat_values": repeats,
         "in_process": ceilings,
@@ -639,7 +639,7 @@ def cache_counters(base: str) -> dict[str, float]:
 def cache_suite(args: argparse.Namespace) -> None:
     """Each scenario on a server with the prefix cache (the default size) and one without, in turn,
     `--repeats` rounds; the table shows each side's median run: cache.json and cache.md."""
-    servers = {on: Server(True, args.step_dtype, PREFIX_CACHE_MB="16" if on else "0") for on in (True, False)}
+    servers = {on: Server(True, args.precision, PREFIX_CACHE_MB="16" if on else "0") for on in (True, False)}
     rows: list[dict[str, Any]] = []
     try:
         for server in servers.values():
@@ -745,7 +745,7 @@ def prefill_suite(args: argparse.Namespace) -> None:
     settings = {"chunked": chunk, "whole": {"PREFILL_CHUNK_CHARS": "0"}}
     # Every stream on the worker that encodes the long prompt, and a request thread left for it.
     env = {"WORKERS": "1", "THREADS": "40", "MAX_TOKENS": "4096"}
-    servers = {name: Server(True, args.step_dtype, **env, **extra) for name, extra in settings.items()}
+    servers = {name: Server(True, args.precision, **env, **extra) for name, extra in settings.items()}
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     try:
         for server in servers.values():
@@ -805,7 +805,9 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=3, help="runs of each headline scenario, and rounds of the others"
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for the reports")
-    parser.add_argument("--step-dtype", default="float32", choices=["float32", "bfloat16"], help="server's STEP_DTYPE")
+    parser.add_argument(
+        "--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="the servers' PRECISION"
+    )
     parser.add_argument(
         "--suite",
         action="append",

@@ -105,6 +105,19 @@ def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask
 
 
+def bfloat16_units(device: torch.device) -> str | None:
+    """The bfloat16 matrix units of `device`, named, or None where it has none (bfloat16 would then be
+    emulated, slower than float32): AMX-BF16 or AVX512-BF16 on CPUs, bfloat16 support on GPUs."""
+    if device.type == "cuda":
+        return "a GPU with bfloat16" if torch.cuda.is_bf16_supported() else None
+    units = [
+        name
+        for name, probe in (("AMX-BF16", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+        if getattr(torch.cpu, probe, lambda: False)()
+    ]
+    return " and ".join(units) if units and torch.backends.mkldnn.is_available() else None
+
+
 class CharLSTM(nn.Module):
     """Character embedding -> LSTM -> linear; softmax over the vocabulary.
 
@@ -166,14 +179,20 @@ class CharLSTM(nn.Module):
         return logits, loss, new_state
 
     def adapted_logprobs(
-        self, inputs: torch.Tensor, targets: torch.Tensor, adapt: AdaptConfig, deadline: float | None = None
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        adapt: AdaptConfig,
+        deadline: float | None = None,
+        autocast: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Dynamic evaluation: the log-probability (nats) of each target, reading `inputs` (1, T) segment by
         segment and, after scoring each segment, taking one SGD step on it.
 
         Every character is scored before the weights have seen it. The steps go to a private copy of
         the weights, thrown away on return, so the model itself never changes. Past `deadline` (a
-        `time.monotonic()` value) it raises TimeoutError between segments.
+        `time.monotonic()` value) it raises TimeoutError between segments. `autocast` bfloat16 runs the
+        passes under CPU autocast (the weights and their steps stay float32).
         """
         model = copy.deepcopy(self)
         # Training mode with every dropout at 0: the per-layer path, which cuDNN can differentiate
@@ -192,7 +211,8 @@ class CharLSTM(nn.Module):
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"adaptive scoring stopped after {begin} of {inputs.size(1)} characters")
                 end = min(begin + adapt.segment_len, inputs.size(1))
-                logits, _, state = model(inputs[:, begin:end], state=state)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast == torch.bfloat16):
+                    logits, _, state = model(inputs[:, begin:end], state=state)
                 logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, begin:end, None])[0, :, 0]
                 out[begin:end] = logp.detach().double()
                 state = (state[0].detach(), state[1].detach())

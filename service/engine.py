@@ -145,7 +145,7 @@ class Engine:
         on_prefill: Callable[[int], None] | None = None,
         batching: bool = True,
         max_batch_rows: int = 64,
-        step_dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype = torch.float32,
         scoring_slots: int = 1,
         batch_gather_seconds: float = 0.005,
         stream_interval_seconds: float = 0.005,
@@ -157,6 +157,8 @@ class Engine:
 
         `prefix_cache` keeps the states after prompt prefixes for generation, next-token and score (None:
         off). `prefill_chunk` > 0 encodes long prompts that many characters per step, between decode steps.
+        `dtype` is the weights' precision in every pass: prompts, scoring (adaptive scoring too, under
+        autocast) and the decode step.
 
         With `batching`, next-token and generation requests of this process share a background
         scheduler that steps all their sequences together; without it, each request computes alone
@@ -169,7 +171,8 @@ class Engine:
         self.vocab = models.vocab
         self.classifier = models.classifier
         self.labels = models.labels
-        self.kernel = FusedStep(self.lm, step_dtype)
+        self.kernel = FusedStep(self.lm, dtype)
+        self.dtype = dtype
         self.prefix_cache = prefix_cache
         self.prefill_chunk = prefill_chunk
         self.scheduler = (
@@ -299,7 +302,9 @@ class Engine:
         for text in texts:
             ids = self.vocab.encode(text)
             inputs = torch.tensor([[self.vocab.bos_id, *ids[:-1]]])
-            values = self.lm.adapted_logprobs(inputs, torch.tensor([ids]), self.models.adapt, deadline).tolist()
+            values = self.lm.adapted_logprobs(
+                inputs, torch.tensor([ids]), self.models.adapt, deadline, autocast=self.dtype
+            ).tolist()
             results.append(text_score(text, values, [{}] * len(text), include_tokens))
         return results
 
@@ -336,11 +341,11 @@ class Engine:
         if not length:  # every text was cached whole
             return torch.empty(len(cached), 0, self.vocab.size), {}
         if not store or length < CHECKPOINT:
-            logits, _, _ = self.lm(inputs, state=state)
+            logits, _ = self.kernel.sequence(inputs, state)
             return logits, {}
         pieces, states = [], {}
         for begin in range(0, length, CHECKPOINT):
-            piece, _, state = self.lm(inputs[:, begin : begin + CHECKPOINT], state=state)
+            piece, state = self.kernel.sequence(inputs[:, begin : begin + CHECKPOINT], state)
             pieces.append(piece)
             states[begin + CHECKPOINT] = state
         return torch.cat(pieces, dim=1), states

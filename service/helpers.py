@@ -14,12 +14,12 @@ import logging
 import secrets
 from typing import Any
 
-import torch
 from flask import Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
 from seqmodels.artifacts import LoadedModels
 from service.engine import Engine, PrefixCache, SessionState
+from service.kernels import choose_precision
 from service.metrics import (
     MODEL_REQUESTS,
     PREFILL_BATCH_PROMPTS,
@@ -55,6 +55,8 @@ class ModelRegistry:
         self.session_key = (
             hashlib.sha256(b"charlm-session-key\0" + secret).digest() if secret else secrets.token_bytes(32)
         )
+        self.dtype, self.precision_reason = choose_precision(settings.precision)
+        log.info("weights in %s (%s)", str(self.dtype).removeprefix("torch."), self.precision_reason)
         self.repository = ModelRepository(settings, self._build_engine, self._add_session_codec)
 
     def _build_engine(self, models: LoadedModels, model_id: str) -> Engine:
@@ -65,7 +67,7 @@ class ModelRegistry:
             on_prefill=PREFILL_BATCH_PROMPTS.observe,
             batching=self.settings.batching,
             max_batch_rows=self.settings.max_batch_rows,
-            step_dtype=getattr(torch, self.settings.step_dtype),
+            dtype=self.dtype,
             scoring_slots=self.settings.torch_threads,
             batch_gather_seconds=self.settings.batch_gather_ms / 1000,
             stream_interval_seconds=self.settings.stream_interval_ms / 1000,
@@ -89,6 +91,7 @@ class ModelRegistry:
             config.hidden_size,
             mv.engine.vocab.size,
         )
+        mv.extras["precision"] = {"dtype": str(self.dtype).removeprefix("torch."), "chosen": self.precision_reason}
 
     def load(self) -> None:
         """Load every model at start-up; RepositoryError when nothing can serve (fail fast)."""

@@ -1,5 +1,6 @@
 """Inference kernels for a trained CharLSTM: prepacked oneDNN matmuls, the fused decode step and the
-prompt encoder. Bit-compatible with `nn.LSTM`; used only by the serving engine."""
+prompt encoder, in float32 or bfloat16. In float32 they compute what `nn.LSTM` computes (the prompt
+encoder to the bit; the step's matmuls within float32 rounding); used only by the serving engine."""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ from typing import Any
 
 import torch
 
-from seqmodels.networks import CharLSTM, LSTMState
+from seqmodels.networks import CharLSTM, LSTMState, bfloat16_units
+
+
+def choose_precision(setting: str) -> tuple[torch.dtype, str]:
+    """The weights' dtype for PRECISION `setting` ("auto", "float32" or "bfloat16"), and why."""
+    if setting != "auto":
+        return getattr(torch, setting), f"PRECISION={setting}"
+    units = bfloat16_units(torch.device("cpu"))
+    if units is None:
+        return torch.float32, "auto: this CPU has no bfloat16 units"
+    return torch.bfloat16, f"auto: this CPU has {units} units"
 
 
 class PackedLinear:
@@ -71,8 +82,9 @@ class FusedStep:
     """
 
     def __init__(self, lm: CharLSTM, dtype: torch.dtype = torch.float32) -> None:
-        """`dtype` is that of the matmul weights (see `PackedLinear`); the state, the gates and the
-        input table stay float32 either way."""
+        """`dtype` is that of the weights: float32, or bfloat16 for half the memory traffic. The decode
+        step's matmuls take it (see `PackedLinear`) while its state, gates and input table stay float32;
+        the prompt encoder runs oneDNN's LSTM layer wholly in it, and hands back a float32 state."""
         self.lm = lm
         self.hidden_size = size = lm.config.hidden_size
         self.dtype = dtype
@@ -96,7 +108,9 @@ class FusedStep:
             for layer in range(1, lm.config.num_layers):
                 stacked = torch.cat([w(f"weight_ih_l{layer}"), w(f"weight_hh_l{layer}")], dim=1)
                 self.upper.append(PackedLinear(stacked, bias(layer), dtype))
-            self.head = PackedLinear(lm.head.weight, lm.head.bias, dtype)
+            # The head stays float32 in every precision: a small share of the step's weights, and
+            # logits rounded to bfloat16's 8 bits of mantissa would tie characters that differ.
+            self.head = PackedLinear(lm.head.weight, lm.head.bias, torch.float32)
         # Prompt encoding calls oneDNN's LSTM layer (what nn.LSTM calls on this CPU) on weights
         # reordered for it once, here: nn.LSTM reorders them on every call, which costs as much as
         # 30 to 50 time steps. The result is the same to the bit.
@@ -104,15 +118,18 @@ class FusedStep:
         try:
             layers = []
             for layer in range(lm.config.num_layers):
-                w_ih, w_hh = (weights[f"weight_{kind}_l{layer}"].detach() for kind in ("ih", "hh"))
+                w_ih, w_hh = (weights[f"weight_{kind}_l{layer}"].detach().to(dtype) for kind in ("ih", "hh"))
                 packed = torch.ops.mkldnn._reorder_mkldnn_rnn_layer_weight(w_ih, w_hh, size, False, True, False)
-                biases = (weights[f"bias_{kind}_l{layer}"].detach() for kind in ("ih", "hh"))
+                biases = (weights[f"bias_{kind}_l{layer}"].detach().to(dtype) for kind in ("ih", "hh"))
                 layers.append((*packed, *biases))
             self.rnn_layers = layers
             probe = [[1, 2, 3], [2]]
             with torch.inference_mode():
                 got, expected = self.prefill(probe)[0], torch.cat([lm.prefill([s])[0] for s in probe])
-            if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
+            # A probe for a layer that computes something else (another gate order, say), not for
+            # rounding: bfloat16 keeps 8 bits of mantissa, so its logits are off by a few hundredths.
+            tolerance = 1e-4 if dtype == torch.float32 else 0.25
+            if not torch.allclose(got, expected, rtol=tolerance, atol=tolerance):
                 self.rnn_layers = None
         except (AttributeError, RuntimeError, NotImplementedError):
             self.rnn_layers = None
@@ -160,13 +177,13 @@ class FusedStep:
         ids = torch.zeros(steps, rows, dtype=torch.long)
         for row, source in enumerate(order):
             ids[steps - lengths[row] :, row] = torch.tensor(sequences[source], dtype=torch.long)
-        inputs = self.lm.embed(ids)  # (T, B, E), time first as oneDNN takes it
+        inputs = self.lm.embed(ids).to(self.dtype)  # (T, B, E), time first as oneDNN takes it
         layers = len(self.rnn_layers)
         if initial is None:
-            h, c = torch.zeros(layers, rows, size), torch.zeros(layers, rows, size)
+            h, c = (torch.zeros(layers, rows, size, dtype=self.dtype) for _ in range(2))
         else:
             index = torch.tensor(order)
-            h, c = initial[0][:, index].contiguous(), initial[1][:, index].contiguous()
+            h, c = (part[:, index].to(self.dtype).contiguous() for part in initial)
         # Not reversed, no packed batch sizes, mode 2 (LSTM), with biases, one direction, time first, inference.
         flags: tuple[Any, ...] = (False, [], 2, size, layers, True, False, False, False)
         bounds = [*sorted({steps - n for n in lengths} | set(range(0, steps, self.PREFILL_CHUNK))), steps]
@@ -177,9 +194,32 @@ class FusedStep:
                 x, h[layer, :k], c[layer, :k], _ = torch.ops.aten.mkldnn_rnn_layer(
                     x, *weights, h[layer, :k], c[layer, :k], *flags
                 )
+        h, c = h.float(), c.float()
         logits = self.lm.head(h[-1])
         back = torch.tensor(order).argsort()
         return logits[back], (h[:, back], c[:, back])
+
+    def sequence(self, ids: torch.Tensor, initial: LSTMState | None = None) -> tuple[torch.Tensor, LSTMState]:
+        """The logits after every input of a batch (B, T) (B, T, V) and the state after the last, each row
+        from its state in `initial` (zero state: None); what `CharLSTM.forward` computes, in this kernel's
+        precision. For scoring, whose rows are right-padded: a padded row's final state is meaningless."""
+        if self.rnn_layers is None:
+            logits, _, state = self.lm(ids, state=initial)
+            return logits, state
+        rows, steps = ids.shape
+        layers, size = len(self.rnn_layers), self.hidden_size
+        if initial is None:
+            h, c = (torch.zeros(layers, rows, size, dtype=self.dtype) for _ in range(2))
+        else:
+            h, c = (part.to(self.dtype, memory_format=torch.contiguous_format, copy=True) for part in initial)
+        flags: tuple[Any, ...] = (False, [], 2, size, layers, True, False, False, False)
+        outputs = []
+        for begin in range(0, steps, self.PREFILL_CHUNK):
+            x = self.lm.embed(ids[:, begin : begin + self.PREFILL_CHUNK].t()).to(self.dtype).contiguous()
+            for layer, weights in enumerate(self.rnn_layers):
+                x, h[layer], c[layer], _ = torch.ops.aten.mkldnn_rnn_layer(x, *weights, h[layer], c[layer], *flags)
+            outputs.append(self.lm.head(x.float()))
+        return torch.cat(outputs).transpose(0, 1), (h.float(), c.float())
 
     def _prefill_by_length(
         self, sequences: Sequence[Sequence[int]], initial: LSTMState | None

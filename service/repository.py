@@ -526,6 +526,7 @@ def describe_version(mv: ModelVersion, serving: bool, default: bool) -> dict[str
         "classifier": classifier_card,
         "corpus": manifest.get("corpus", {}).get("description"),
         "manifest_sha256": mv.digest,
+        "precision": mv.extras.get("precision"),
         "memory_bytes": mv.memory_bytes,
         "load_seconds": round(mv.load_seconds, 3),
     }

@@ -77,9 +77,10 @@ class Settings(BaseSettings):
         le=1000,
         description="after a stream's first piece, it sends what has accumulated at most this often",
     )
-    step_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32",
-        description="weights of the decode step; bfloat16 is faster for large batches on CPUs with AVX512-BF16",
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="weights of every pass (prompts, scoring, the decode step): auto picks bfloat16 where the CPU "
+        "or GPU has bfloat16 units (AMX-BF16, AVX512-BF16) and float32 elsewhere",
     )
     prefix_cache_mb: float = Field(
         16.0,

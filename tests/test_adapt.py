@@ -93,6 +93,10 @@ def test_training_graph_with_dropouts_off_is_the_served_lstm() -> None:
 
 
 def test_score_with_adapt(client: FlaskClient) -> None:
+    # Adaptive scoring's first segment runs nn.LSTM (under autocast in bfloat16), static scoring the
+    # prompt encoder's oneDNN layers: the same values in float32, within bfloat16's rounding otherwise.
+    app_dtype = client.application.extensions["models"].dtype
+    tolerance = 1e-5 if app_dtype == torch.float32 else 2e-2
     status, static = post(client, "/v1/score", {"texts": [TEXT, TEXT[:50]], "include_tokens": True})
     assert status == 200
     status, body = post(client, "/v1/score", {"texts": [TEXT, TEXT[:50]], "include_tokens": True, "adapt": True})
@@ -102,7 +106,7 @@ def test_score_with_adapt(client: FlaskClient) -> None:
     assert long["logprob"] == pytest.approx(sum(t["logprob"] for t in long["tokens"]), abs=1e-9)
     # The first segment is scored by the unchanged weights; later ones by adapted copies.
     first = [t["logprob"] for t in long["tokens"][:40]]
-    assert first == pytest.approx([t["logprob"] for t in static["results"][0]["tokens"][:40]], abs=1e-5)
+    assert first == pytest.approx([t["logprob"] for t in static["results"][0]["tokens"][:40]], abs=tolerance)
     assert long["logprob"] != pytest.approx(static["results"][0]["logprob"], abs=1e-6)
     # Each text adapts on its own copy: the short text scores as it would alone.
     status, alone = post(client, "/v1/score", {"texts": [TEXT[:50]], "adapt": True})

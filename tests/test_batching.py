@@ -151,8 +151,8 @@ def test_batched_output_equals_unbatched_output(batched: Engine, alone: Engine) 
 
 
 def test_bfloat16_steps_batched_equal_unbatched(models: LoadedModels) -> None:
-    half_batched = Engine(models, batching=True, step_dtype=torch.bfloat16)
-    half_alone = Engine(models, batching=False, step_dtype=torch.bfloat16)
+    half_batched = Engine(models, batching=True, dtype=torch.bfloat16)
+    half_alone = Engine(models, batching=False, dtype=torch.bfloat16)
     together = run_concurrently(half_batched, REQUESTS)
     for req, shared in zip(REQUESTS, together, strict=True):
         assert [c.text for c in shared.choices] == [c.text for c in half_alone.generate(req).choices]

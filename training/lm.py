@@ -16,7 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from seqmodels.networks import AdaptConfig, CharLSTM, LMConfig, Vocab
+from seqmodels.networks import AdaptConfig, CharLSTM, LMConfig, Vocab, bfloat16_units
 from training import checkpoint
 from training.checkpoint import Checkpointing, Preempted, Snapshot, run_identity
 from training.distributed import Cluster, from_main, sum_over_processes
@@ -132,9 +132,7 @@ def use_bfloat16(setting: str, device: torch.device) -> bool:
     """bfloat16 autocast pays where the hardware has bfloat16 matrix units (AVX512-BF16 or AMX on CPUs)."""
     if setting != "auto":
         return setting == "on"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bfloat16_units(device) is not None
 
 
 @torch.no_grad()
