@@ -66,6 +66,16 @@ if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
 else:
     _owned_metrics_dir = ""
 
+# The pod-wide level of the prefix cache: tables in shared memory that every worker maps (service/
+# shared_cache.py), in a fresh folder per server start, on /dev/shm where it is writable (tmpfs; in a
+# Kubernetes pod it counts against the pod's memory), removed at exit. SHARED_PREFIX_CACHE_MB=0 turns it off.
+if "SHARED_CACHE_DIR" not in os.environ:
+    _shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    os.environ["SHARED_CACHE_DIR"] = tempfile.mkdtemp(prefix="charlm-states-", dir=_shm)
+    _owned_cache_dir = os.environ["SHARED_CACHE_DIR"]
+else:
+    _owned_cache_dir = ""
+
 # Torch reads this when a process starts; 1 thread per worker avoids oversubscribing the cores.
 os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("TORCH_THREADS", "1"))
 
@@ -119,5 +129,6 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if _owned_metrics_dir:
-        shutil.rmtree(_owned_metrics_dir, ignore_errors=True)
+    for owned in (_owned_metrics_dir, _owned_cache_dir):
+        if owned:
+            shutil.rmtree(owned, ignore_errors=True)

@@ -78,21 +78,6 @@ class ClassifierUnavailable(Exception):
     """Classification was asked of an artifact trained without a classifier."""
 
 
-def _tensors_of(value: Any, seen: set[int] | None = None) -> list[torch.Tensor]:
-    """The tensors held by a kernel object's attributes, in lists and tuples too (not the LM it points to)."""
-    seen = set() if seen is None else seen
-    if id(value) in seen or isinstance(value, torch.nn.Module):
-        return []
-    seen.add(id(value))
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, list | tuple):
-        return [t for item in value for t in _tensors_of(item, seen)]
-    if hasattr(value, "__dict__") and type(value).__module__.startswith("service."):
-        return [t for item in vars(value).values() for t in _tensors_of(item, seen)]
-    return []
-
-
 def text_score(
     text: str, values: list[float], alternatives: Sequence[dict[str, float]], include_tokens: bool
 ) -> TextScore:
@@ -201,21 +186,19 @@ class Engine:
         return self.new_batch().run_alone(job)
 
     def close(self) -> None:
-        """Let the scheduler thread end (the engine of a model version being unloaded, with no requests)."""
+        """Let the scheduler thread end and drop the pod-wide cache's table (the engine of a model version
+        being unloaded, with no requests)."""
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.prefix_cache is not None and self.prefix_cache.shared is not None:
+            self.prefix_cache.shared.unlink()
 
     def memory_bytes(self) -> int:
-        """What this engine holds: the networks' weights, the decode kernel's packed copies, and the prefix
-        cache's bound (it grows to it)."""
-        tensors: dict[int, int] = {}
-        for module in (self.lm, self.classifier):
-            if module is not None:
-                for tensor in [*module.parameters(), *module.buffers()]:
-                    tensors[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
-        for tensor in _tensors_of(self.kernel):
-            tensors.setdefault(id(tensor), tensor.numel() * tensor.element_size())
-        return sum(tensors.values()) + (self.prefix_cache.max_bytes if self.prefix_cache is not None else 0)
+        """What this engine holds: the networks' weights, the kernels' packed copies of them, and the
+        prefix cache's bound (it grows to it)."""
+        modules = [m for m in (self.lm, self.classifier) if m is not None]
+        weights = sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
+        return weights + self.kernel.nbytes + (self.prefix_cache.max_bytes if self.prefix_cache is not None else 0)
 
     # ------------------------------------------------------------------ helpers
 

@@ -14,6 +14,7 @@ import logging
 import secrets
 from typing import Any
 
+import torch
 from flask import Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
@@ -24,6 +25,7 @@ from service.metrics import (
     MODEL_REQUESTS,
     PREFILL_BATCH_PROMPTS,
     PREFIX_CACHE_BYTES,
+    PREFIX_CACHE_SHARED_HITS,
     SESSIONS_ISSUED,
     SESSIONS_RESUMED,
     cache_lookup_recorder,
@@ -32,6 +34,7 @@ from service.metrics import (
 from service.repository import ModelNotFound, ModelRepository, ModelVersion, RepositoryError
 from service.sessions import SessionCodec, SessionError, principal_of
 from service.settings import Settings
+from service.shared_cache import SharedStates
 
 log = logging.getLogger("service")
 
@@ -59,6 +62,16 @@ class ModelRegistry:
         log.info("weights in %s (%s)", str(self.dtype).removeprefix("torch."), self.precision_reason)
         self.repository = ModelRepository(settings, self._build_engine, self._add_session_codec)
 
+    def _shared_states(self, models: LoadedModels, model_id: str) -> SharedStates | None:
+        """The pod-wide level of the version's prefix cache, where gunicorn.conf.py made a folder for it."""
+        folder, size = self.settings.shared_cache_dir, int(self.settings.shared_prefix_cache_mb * 2**20)
+        if folder is None or size == 0 or self.settings.prefix_cache_mb == 0:
+            return None
+        config = models.lm.config
+        state = torch.Size([config.num_layers, config.hidden_size])
+        name = f"{model_id}-{models.digest[:16]}-{str(self.dtype).removeprefix('torch.')}.states"
+        return SharedStates(folder / name, size, (state, state, torch.Size([models.vocab.size])))
+
     def _build_engine(self, models: LoadedModels, model_id: str) -> Engine:
         cache_bytes = int(self.settings.prefix_cache_mb * 2**20)
         return Engine(
@@ -72,7 +85,11 @@ class ModelRegistry:
             batch_gather_seconds=self.settings.batch_gather_ms / 1000,
             stream_interval_seconds=self.settings.stream_interval_ms / 1000,
             prefix_cache=PrefixCache(
-                cache_bytes, cache_lookup_recorder(model_id), PREFIX_CACHE_BYTES.labels(model=model_id).set
+                cache_bytes,
+                cache_lookup_recorder(model_id),
+                PREFIX_CACHE_BYTES.labels(model=model_id).set,
+                self._shared_states(models, model_id),
+                PREFIX_CACHE_SHARED_HITS.labels(model=model_id).inc,
             )
             if cache_bytes > 0
             else None,

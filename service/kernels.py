@@ -40,10 +40,11 @@ class PackedLinear:
         """`weight` (out, in) and `bias` (out,) in float32; `dtype` is that of the matmul: float32, or
         bfloat16 for half the weight memory traffic (the input is rounded to it, the result is float32)."""
         self.dtype = dtype
+        self.nbytes = weight.numel() * torch.tensor([], dtype=dtype).element_size()
+        self.packed: torch.Tensor | None = None
         weight = weight.detach().to(dtype).contiguous()
         self.bias = None if bias is None else bias.detach().to(dtype).contiguous()
         self.transposed = weight.t().contiguous()  # for addmm, the fallback
-        self.packed: torch.Tensor | None = None
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.BATCH_HINT)
             probe = torch.linspace(-1, 1, 3 * weight.size(1)).reshape(3, -1).to(dtype)
@@ -118,10 +119,12 @@ class FusedStep:
         try:
             layers = []
             for layer in range(lm.config.num_layers):
-                w_ih, w_hh = (weights[f"weight_{kind}_l{layer}"].detach().to(dtype) for kind in ("ih", "hh"))
-                packed = torch.ops.mkldnn._reorder_mkldnn_rnn_layer_weight(w_ih, w_hh, size, False, True, False)
-                biases = (weights[f"bias_{kind}_l{layer}"].detach().to(dtype) for kind in ("ih", "hh"))
-                layers.append((*packed, *biases))
+                w_ih, w_hh = (weights[f"weight_{kind}_l{layer}"].detach() for kind in ("ih", "hh"))
+                b_ih, b_hh = (weights[f"bias_{kind}_l{layer}"].detach() for kind in ("ih", "hh"))
+                packed = torch.ops.mkldnn._reorder_mkldnn_rnn_layer_weight(
+                    w_ih.to(dtype), w_hh.to(dtype), size, False, True, False
+                )
+                layers.append((*packed, b_ih.to(dtype), b_hh.to(dtype)))
             self.rnn_layers = layers
             probe = [[1, 2, 3], [2]]
             with torch.inference_mode():
@@ -133,6 +136,11 @@ class FusedStep:
                 self.rnn_layers = None
         except (AttributeError, RuntimeError, NotImplementedError):
             self.rnn_layers = None
+        self.nbytes = (
+            self.input_table.numel() * 4
+            + sum(linear.nbytes for linear in [self.recurrent0, *self.upper, self.head])
+            + sum(t.numel() * t.element_size() for layer in self.rnn_layers or [] for t in layer)
+        )
 
     PREFILL_CHUNK = 256  # time steps per oneDNN call at most; bounds the memory that long prompts take
 
@@ -177,23 +185,16 @@ class FusedStep:
         ids = torch.zeros(steps, rows, dtype=torch.long)
         for row, source in enumerate(order):
             ids[steps - lengths[row] :, row] = torch.tensor(sequences[source], dtype=torch.long)
-        inputs = self.lm.embed(ids).to(self.dtype)  # (T, B, E), time first as oneDNN takes it
-        layers = len(self.rnn_layers)
+        inputs = self.lm.embed(ids)  # (T, B, E), time first as oneDNN takes it
         if initial is None:
-            h, c = (torch.zeros(layers, rows, size, dtype=self.dtype) for _ in range(2))
+            h, c = (torch.zeros(self.lm.config.num_layers, rows, size, dtype=self.dtype) for _ in range(2))
         else:
             index = torch.tensor(order)
             h, c = (part[:, index].to(self.dtype).contiguous() for part in initial)
-        # Not reversed, no packed batch sizes, mode 2 (LSTM), with biases, one direction, time first, inference.
-        flags: tuple[Any, ...] = (False, [], 2, size, layers, True, False, False, False)
         bounds = [*sorted({steps - n for n in lengths} | set(range(0, steps, self.PREFILL_CHUNK))), steps]
         for begin, end in itertools.pairwise(bounds):
             k = sum(1 for n in lengths if steps - n <= begin)  # rows that have started by `begin`
-            x = inputs[begin:end, :k].contiguous()
-            for layer, weights in enumerate(self.rnn_layers):
-                x, h[layer, :k], c[layer, :k], _ = torch.ops.aten.mkldnn_rnn_layer(
-                    x, *weights, h[layer, :k], c[layer, :k], *flags
-                )
+            _, h[:, :k], c[:, :k] = self._layers(inputs[begin:end, :k], h[:, :k], c[:, :k])
         h, c = h.float(), c.float()
         logits = self.lm.head(h[-1])
         back = torch.tensor(order).argsort()
@@ -207,19 +208,33 @@ class FusedStep:
             logits, _, state = self.lm(ids, state=initial)
             return logits, state
         rows, steps = ids.shape
-        layers, size = len(self.rnn_layers), self.hidden_size
         if initial is None:
-            h, c = (torch.zeros(layers, rows, size, dtype=self.dtype) for _ in range(2))
+            h, c = (torch.zeros(self.lm.config.num_layers, rows, self.hidden_size, dtype=self.dtype)
+                    for _ in range(2))  # fmt: skip
         else:
             h, c = (part.to(self.dtype, memory_format=torch.contiguous_format, copy=True) for part in initial)
-        flags: tuple[Any, ...] = (False, [], 2, size, layers, True, False, False, False)
         outputs = []
         for begin in range(0, steps, self.PREFILL_CHUNK):
-            x = self.lm.embed(ids[:, begin : begin + self.PREFILL_CHUNK].t()).to(self.dtype).contiguous()
-            for layer, weights in enumerate(self.rnn_layers):
-                x, h[layer], c[layer], _ = torch.ops.aten.mkldnn_rnn_layer(x, *weights, h[layer], c[layer], *flags)
+            x, h, c = self._layers(self.lm.embed(ids[:, begin : begin + self.PREFILL_CHUNK].t()), h, c)
             outputs.append(self.lm.head(x.float()))
         return torch.cat(outputs).transpose(0, 1), (h.float(), c.float())
+
+    def _layers(
+        self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every layer over inputs x (T, B, E) float32, time first, from states h, c (layers, B, H) in the
+        kernel's dtype: the last layer's outputs (T, B, H) and the new states (fresh tensors)."""
+        size, layers = self.hidden_size, self.lm.config.num_layers
+        assert self.rnn_layers is not None
+        # Not reversed, no packed batch sizes, mode 2 (LSTM), with biases, one direction, time first, inference.
+        flags: tuple[Any, ...] = (False, [], 2, size, layers, True, False, False, False)
+        x = x.to(self.dtype).contiguous()
+        h_out, c_out = torch.empty_like(h), torch.empty_like(c)
+        for layer, weights in enumerate(self.rnn_layers):
+            x, h_out[layer], c_out[layer], _ = torch.ops.aten.mkldnn_rnn_layer(
+                x, *weights, h[layer].contiguous(), c[layer].contiguous(), *flags
+            )
+        return x, h_out, c_out
 
     def _prefill_by_length(
         self, sequences: Sequence[Sequence[int]], initial: LSTMState | None

@@ -86,6 +86,11 @@ PREFIX_CACHE_HITS = Counter(
     "charlm_prefix_cache_hits_total", "Prompts and scored texts that started from a cached prefix", ["model"]
 )
 PREFIX_CACHE_MISSES = Counter("charlm_prefix_cache_misses_total", "Prefix cache lookups that found nothing", ["model"])
+PREFIX_CACHE_SHARED_HITS = Counter(
+    "charlm_prefix_cache_shared_hits_total",
+    "Lookups answered by the pod-wide level: a prefix another worker (or this one, evicted since) encoded",
+    ["model"],
+)
 PREFIX_CACHE_SAVED = Counter(
     "charlm_prefix_cache_chars_saved_total", "Prompt positions (characters, start symbols) not encoded", ["model"]
 )

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from service.shared_cache import SharedStates
+
 CHECKPOINT = 256  # ids between cache keys inside a prompt
 ENTRY_OVERHEAD = 256  # bytes an entry costs beyond its state and values: keys, dict slots, objects
 
@@ -123,10 +125,16 @@ class PrefixCache:
         max_bytes: int,
         on_lookup: Callable[[int], None] | None = None,
         on_size: Callable[[int], None] | None = None,
+        shared: SharedStates | None = None,
+        on_shared_hit: Callable[[], None] | None = None,
     ) -> None:
         """`on_lookup(saved)` is called after every lookup with the ids it saved (0: a miss), and
-        `on_size(bytes)` whenever the bytes held change."""
+        `on_size(bytes)` whenever the bytes held change. `shared` is the pod-wide second level: looked at
+        for longer prefixes than this cache holds (`on_shared_hit()` when it has one), and given every
+        entry without log-probabilities that this cache stores."""
         self.max_bytes = max_bytes
+        self.shared = shared
+        self.on_shared_hit = on_shared_hit
         self.on_lookup = on_lookup
         self.on_size = on_size
         self._entries: OrderedDict[Key, _Held] = OrderedDict()  # least recently used first
@@ -150,6 +158,38 @@ class PrefixCache:
     def lookup(self, keys: PrefixKeys, scored: bool = False) -> CachedState | None:
         """A copy of the entry of the longest cached prefix of the sequence, now most recently used; None
         when there is none. With `scored`, only checkpoints with per-id log-probabilities count."""
+        found = self._lookup_here(keys, scored)
+        if self.shared is not None and not scored:
+            found = self._lookup_shared(keys, self.shared, found) or found
+        with self._lock:
+            if found is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self.saved += found.length
+        if self.on_lookup is not None:
+            self.on_lookup(0 if found is None else found.length)
+        return found
+
+    def _lookup_shared(self, keys: PrefixKeys, shared: SharedStates, found: CachedState | None) -> CachedState | None:
+        """The longest prefix the pod-wide level holds beyond `found` (the whole sequence, then its
+        checkpoints), copied into this cache too; None when it has none longer."""
+        longer = [n for n in (keys.length, *keys.checkpoints) if n > (0 if found is None else found.length)]
+        for length in sorted(set(longer) - {1}, reverse=True):
+            floats = shared.get(keys.key(length))
+            if floats is not None:
+                h_shape, c_shape, logits_shape = shared.shapes
+                a, b = h_shape.numel(), h_shape.numel() + c_shape.numel()
+                entry = CachedState(
+                    length, floats[:a].view(h_shape), floats[a:b].view(c_shape), floats[b:].view(logits_shape)
+                )
+                self.put(keys, entry, share=False)
+                if self.on_shared_hit is not None:
+                    self.on_shared_hit()
+                return entry
+        return None
+
+    def _lookup_here(self, keys: PrefixKeys, scored: bool) -> CachedState | None:
         found = None
         with self._lock, torch.inference_mode():
             lengths = set(keys.checkpoints)
@@ -166,13 +206,6 @@ class PrefixCache:
                     self._entries.move_to_end(key)
                     found = self._read(held)
                     break
-            if found is None:
-                self.misses += 1
-            else:
-                self.hits += 1
-                self.saved += found.length
-        if self.on_lookup is not None:
-            self.on_lookup(0 if found is None else found.length)
         return found
 
     def _read(self, held: _Held) -> CachedState:
@@ -188,9 +221,14 @@ class PrefixCache:
             held.logprobs,
         )
 
-    def put(self, keys: PrefixKeys, entry: CachedState) -> None:
+    def put(self, keys: PrefixKeys, entry: CachedState, share: bool = True) -> None:
         """Store (a copy of) the state after the first `entry.length` ids of `keys`' sequence. An entry
-        already there stays, unless the new one adds log-probabilities."""
+        already there stays, unless the new one adds log-probabilities. With `share`, an entry without
+        log-probabilities goes to the pod-wide level too."""
+        if share and self.shared is not None and entry.logprobs is None and entry.length >= 2:
+            with torch.inference_mode():
+                self.shared.put(keys.key(entry.length), torch.cat([entry.h.reshape(-1), entry.c.reshape(-1),
+                                                                   entry.logits.reshape(-1)]))  # fmt: skip
         size = entry.nbytes
         key, region = keys.key(entry.length), keys.region(entry.length)
         with self._lock, torch.inference_mode():

@@ -478,6 +478,7 @@ def describe_version(mv: ModelVersion, serving: bool, default: bool) -> dict[str
     """One version's entry in /v1/models: its networks, hashes, held-out metrics and memory."""
     models = mv.engine.models
     manifest = models.manifest
+    shared = mv.engine.prefix_cache.shared if mv.engine.prefix_cache is not None else None
     try:
         stamp = time.strptime(str(manifest.get("created")), "%Y-%m-%dT%H:%M:%SZ")
     except ValueError:  # a manifest without a readable stamp still lists
@@ -528,5 +529,6 @@ def describe_version(mv: ModelVersion, serving: bool, default: bool) -> dict[str
         "manifest_sha256": mv.digest,
         "precision": mv.extras.get("precision"),
         "memory_bytes": mv.memory_bytes,
+        "shared_cache_bytes": 0 if shared is None else shared.nbytes,
         "load_seconds": round(mv.load_seconds, 3),
     }

@@ -79,14 +79,26 @@ class Settings(BaseSettings):
     )
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="weights of every pass (prompts, scoring, the decode step): auto picks bfloat16 where the CPU "
-        "or GPU has bfloat16 units (AMX-BF16, AVX512-BF16) and float32 elsewhere",
+        description="weights of every pass (prompts, scoring, adaptive scoring, the decode step): auto picks "
+        "bfloat16 where the CPU has bfloat16 units (AMX-BF16, AVX512-BF16) and float32 elsewhere",
     )
     prefix_cache_mb: float = Field(
         16.0,
         ge=0,
         le=65536,
         description="per worker: memory for the states after prompt prefixes (MiB); 0 turns the prefix cache off",
+    )
+    shared_prefix_cache_mb: float = Field(
+        16.0,
+        ge=0,
+        le=65536,
+        description="per model version, for the whole server: a second level of the prefix cache in shared "
+        "memory, so that a prompt one worker encoded is found by the others (MiB); 0 turns it off",
+    )
+    shared_cache_dir: Path | None = Field(
+        None,
+        description="where the shared prefix cache's tables live; gunicorn.conf.py sets it to a fresh folder per "
+        "server start (in /dev/shm where it can); unset: no shared level",
     )
     prefill_chunk_chars: int = Field(
         32,
