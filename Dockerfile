@@ -3,7 +3,7 @@
 # ---- build: a venv with the CPU build of torch and the service's pinned dependencies
 FROM python:3.11-slim AS build
 # Empty by default; on machines whose registries need a local wheel folder or a private CA
-# (see README, "Container"), pass them in. pip reads both from the environment.
+# (see docs/deployment.md, "Container"), pass them in. pip reads both from the environment.
 ARG PIP_FIND_LINKS=""
 ARG PIP_CERT=""
 # PyTorch's documented way to get the CPU-only build; the default PyPI wheel bundles CUDA (GBs).

@@ -34,10 +34,10 @@ from typing import Any
 import torch
 
 from benchmarks.serve import ARTIFACTS, REPO, machine, percentile, unique_tag, utc_now, window, write_report
+from benchmarks.servers import GunicornProcess, free_port, start_gunicorn, stop
 from benchmarks.slow_clients import cpu_name, exchange, next_token_clients
 from seqmodels.artifacts import load_artifacts
 from service.kernels import FusedStep, choose_precision
-from tests.servers import GunicornProcess, free_port, start_gunicorn, stop
 
 LEVELS = (1, 8, 64)
 REPEAT_CHARS = 3000

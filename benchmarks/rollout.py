@@ -39,9 +39,9 @@ import aiohttp
 import psutil
 
 from benchmarks.serve import ARTIFACTS, REPO, machine, percentile, unique_tag, utc_now, window, write_report
+from benchmarks.servers import GunicornProcess, start_checkout, stop
 from benchmarks.slow_clients import cpu_name
 from seqmodels.artifacts import LM_DIR, WEIGHTS_FILE, next_version_dir, publish_version
-from tests.servers import GunicornProcess, start_checkout, stop
 
 MODEL = "shakespeare"
 STREAM_TOKENS = 200

@@ -38,11 +38,11 @@ import aiohttp
 import psutil
 import torch
 
+from benchmarks.servers import start_gunicorn, stop
 from seqmodels.artifacts import load_artifacts
 from service.batching import DecodeBatch, GenerationRequest, Job
 from service.engine import Engine
 from service.sampling import SamplingParams
-from tests.servers import start_gunicorn, stop
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"

@@ -46,7 +46,7 @@ import aiohttp
 import psutil
 
 from benchmarks.serve import ARTIFACTS, REPO, machine, percentile, unique_tag, utc_now, window, write_report
-from tests.servers import free_port, start_checkout, stop
+from benchmarks.servers import free_port, start_checkout, stop
 
 SLOW_PATH = b"/v1/next-token"
 # One count for the whole run: a server serves several runs, and a prompt seen before would hit its prefix cache.

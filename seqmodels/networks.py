@@ -7,6 +7,7 @@ format that stores them is `seqmodels.artifacts`.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 import zlib
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 UNKNOWN_CHAR = "\ufffd"  # U+FFFD REPLACEMENT CHARACTER stands for every out-of-vocabulary character
+LN2 = math.log(2.0)  # nats per bit: bits per character = -log-probability / characters / LN2
 LSTMState = tuple[torch.Tensor, torch.Tensor]
 _LSTM_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
@@ -79,7 +81,7 @@ class LMConfig:
     num_layers: int = 2  # stacked LSTM layers
     # Regularization, training only (AWD-LSTM's set).
     # Half the lightest setting of an earlier sweep: validation bpc is still falling when the 48-minute budget
-    # ends, so the model underfits rather than overfits (benchmarks/lm_dropout.md, README "The committed model").
+    # ends, so the model underfits rather than overfits (benchmarks/lm_dropout.md, docs/experiments.md).
     dropout: float = 0.1  # locked dropout on the top layer's outputs, before the head
     input_dropout: float = 0.025  # locked dropout on the embedded inputs
     hidden_dropout: float = 0.075  # locked dropout between LSTM layers
@@ -121,8 +123,9 @@ def bfloat16_units(device: torch.device) -> str | None:
 class CharLSTM(nn.Module):
     """Character embedding -> LSTM -> linear; softmax over the vocabulary.
 
-    In eval mode the forward pass is plain `nn.LSTM`, so the serving kernels stay bit-compatible
-    with it; in training mode each layer runs on its own weights with AWD-LSTM's dropouts.
+    In eval mode the forward pass is plain `nn.LSTM`, whose arithmetic the serving kernels reproduce
+    (within float32's rounding, or bfloat16's); in training mode each layer runs on its own weights with
+    AWD-LSTM's dropouts.
     """
 
     def __init__(self, config: LMConfig) -> None:
@@ -252,12 +255,8 @@ class CharLSTM(nn.Module):
 class ClassifierConfig:
     buckets: int = 32768  # hashed n-gram features; collisions cost little at this size (see the model card)
     word_ngrams: int = 2  # word n-grams of 1 to this many words
-    char_ngrams: list[int] = field(
-        default_factory=lambda: [2, 5]
-    )  # character n-grams inside words, shortest and longest
-    hidden_dims: list[int] = field(
-        default_factory=lambda: [128]
-    )  # MLP hidden layer widths; the first reads the n-grams
+    char_ngrams: list[int] = field(default_factory=lambda: [2, 5])  # character n-grams in words: shortest, longest
+    hidden_dims: list[int] = field(default_factory=lambda: [128])  # MLP hidden widths; the first reads the n-grams
     num_labels: int = 6  # output classes
     dropout: float = 0.5  # after each hidden layer; training only
     feature_dropout: float = 0.2  # share of a passage's n-grams dropped; training only

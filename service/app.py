@@ -17,7 +17,7 @@ from service.helpers import ApiError, ModelRegistry, hand_leases_to_stream, rele
 from service.observability import configure_logging
 from service.schemas import ErrorResponse
 from service.settings import Settings
-from service.views import api, completions, docs, health, playground
+from service.views import api, chat, completions, docs, health, playground
 
 log = logging.getLogger("service")
 
@@ -124,6 +124,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
 
-    for blueprint in (health.bp, api.bp, completions.bp, docs.bp, playground.bp):
+    for blueprint in (health.bp, api.bp, completions.bp, chat.bp, docs.bp, playground.bp):
         app.register_blueprint(blueprint)
     return app

@@ -10,14 +10,14 @@ import array
 import math
 import threading
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from seqmodels.artifacts import LoadedModels, load_artifacts
-from seqmodels.networks import LSTMState
+from seqmodels.networks import LN2, LSTMState
 from service.batching import (
     DecodeBatch,
     Delta,
@@ -27,6 +27,7 @@ from service.batching import (
     SessionState,
     StopMatcher,
     TokenScore,
+    merge_deltas,
     top_alternatives,
 )
 from service.kernels import FusedStep
@@ -43,8 +44,6 @@ __all__ = [
     "StopMatcher",
     "TokenScore",
 ]
-
-LN2 = math.log(2.0)
 
 
 @dataclass
@@ -102,19 +101,8 @@ class Classification:
 
 
 @dataclass
-class Choice:
-    index: int
-    text: str = ""
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    tokens: list[TokenScore] = field(default_factory=list)
-    cumulative_logprob: float = 0.0
-    session: SessionState | None = None  # where it stopped, when the request keeps sessions
-
-
-@dataclass
 class Generation:
-    choices: list[Choice]
+    choices: list[Delta]  # per choice, in order: all its text and tokens, with its finish_reason
     prompt_tokens: int
 
     @property
@@ -394,14 +382,7 @@ class Engine:
             results.close()
 
     def generate(self, req: GenerationRequest) -> Generation:
-        choices = [Choice(i) for i in range(req.n)]
-        for delta in self.stream(req):
-            choice = choices[delta.index]
-            choice.text += delta.text
-            choice.tokens += delta.tokens
-            if delta.finish_reason:
-                choice.finish_reason = delta.finish_reason
-                choice.completion_tokens = delta.completion_tokens
-                choice.cumulative_logprob = delta.cumulative_logprob
-                choice.session = delta.session
+        """The whole generation: each choice's pieces merged as a stream's reader merges them."""
+        merged = {delta.index: delta for delta in merge_deltas(list(self.stream(req)))}
+        choices = [merged.get(i, Delta(i, "", [])) for i in range(req.n)]
         return Generation(choices, prompt_tokens=len(req.prompt))

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from typing import Any
 
-from service.engine import Choice, Engine, GenerationRequest, TokenScore
+from service.engine import Delta, Engine, GenerationRequest, TokenScore
 from service.metrics import CHARS_SCORED
 from service.sampling import SamplingParams
 from service.schemas import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
@@ -74,9 +74,9 @@ def complete(engine: Engine, model: str, req: CompletionRequest, deadline: float
     for prompt_index, prompt in enumerate(req.prompts()):
         echoed = prompt_tokens(engine, model, req, prompt)
         prompt_total += len(prompt)
-        generated: list[Choice]
+        generated: list[Delta]
         if req.max_tokens == 0:
-            generated = [Choice(i, finish_reason="length") for i in range(req.n)]
+            generated = [Delta(i, "", [], finish_reason="length") for i in range(req.n)]
         else:
             result = engine.generate(generation_request(req, prompt, req.best_of or req.n, deadline))
             completion_total += result.completion_tokens

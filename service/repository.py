@@ -526,6 +526,7 @@ def describe_version(mv: ModelVersion, serving: bool, default: bool) -> dict[str
         "lm": lm_card,
         "classifier": classifier_card,
         "corpus": manifest.get("corpus", {}).get("description"),
+        "speakers": [name for name, _ in manifest.get("corpus", {}).get("speakers", [])] or None,
         "manifest_sha256": mv.digest,
         "precision": mv.extras.get("precision"),
         "memory_bytes": mv.memory_bytes,

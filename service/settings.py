@@ -44,7 +44,11 @@ class Settings(BaseSettings):
         description="per worker: memory the loaded versions may hold in all (weights, packed kernels, prefix "
         "caches); a version that would go over it is not loaded",
     )
-    log_level: str = Field("INFO", pattern=r"^(?i)(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    log_level: str = Field(
+        "INFO",
+        pattern=r"^(?i)(DEBUG|INFO|WARNING|ERROR|CRITICAL)$",
+        description="DEBUG, INFO (one JSON access line per request), WARNING, ERROR or CRITICAL",
+    )
     torch_threads: int = Field(1, ge=1, le=64, description="intra-op threads per worker process")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     max_texts: int = Field(64, ge=1, description="texts per score or classify request")
@@ -105,6 +109,16 @@ class Settings(BaseSettings):
         ge=0,
         le=65536,
         description="a long prompt is encoded this many characters at a time between decode steps; 0: whole",
+    )
+    chat_user_name: str = Field(
+        "HORATIO",
+        pattern=r"^[^\n\r]{1,64}$",
+        description="/v1/chat/completions: the speaker of user messages that name none",
+    )
+    chat_assistant_name: str = Field(
+        "HAMLET",
+        pattern=r"^[^\n\r]{1,64}$",
+        description="/v1/chat/completions: the speaker of the reply and of assistant messages that name none",
     )
     header_timeout_seconds: float = Field(
         10.0, gt=0, description="a request's headers must have arrived this long after its first byte, else 408"

@@ -16,9 +16,9 @@ import torch
 from flask import Flask
 from flask.testing import FlaskClient
 
+from benchmarks.servers import GunicornProcess, start_gunicorn, stop
 from service.app import create_app
 from service.settings import Settings
-from tests.servers import GunicornProcess, start_gunicorn, stop
 from training.corpus import load_plays
 from training.run import main as train_main
 

@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.servers import free_port
+from benchmarks.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BASE = "docker.io/library/python:3.11-slim"

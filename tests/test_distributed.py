@@ -19,6 +19,7 @@ from training import lm as lm_module
 from training import run as training_run
 from training.checkpoint import CheckpointError, Checkpointing, Preempted, checkpoints
 from training.distributed import Cluster, LaunchError
+from training.flags import config_from
 from training.lm import LMTrainConfig, stream_batches, train_lm
 
 # The tiny run on the CPU, made cheaper after the LM: no adaptation trials, no cross-validation.
@@ -45,7 +46,8 @@ def texts(corpus: Path, seed: int) -> tuple[str, str]:
 
 
 def tiny_config(*extra: str) -> LMTrainConfig:
-    return training_run.lm_train_config(training_run.parse_args([*TINY_TRAIN_ARGS, *extra]))
+    config: LMTrainConfig = config_from(training_run.parse_args([*TINY_TRAIN_ARGS, *extra]), LMTrainConfig)
+    return config
 
 
 # --------------------------------------------------------------------------- data of each process

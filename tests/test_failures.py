@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import requests
 
+from benchmarks.servers import start_gunicorn, stop
 from tests.conftest import (
     REPO,
     TINY_TRAIN_ARGS,
@@ -25,7 +26,6 @@ from tests.conftest import (
     gunicorn_process,
     wait_ready,
 )
-from tests.servers import start_gunicorn, stop
 
 
 def rss_kib(pid: int) -> int:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
+from benchmarks.servers import metric_total
 from service.app import create_app
 from service.observability import RequestIdFilter, json_formatter
 from service.settings import Settings
-from tests.servers import metric_total
 
 
 def test_request_id_is_echoed_or_generated(client: FlaskClient) -> None:

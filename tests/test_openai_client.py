@@ -13,8 +13,8 @@ import openai
 import pytest
 import requests
 
+from benchmarks.servers import metric_total
 from tests.conftest import gunicorn_server
-from tests.servers import metric_total
 
 KEY = "test-key-2"
 

@@ -3,7 +3,7 @@ Each panel is driven as a person would (type, click, wait), and what it shows is
 API itself, called with the same inputs. Every test ends with an empty browser console, save the
 network lines of the refusals it asked for.
 
-Screenshots of each panel go to logs/screenshots/, or to $PLAYGROUND_SCREENSHOTS. The README's come
+Screenshots of each panel go to logs/screenshots/, or to $PLAYGROUND_SCREENSHOTS. The docs' screenshots come
 from `PLAYGROUND_ARTIFACTS=artifacts PLAYGROUND_SCREENSHOTS=docs/screenshots pytest tests/test_playground.py`
 (the committed model instead of the tiny one)."""
 
@@ -224,6 +224,35 @@ def test_the_model_picker_chooses_the_model_of_every_panel(page: WebDriver, serv
     page.find_element(By.ID, "classify-start").click()
     wait(page, lambda d: state(d, "classify-results") == "done")
     assert console_errors(page, 400) == []
+
+
+def test_the_chat_panel_plays_a_scene(page: WebDriver, server: str) -> None:
+    log = page.find_element(By.ID, "chat-log")
+    fill(page, "chat-user", "Horatio")
+    fill(page, "chat-text", "What news, my lord?")
+    page.find_element(By.ID, "chat-send").click()
+    wait(page, lambda d: "." in status(d, "chat-status") and "speaking" not in status(d, "chat-status"))
+    speakers = [e.text for e in log.find_elements(By.CSS_SELECTOR, ".speaker")]
+    assert speakers == ["HORATIO", "HAMLET"]
+    first = log.find_elements(By.CSS_SELECTOR, ".words")[1].get_attribute("textContent") or ""
+    assert "\n\n" not in first and status(page, "chat-status").startswith("HAMLET ")
+    fill(page, "chat-text", "Stay, speak!")
+    page.find_element(By.ID, "chat-text").send_keys(Keys.CONTROL, Keys.ENTER)  # Ctrl+Enter speaks too
+    wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat-log .speech")) == 4 and status(d, "chat-status"))
+    wait(page, lambda d: "speaking" not in status(d, "chat-status"))
+    assert [e.text for e in log.find_elements(By.CSS_SELECTOR, ".speaker")] == ["HORATIO", "HAMLET"] * 2
+    # The conversation the page kept is the one the API answers for: the same scene, replayed, is accepted.
+    lines = [e.get_attribute("textContent") for e in log.find_elements(By.CSS_SELECTOR, ".words")]
+    messages = [
+        {"role": "user" if i % 2 == 0 else "assistant", "name": "HORATIO" if i % 2 == 0 else "HAMLET", "content": t}
+        for i, t in enumerate(lines)
+    ]
+    reply = api(server, "/v1/chat/completions", {"model": "shakespeare", "messages": messages, "max_tokens": 5})
+    assert reply["choices"][0]["message"]["name"] == "HAMLET"
+    shoot(page.find_element(By.ID, "chat"), "chat")
+    page.find_element(By.ID, "chat-clear").click()
+    assert log.find_elements(By.CSS_SELECTOR, ".speech") == []
+    assert console_errors(page) == []
 
 
 def test_without_a_key_the_refusal_is_shown_and_with_one_it_works(browser: WebDriver, server: str) -> None:

@@ -18,12 +18,12 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from benchmarks.servers import metric_total
 from seqmodels import artifacts
 from seqmodels.artifacts import LM_DIR, MANIFEST, WEIGHTS_FILE, ArtifactError
 from service.app import create_app
 from service.repository import ModelRepository, RepositoryError
 from service.settings import Settings
-from tests.servers import metric_total
 from training.publish import main as train_publish
 
 CYRILLIC = re.compile(r"[\u0400-\u04ff]")

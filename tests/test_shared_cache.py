@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.servers import metric_total
 from benchmarks.slow_clients import exchange
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from service.engine import Engine
 from service.prefix_cache import CHECKPOINT, PrefixCache, PrefixKeys
 from service.shared_cache import WAYS, SharedStates
 from tests.conftest import gunicorn_server
-from tests.servers import metric_total
 
 PROMPT = ("KING. " + "Now is the winter of our discontent made glorious summer by this sun of York. " * 12)[:900]
 

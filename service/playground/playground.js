@@ -242,6 +242,69 @@ function stopGeneration() {
   generation?.abort(); // closes the connection; the server stops generating before its next step
 }
 
+// ----------------------------------------------------------------------------- chat
+
+const scene = []; // the conversation: {role, name, content}; in this page only
+
+function chatLine(name, text, kind) {
+  const item = el("li", `speech ${kind}`);
+  const words = el("p", "words", text);
+  item.append(el("strong", "speaker", name), words);
+  $("chat-log").append(item);
+  return words;
+}
+
+async function speak(event) {
+  event.preventDefault();
+  const text = $("chat-text").value.trim();
+  if (!text || $("chat-send").disabled) return;
+  const user = $("chat-user").value.trim() || "HORATIO";
+  const assistant = $("chat-assistant").value.trim() || "HAMLET";
+  scene.push({ role: "user", name: user, content: text });
+  chatLine(user.toUpperCase(), text, "user");
+  $("chat-text").value = "";
+  const words = chatLine(assistant.toUpperCase(), "", "assistant");
+  const reply = document.createTextNode("");
+  words.append(reply);
+  $("chat-send").disabled = true;
+  setStatus("chat-status", "The model is speaking…");
+  try {
+    const body = { messages: withSpeaker(scene, assistant), stream: true, max_tokens: 400, temperature: 0.8 };
+    const response = await call("/v1/chat/completions", body);
+    let finish = null;
+    for await (const data of eventData(response.body)) {
+      if (data === "[DONE]") break;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new ApiError(chunk.error.message);
+      for (const choice of chunk.choices) {
+        reply.appendData(choice.delta.content ?? "");
+        finish = choice.finish_reason ?? finish;
+      }
+    }
+    scene.push({ role: "assistant", name: assistant, content: reply.data });
+    const ended = finish === "stop" ? "ended the speech" : `stopped (finish reason: ${finish})`;
+    setStatus("chat-status", `${assistant.toUpperCase()} ${ended}.`, "ok");
+  } catch (err) {
+    scene.pop(); // the line was not answered: it is not part of the scene
+    words.parentElement.remove();
+    showError("chat-status", err);
+  } finally {
+    $("chat-send").disabled = false;
+  }
+}
+
+// The reply is spoken by the last assistant message's speaker, so every line of the model's is sent under
+// the name in "The model speaks as": renaming it recasts the whole part.
+function withSpeaker(messages, assistant) {
+  return messages.map((m) => (m.role === "assistant" ? { ...m, name: assistant } : m));
+}
+
+function newScene() {
+  scene.length = 0;
+  $("chat-log").replaceChildren();
+  setStatus("chat-status", "");
+}
+
 // ----------------------------------------------------------------------------- next character
 
 let nextTimer = 0;
@@ -521,6 +584,18 @@ function fillPicker(cards) {
   picker.disabled = !cards.length;
 }
 
+// Speaker names from the chosen model's training text, as suggestions for the Chat panel.
+function fillSpeakers(cards) {
+  const card = cards.find((c) => c.id === model) ?? cards[0];
+  $("chat-speakers").replaceChildren(
+    ...(card?.speakers ?? []).map((name) => {
+      const option = el("option");
+      option.value = name;
+      return option;
+    }),
+  );
+}
+
 async function loadModels() {
   const list = $("models-list");
   try {
@@ -540,6 +615,7 @@ async function loadModels() {
     list.dataset.state = "done";
     setStatus("models-status", "");
     fillPicker(body.data);
+    fillSpeakers(body.data);
     const chosen = versions.find((card) => card.default);
     const compact = new Intl.NumberFormat("en-US", { notation: "compact", maximumFractionDigits: 1 });
     const summary = [`${body.data.filter((card) => !card.id.includes("@")).length} models`];
@@ -578,10 +654,13 @@ function start() {
   $("next-top-k").addEventListener("input", scheduleNext);
   $("score-form").addEventListener("submit", score);
   $("classify-form").addEventListener("submit", classify);
+  $("chat-form").addEventListener("submit", speak);
+  $("chat-clear").addEventListener("click", newScene);
   for (const [form, textarea] of [
     ["gen-form", "gen-prompt"],
     ["score-form", "score-text"],
     ["classify-form", "classify-text"],
+    ["chat-form", "chat-text"],
   ]) {
     submitOnCtrlEnter($(textarea), $(form));
   }

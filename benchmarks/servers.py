@@ -1,5 +1,5 @@
 """Start the shipped gunicorn config on a free loopback port, with its output in a file: one helper for
-the tests, the container smoke test and the benchmarks."""
+the benchmarks, the tests and the container smoke test (the benchmarks import nothing from tests/)."""
 
 from __future__ import annotations
 
