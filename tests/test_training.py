@@ -152,6 +152,7 @@ def test_tiny_run_records_split_and_metrics(tiny_artifacts: Path) -> None:
     adaptive = metrics["lm"]["adaptive"]
     assert adaptive["config"] == {"lr": 0.1, "segment_len": 40, "decay": 0.0}
     assert adaptive["test_bpc"] > 0 and [t["lr"] for t in adaptive["validation_trials"]] == [0.0, 0.1]
+    assert adaptive["test_chars"] == metrics["lm"]["test_chars"]  # static and adaptive on the same characters
     for name in ("MODEL_CARD.md", "training_curves.png", "lm/model.safetensors", "classifier/config.json"):
         assert name in manifest["files"]
     assert (tiny_artifacts / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -168,6 +168,13 @@ def join(docs: list[Document], names: list[str]) -> str:
     return "\n".join(by_name[n].text for n in names)
 
 
+def held_out_text(docs: list[Document], names: list[str]) -> str:
+    """The characters the held-out figures are measured on: the documents' own, end to end, with no
+    separator between them (the static, adaptive and PPMd figures all cover exactly these)."""
+    by_name = {d.name: d for d in docs}
+    return "".join(by_name[n].text for n in names)
+
+
 def passage_sampler(
     docs: list[Document], labelled: list[Document] | None, cfg: ClassifierTrainConfig
 ) -> tuple[dict[str, str], Sampler]:
@@ -302,12 +309,16 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
     lm_seconds = time.monotonic() - started
     print("evaluating the LM on the held-out documents ...")
     encode = lambda text: torch.tensor(vocab.encode(text), dtype=torch.long)  # noqa: E731
-    test_bpc = evaluate_bpc(lm, encode(test_text), vocab.bos_id, EVAL_SEGMENT)
+    by_name = {d.name: d for d in docs}
+    # The static, adaptive and PPMd figures cover the same characters: the test documents' own, without the
+    # newlines that join them into one text (adaptive scoring reads each document whole, on its own).
+    test_documents = [encode(by_name[n].text) for n in split.test]
+    test_ids = torch.cat(test_documents)
+    test_bpc = evaluate_bpc(lm, test_ids, vocab.bos_id, EVAL_SEGMENT)
     val_bpc = evaluate_bpc(lm, encode(val_text), vocab.bos_id, EVAL_SEGMENT)
     print("PPMd baseline ...")
-    ppmd = ppmd_conditional_bpc(train_text, test_text)
+    ppmd = ppmd_conditional_bpc(train_text, held_out_text(docs, split.test))
     print(f"test: LSTM {test_bpc:.3f} bpc, PPMd {ppmd['bpc']:.3f} bpc (order {ppmd['order']})")
-    by_name = {d.name: d for d in docs}
     print("tuning dynamic evaluation on the validation documents ...")
     adapt_started = time.monotonic()
     adapt, adapt_trials = tune_adaptation(
@@ -317,7 +328,6 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
         list(args.adapt_lrs),
         list(args.adapt_segments),
     )
-    test_documents = [encode(by_name[n].text) for n in split.test]
     adapt_seconds = time.monotonic() - adapt_started
     test_started = time.monotonic()
     adaptive_bpc = adapted_bpc(lm, test_documents, vocab.bos_id, adapt) if adapt.lr > 0 else None
@@ -339,7 +349,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
         "lm": {
             "test_bpc": test_bpc,
             "val_bpc": val_bpc,
-            "test_chars": len(test_text),
+            "test_chars": len(test_ids),
             "val_chars": len(val_text),
             "eval_segment_chars": EVAL_SEGMENT,
             "ppmd": ppmd,
