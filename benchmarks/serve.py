@@ -41,7 +41,7 @@ import torch
 from benchmarks.servers import start_gunicorn, stop
 from seqmodels.artifacts import load_artifacts
 from service.batching import DecodeBatch, GenerationRequest, Job
-from service.engine import Engine
+from service.engine import Engine, EngineOptions
 from service.sampling import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
@@ -358,7 +358,7 @@ def in_process(seconds: float) -> dict[str, Any]:
     torch.set_num_threads(1)
     models = load_artifacts(ARTIFACTS)
     lm, vocab = models.lm, models.vocab
-    engine = Engine(models, batching=False)
+    engine = Engine(models, EngineOptions(batching=False))
     steps = 400
     generator = torch.Generator().manual_seed(0)
 

@@ -6,7 +6,6 @@ Each public method follows the handler shape: preprocess (text -> ids), inferenc
 
 from __future__ import annotations
 
-import array
 import math
 import threading
 from collections.abc import Callable, Generator, Sequence
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from seqmodels.artifacts import LoadedModels, load_artifacts
-from seqmodels.networks import LN2, LSTMState
+from seqmodels.networks import LN2
 from service.batching import (
     DecodeBatch,
     Delta,
@@ -28,20 +27,23 @@ from service.batching import (
     StopMatcher,
     TokenScore,
     merge_deltas,
-    top_alternatives,
 )
 from service.kernels import FusedStep
-from service.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
+from service.prefix_cache import PrefixCache
+from service.scoring import Scorer, TextScore, text_score
+from service.settings import Settings
 
 __all__ = [
     "AdaptationUnavailable",
     "ClassifierUnavailable",
     "Delta",
     "Engine",
+    "EngineOptions",
     "GenerationRequest",
     "PrefixCache",
     "SessionState",
     "StopMatcher",
+    "TextScore",
     "TokenScore",
 ]
 
@@ -59,39 +61,12 @@ class NextToken:
     entropy_bits: float
 
 
-@dataclass
-class TextScore:
-    text: str
-    n_chars: int
-    logprob: float
-    bits_per_char: float
-    perplexity: float
-    tokens: list[TokenScore]
-
-
 class AdaptationUnavailable(Exception):
     """`adapt` was asked of an artifact that carries no dynamic-evaluation settings."""
 
 
 class ClassifierUnavailable(Exception):
     """Classification was asked of an artifact trained without a classifier."""
-
-
-def text_score(
-    text: str, values: list[float], alternatives: Sequence[dict[str, float]], include_tokens: bool
-) -> TextScore:
-    """Totals from per-character natural-log probabilities; the total is their exact (fsum) sum."""
-    total = math.fsum(values)
-    n = len(text)
-    tokens = [TokenScore(ch, lp, alt or None) for ch, lp, alt in zip(text, values, alternatives, strict=True)]
-    return TextScore(
-        text=text,
-        n_chars=n,
-        logprob=total,
-        bits_per_char=-total / n / LN2,
-        perplexity=math.exp(-total / n),
-        tokens=tokens if include_tokens else [],
-    )
 
 
 @dataclass
@@ -110,57 +85,76 @@ class Generation:
         return sum(c.completion_tokens for c in self.choices)
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine runs, in one object (`from_settings` reads them from the service's Settings)."""
+
+    batching: bool = True  # share a scheduler that steps every request's sequences together; False: each alone
+    max_batch_rows: int = 64  # sequences decoded together; later jobs wait for rows to free up
+    dtype: torch.dtype = torch.float32  # the weights' precision in every pass (see service.kernels)
+    scoring_slots: int = 1  # score and classify calls running at once (one per torch thread)
+    batch_gather_seconds: float = 0.005  # an idle scheduler with concurrent clients waits this long for prompts
+    stream_interval_seconds: float = 0.005  # after a stream's first piece, it takes what accumulated this often
+    prefill_chunk: int = 0  # > 0: long prompts are encoded this many characters per step, between decode steps
+
+    @classmethod
+    def from_settings(cls, settings: Settings, dtype: torch.dtype) -> EngineOptions:
+        return cls(
+            batching=settings.batching,
+            max_batch_rows=settings.max_batch_rows,
+            dtype=dtype,
+            scoring_slots=settings.torch_threads,
+            batch_gather_seconds=settings.batch_gather_ms / 1000,
+            stream_interval_seconds=settings.stream_interval_ms / 1000,
+            prefill_chunk=settings.prefill_chunk_chars,
+        )
+
+
 class Engine:
     def __init__(
         self,
         models: LoadedModels,
+        options: EngineOptions = EngineOptions(),
+        prefix_cache: PrefixCache | None = None,
         on_generated: Callable[[int], None] | None = None,
         on_prefill: Callable[[int], None] | None = None,
-        batching: bool = True,
-        max_batch_rows: int = 64,
-        dtype: torch.dtype = torch.float32,
-        scoring_slots: int = 1,
-        batch_gather_seconds: float = 0.005,
-        stream_interval_seconds: float = 0.005,
-        prefix_cache: PrefixCache | None = None,
-        prefill_chunk: int = 0,
     ) -> None:
-        """`on_generated(k)` is called after every generation step with the k characters it produced,
+        """`prefix_cache` keeps the states after prompt prefixes for generation, next-token and score (None:
+        off). `on_generated(k)` is called after every generation step with the k characters it produced,
         and `on_prefill(k)` after every batch of k prompts is encoded.
 
-        `prefix_cache` keeps the states after prompt prefixes for generation, next-token and score (None:
-        off). `prefill_chunk` > 0 encodes long prompts that many characters per step, between decode steps.
-        `dtype` is the weights' precision in every pass: prompts, scoring (adaptive scoring too, under
-        autocast) and the decode step.
-
-        With `batching`, next-token and generation requests of this process share a background
-        scheduler that steps all their sequences together; without it, each request computes alone
-        on its own thread (the same arithmetic, batch by batch).
+        With `options.batching`, next-token and generation requests of this process share a background
+        scheduler that steps all their sequences together; without it, each request computes alone on its
+        own thread (the same arithmetic, batch by batch).
         """
         self.models = models
+        self.options = options
         self.on_generated = on_generated
         self.on_prefill = on_prefill
         self.lm = models.lm
         self.vocab = models.vocab
         self.classifier = models.classifier
         self.labels = models.labels
-        self.kernel = FusedStep(self.lm, dtype)
-        self.dtype = dtype
+        self.kernel = FusedStep(self.lm, options.dtype)
+        self.dtype = options.dtype
         self.prefix_cache = prefix_cache
-        self.prefill_chunk = prefill_chunk
+        self.scorer = Scorer(self.kernel, self.vocab, prefix_cache)
+        self.prefill_chunk = options.prefill_chunk
         self.scheduler = (
-            Scheduler(self.new_batch, max_batch_rows, batch_gather_seconds, stream_interval_seconds)
-            if batching
+            Scheduler(
+                self.new_batch, options.max_batch_rows, options.batch_gather_seconds, options.stream_interval_seconds
+            )
+            if options.batching
             else None
         )
         # Scoring and classification run on the request's own thread, one whole batch per call. More
         # of them at once than the worker has torch threads only adds activation memory (about
         # 100 MB for 16 texts of 200 characters), so they take turns for these slots.
-        self._scoring_slots = threading.BoundedSemaphore(scoring_slots)
+        self._scoring_slots = threading.BoundedSemaphore(options.scoring_slots)
 
     @classmethod
-    def from_dir(cls, artifacts_dir: Path | str, **options: Any) -> Engine:
-        return cls(load_artifacts(artifacts_dir), **options)
+    def from_dir(cls, artifacts_dir: Path | str, options: EngineOptions = EngineOptions()) -> Engine:
+        return cls(load_artifacts(artifacts_dir), options)
 
     def new_batch(self) -> DecodeBatch:
         return DecodeBatch(
@@ -230,42 +224,13 @@ class Engine:
         with self._scoring_slots:
             if adapt:
                 return self._adapted_score(texts, include_tokens, deadline)
-            return self._score(texts, include_tokens, top_logprobs)
+            return self.scorer.score(texts, include_tokens, top_logprobs)
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
         if self.classifier is None:
             raise ClassifierUnavailable("this model was trained without a classifier")
         with self._scoring_slots:
             return self._classify(texts)
-
-    @torch.inference_mode()
-    def _score(self, texts: Sequence[str], include_tokens: bool, top_logprobs: int) -> list[TextScore]:
-        """Log-probability of every character given all before it, the first from the start state.
-
-        The texts run as one right-padded batch; per-token values are float64 and the total
-        is their sum, so the two always agree.
-        """
-        ids = [self.vocab.encode(t) for t in texts]
-        # A row starts after its longest cached prefix (cached prefixes keep no alternatives).
-        cached = self._scored_prefixes(ids, use=not (include_tokens and top_logprobs))
-        skip = [0 if hit is None else hit.length for _, hit in cached]
-        length = max(len(seq) - k for seq, k in zip(ids, skip, strict=True))
-        inputs = torch.zeros((len(ids), length), dtype=torch.long)
-        targets = torch.zeros((len(ids), length), dtype=torch.long)
-        for row, (seq, k) in enumerate(zip(ids, skip, strict=True)):
-            inputs[row, : len(seq) - k] = torch.tensor([self.vocab.bos_id, *seq[:-1]][k:], dtype=torch.long)
-            targets[row, : len(seq) - k] = torch.tensor(seq[k:], dtype=torch.long)
-        logits, states = self._run_scored(inputs, [hit for _, hit in cached], any(keys for keys, _ in cached))
-        logprobs = torch.log_softmax(logits.double(), dim=-1)
-        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        results = []
-        for row, text in enumerate(texts):
-            values = self._prefix_values(cached[row][1], ids[row]) + picked[row, : len(text) - skip[row]].tolist()
-            self._cache_scored(cached[row][0], skip[row], values, logits[row], states, row)
-            wanted = [top_logprobs if include_tokens else 0] * len(text)
-            alternatives = top_alternatives(logprobs[row, : len(text)], wanted, self.vocab.chars)
-            results.append(text_score(text, values, alternatives, include_tokens))
-        return results
 
     def _adapted_score(self, texts: Sequence[str], include_tokens: bool, deadline: float | None) -> list[TextScore]:
         """Each text on its own fresh copy of the weights: what one text teaches does not reach another."""
@@ -278,80 +243,6 @@ class Engine:
             ).tolist()
             results.append(text_score(text, values, [{}] * len(text), include_tokens))
         return results
-
-    # The prefix cache on /v1/score: a row's keys are those of its inputs (the start symbol, then every
-    # character but the last) at the checkpoints only, so that every row runs from a checkpoint and
-    # meets its next ones at multiples of CHECKPOINT steps: the LSTM runs in pieces of CHECKPOINT
-    # steps, and the state after each is cached with the log-probabilities of the characters before.
-
-    def _scored_prefixes(self, ids: list[list[int]], use: bool) -> list[tuple[PrefixKeys | None, CachedState | None]]:
-        """Per text: the keys of its inputs (when it reaches a checkpoint), and the longest cached
-        checkpoint that has log-probabilities."""
-        out: list[tuple[PrefixKeys | None, CachedState | None]] = []
-        for seq in ids:
-            if self.prefix_cache is None or not use or len(seq) < CHECKPOINT:
-                out.append((None, None))
-                continue
-            keys = PrefixKeys([self.vocab.bos_id, *seq[:-1]])
-            out.append((keys, self.prefix_cache.lookup(keys, scored=True)))
-        return out
-
-    def _run_scored(
-        self, inputs: torch.Tensor, cached: list[CachedState | None], store: bool
-    ) -> tuple[torch.Tensor, dict[int, LSTMState]]:
-        """Logits (B, T, V) of right-padded `inputs`, each row from its cached state or the zero state, and
-        (to `store` them) the states after every CHECKPOINT steps."""
-        state = None
-        if any(hit is not None for hit in cached):
-            h, c = self.lm.zero_state(len(cached))
-            for row, hit in enumerate(cached):
-                if hit is not None:
-                    h[:, row], c[:, row] = hit.h, hit.c
-            state = (h, c)
-        length = inputs.size(1)
-        if not length:  # every text was cached whole
-            return torch.empty(len(cached), 0, self.vocab.size), {}
-        if not store or length < CHECKPOINT:
-            logits, _ = self.kernel.sequence(inputs, state)
-            return logits, {}
-        pieces, states = [], {}
-        for begin in range(0, length, CHECKPOINT):
-            piece, state = self.kernel.sequence(inputs[:, begin : begin + CHECKPOINT], state)
-            pieces.append(piece)
-            states[begin + CHECKPOINT] = state
-        return torch.cat(pieces, dim=1), states
-
-    def _prefix_values(self, hit: CachedState | None, seq: list[int]) -> list[float]:
-        """The log-probabilities of the characters a cached prefix accounts for: its own, and the one its
-        logits predict."""
-        if hit is None:
-            return []
-        assert hit.logprobs is not None
-        return [*hit.logprobs, float(torch.log_softmax(hit.logits.double(), dim=-1)[seq[hit.length - 1]])]
-
-    def _cache_scored(
-        self,
-        keys: PrefixKeys | None,
-        skip: int,
-        values: list[float],
-        logits: torch.Tensor,
-        states: dict[int, LSTMState],
-        row: int,
-    ) -> None:
-        """Cache the row's states at the checkpoints it ran through (`logits` (T, V) is the row's)."""
-        if keys is None or self.prefix_cache is None:
-            return
-        for steps, (h, c) in states.items():
-            length = skip + steps
-            if length % CHECKPOINT == 0 and length <= len(values):
-                entry = CachedState(
-                    length,
-                    h[:, row].clone(),
-                    c[:, row].clone(),
-                    logits[steps - 1].clone(),
-                    array.array("d", values[: length - 1]),
-                )
-                self.prefix_cache.put(keys, entry)
 
     @torch.inference_mode()
     def _classify(self, texts: Sequence[str]) -> list[Classification]:

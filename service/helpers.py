@@ -19,7 +19,7 @@ from flask import Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
 from seqmodels.artifacts import LoadedModels
-from service.engine import Engine, PrefixCache, SessionState
+from service.engine import Engine, EngineOptions, PrefixCache, SessionState
 from service.kernels import choose_precision
 from service.metrics import (
     MODEL_REQUESTS,
@@ -76,14 +76,7 @@ class ModelRegistry:
         cache_bytes = int(self.settings.prefix_cache_mb * 2**20)
         return Engine(
             models,
-            on_generated=decode_step_recorder(model_id),
-            on_prefill=PREFILL_BATCH_PROMPTS.observe,
-            batching=self.settings.batching,
-            max_batch_rows=self.settings.max_batch_rows,
-            dtype=self.dtype,
-            scoring_slots=self.settings.torch_threads,
-            batch_gather_seconds=self.settings.batch_gather_ms / 1000,
-            stream_interval_seconds=self.settings.stream_interval_ms / 1000,
+            EngineOptions.from_settings(self.settings, self.dtype),
             prefix_cache=PrefixCache(
                 cache_bytes,
                 cache_lookup_recorder(model_id),
@@ -93,7 +86,8 @@ class ModelRegistry:
             )
             if cache_bytes > 0
             else None,
-            prefill_chunk=self.settings.prefill_chunk_chars,
+            on_generated=decode_step_recorder(model_id),
+            on_prefill=PREFILL_BATCH_PROMPTS.observe,
         )
 
     def _add_session_codec(self, mv: ModelVersion) -> None:

@@ -17,7 +17,7 @@ from benchmarks.precision import heldout_bpc
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from seqmodels.networks import CharLSTM, LMConfig
 from service.batching import DecodeBatch, Delta, GenerationRequest, TokenScore, merge_deltas
-from service.engine import Engine, Generation
+from service.engine import Engine, EngineOptions, Generation
 from service.kernels import FusedStep, PackedLinear
 from service.sampling import SamplingParams
 from service.streaming import sse_response
@@ -33,12 +33,12 @@ def models(tiny_artifacts: Path) -> LoadedModels:
 
 @pytest.fixture()
 def batched(models: LoadedModels) -> Engine:
-    return Engine(models, batching=True, max_batch_rows=64)
+    return Engine(models, EngineOptions(batching=True, max_batch_rows=64))
 
 
 @pytest.fixture(scope="module")
 def alone(models: LoadedModels) -> Engine:
-    return Engine(models, batching=False)
+    return Engine(models, EngineOptions(batching=False))
 
 
 REQUESTS = [
@@ -151,8 +151,8 @@ def test_batched_output_equals_unbatched_output(batched: Engine, alone: Engine) 
 
 
 def test_bfloat16_steps_batched_equal_unbatched(models: LoadedModels) -> None:
-    half_batched = Engine(models, batching=True, dtype=torch.bfloat16)
-    half_alone = Engine(models, batching=False, dtype=torch.bfloat16)
+    half_batched = Engine(models, EngineOptions(batching=True, dtype=torch.bfloat16))
+    half_alone = Engine(models, EngineOptions(batching=False, dtype=torch.bfloat16))
     together = run_concurrently(half_batched, REQUESTS)
     for req, shared in zip(REQUESTS, together, strict=True):
         assert [c.text for c in shared.choices] == [c.text for c in half_alone.generate(req).choices]
@@ -203,7 +203,7 @@ def test_a_cancelled_sequence_leaves_the_batch(batched: Engine) -> None:
 
 
 def test_jobs_beyond_the_row_cap_wait_their_turn(models: LoadedModels, alone: Engine) -> None:
-    small = Engine(models, batching=True, max_batch_rows=3)
+    small = Engine(models, EngineOptions(batching=True, max_batch_rows=3))
     together = run_concurrently(small, REQUESTS)
     assert small.scheduler is not None and small.scheduler.max_batch_seen == 4  # one job of n=4 always fits alone
     for req, shared in zip(REQUESTS, together, strict=True):
@@ -229,7 +229,7 @@ class FailsOnce:
 
 
 def test_a_failing_step_fails_its_requests_not_the_scheduler(models: LoadedModels) -> None:
-    engine = Engine(models, batching=True)
+    engine = Engine(models, EngineOptions(batching=True))
     engine.kernel = FailsOnce(engine.kernel)  # type: ignore[assignment]
     with pytest.raises(RuntimeError, match="injected"):
         engine.generate(GenerationRequest("a", 10, seed=1))
@@ -246,7 +246,7 @@ def test_the_stream_interval_waits_after_the_first_piece_and_keeps_the_text(
     texts: dict[float, list[str]] = {}
     for interval in (0.0, 0.05):
         events.clear()
-        engine = Engine(models, batching=True, stream_interval_seconds=interval)
+        engine = Engine(models, EngineOptions(batching=True, stream_interval_seconds=interval))
         texts[interval] = []
         for delta in engine.stream(req):
             texts[interval].append(delta.text)
@@ -284,7 +284,7 @@ def test_generation_requests_need_at_least_one_choice_and_token() -> None:
 
 
 def test_a_job_that_waited_past_its_deadline_ends_with_deadline(models: LoadedModels) -> None:
-    engine = Engine(models, batching=True, max_batch_rows=1)
+    engine = Engine(models, EngineOptions(batching=True, max_batch_rows=1))
     hog = engine.stream(GenerationRequest("a", 1_000_000, seed=1))
     next(hog)  # the only row is taken
     late = GenerationRequest("b", 50, seed=2, n=2, deadline=time.monotonic() + 0.05)
@@ -294,7 +294,7 @@ def test_a_job_that_waited_past_its_deadline_ends_with_deadline(models: LoadedMo
 
 
 def test_a_batch_that_cannot_be_built_fails_its_requests_not_the_scheduler(models: LoadedModels) -> None:
-    engine = Engine(models, batching=True)
+    engine = Engine(models, EngineOptions(batching=True))
     real = engine.new_batch
     calls = {"n": 0}
 
@@ -332,7 +332,7 @@ def test_fused_kernel_reproduces_the_training_evaluation(models: LoadedModels) -
 
 
 def test_concurrent_prompts_are_encoded_together(models: LoadedModels) -> None:
-    engine = Engine(models, batching=True)
+    engine = Engine(models, EngineOptions(batching=True))
     start = threading.Barrier(8)
 
     def client(i: int) -> None:

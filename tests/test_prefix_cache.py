@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from service.batching import GenerationRequest, Job
-from service.engine import Engine, Generation, TextScore
+from service.engine import Engine, EngineOptions, Generation, TextScore
 from service.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
 from service.sampling import SamplingParams
 from tests.test_batching import run_concurrently
@@ -32,11 +32,11 @@ def models(tiny_artifacts: Path) -> LoadedModels:
 @pytest.fixture(scope="module")
 def plain(models: LoadedModels) -> Engine:
     """No cache, no chunks, no batching: today's arithmetic."""
-    return Engine(models, batching=False)
+    return Engine(models, EngineOptions(batching=False))
 
 
 def cached_engine(models: LoadedModels, max_bytes: int = 1 << 20, chunk: int = 0, batching: bool = True) -> Engine:
-    return Engine(models, batching=batching, prefix_cache=PrefixCache(max_bytes), prefill_chunk=chunk)
+    return Engine(models, EngineOptions(batching=batching, prefill_chunk=chunk), prefix_cache=PrefixCache(max_bytes))
 
 
 def requests_for(prompts: list[str]) -> list[GenerationRequest]:
@@ -227,7 +227,7 @@ def test_concurrent_generation_next_token_and_score_share_the_cache(models: Load
 
 def test_chunked_prefill_equals_whole_prefill(models: LoadedModels, plain: Engine) -> None:
     for chunk in (1, 7, 64):
-        engine = Engine(models, batching=True, prefill_chunk=chunk)
+        engine = Engine(models, EngineOptions(batching=True, prefill_chunk=chunk))
         reqs = requests_for(PROMPTS)
         assert_same_generations(run_concurrently(engine, reqs), [plain.generate(r) for r in reqs])
 
@@ -243,7 +243,7 @@ def test_a_long_prompt_is_encoded_between_the_steps_of_running_streams(models: L
         assert engine.scheduler is not None
         steps_at_prefill.append(engine.scheduler.steps)
 
-    engine = Engine(models, batching=True, prefill_chunk=chunk, on_prefill=note_prefill)
+    engine = Engine(models, EngineOptions(batching=True, prefill_chunk=chunk), on_prefill=note_prefill)
     running = engine.stream(GenerationRequest("a", 1_000_000, seed=1))
     next(running)
     assert engine.scheduler is not None

@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 from seqmodels.artifacts import load_artifacts
 from service.app import create_app
 from service.batching import GenerationRequest, SessionState
-from service.engine import Engine
+from service.engine import Engine, EngineOptions
 from service.sampling import SamplingParams
 from service.sessions import SessionCodec, SessionError, principal_of
 from service.settings import Settings
@@ -58,7 +58,7 @@ def test_a_handle_carries_the_exact_state_and_nothing_else_opens_it() -> None:
 
 def test_a_continued_session_equals_generating_from_the_full_text(tiny_artifacts: Path) -> None:
     """In the engine, with log-probabilities: the state and the pending character carry everything."""
-    engine = Engine(load_artifacts(tiny_artifacts), batching=True)
+    engine = Engine(load_artifacts(tiny_artifacts), EngineOptions(batching=True))
     params = SamplingParams(temperature=0.9)
     first = engine.generate(GenerationRequest("To be, or not", 20, params, seed=3, n=2, keep_session=True))
     for choice in first.choices:

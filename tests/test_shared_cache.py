@@ -13,7 +13,7 @@ import torch
 from benchmarks.servers import metric_total
 from benchmarks.slow_clients import exchange
 from seqmodels.artifacts import LoadedModels, load_artifacts
-from service.engine import Engine
+from service.engine import Engine, EngineOptions
 from service.prefix_cache import CHECKPOINT, PrefixCache, PrefixKeys
 from service.shared_cache import WAYS, SharedStates
 from tests.conftest import gunicorn_server
@@ -34,13 +34,13 @@ def shapes(models: LoadedModels) -> tuple[torch.Size, torch.Size, torch.Size]:
 def worker(models: LoadedModels, table: Path) -> Engine:
     """An engine as a gunicorn worker has it: its own cache, and the shared table at `table`."""
     shared = SharedStates(table, 1 << 20, shapes(models))
-    return Engine(models, batching=False, prefix_cache=PrefixCache(1 << 20, shared=shared))
+    return Engine(models, EngineOptions(batching=False), prefix_cache=PrefixCache(1 << 20, shared=shared))
 
 
 def test_a_prompt_encoded_by_one_worker_is_found_by_another(models: LoadedModels, tmp_path: Path) -> None:
     table = tmp_path / "states"
     first, second = worker(models, table), worker(models, table)
-    plain = Engine(models, batching=False)
+    plain = Engine(models, EngineOptions(batching=False))
     expected = plain.next_token(PROMPT, 5)
     assert first.next_token(PROMPT, 5) == expected
     assert second.next_token(PROMPT, 5) == expected  # found in the shared table, not encoded again
@@ -56,7 +56,7 @@ def test_a_longer_prompt_starts_from_the_last_shared_checkpoint(models: LoadedMo
     ended (each worker's own cache indexes those), so a longer prompt resumes at its last checkpoint."""
     table = tmp_path / "states"
     first, second = worker(models, table), worker(models, table)
-    plain = Engine(models, batching=False)
+    plain = Engine(models, EngineOptions(batching=False))
     first.next_token(PROMPT, 5)
     longer = PROMPT + " ROMEO. Hark!"
     assert second.next_token(longer, 5) == plain.next_token(longer, 5)
