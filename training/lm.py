@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from seqmodels.networks import LN2, AdaptConfig, CharLSTM, LMConfig, Vocab, bfloat16_units
+from seqmodels.networks import LN2, AdaptConfig, CharLSTM, LMConfig, LSTMState, Vocab, bfloat16_units
 from training import checkpoint
 from training.checkpoint import Checkpointing, Preempted, Snapshot, run_identity
 from training.distributed import Cluster, from_main, sum_over_processes
@@ -204,6 +204,136 @@ def _copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in weights.items()}
 
 
+@dataclass
+class _Loop:
+    """What the training loop carries from step to step, and a checkpoint saves."""
+
+    model: CharLSTM
+    optimizer: torch.optim.AdamW
+    generator: torch.Generator  # draws the streams' windows and resets
+    state: LSTMState  # this process's rows of the carried LSTM state
+    best: dict[str, torch.Tensor]  # the weights of the best validation pass so far
+    average: dict[str, torch.Tensor] | None = None  # the running average of the weights, once started
+    history: LMHistory = field(default_factory=LMHistory)
+    step: int = 0  # optimizer steps taken
+    since_best: int = 0  # validation passes without improvement
+    seconds: float = 0.0  # training seconds so far, by rank 0's clock (shared after every step)
+    finished: bool = False  # the loop had ended: a resumed run goes straight to the rest
+
+    def snapshot(self, done: bool, cluster: Cluster, device: torch.device) -> Snapshot:
+        return Snapshot(
+            step=self.step,
+            finished=done,
+            since_best=self.since_best,
+            seconds=self.seconds,
+            history=asdict(self.history),
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            average=self.average,
+            best=self.best,
+            generator=self.generator.get_state(),
+            carried=(self.state[0].detach().float(), self.state[1].detach().float()),
+            rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            world_size=cluster.world_size,
+        )
+
+    def restore(self, snap: Snapshot, cluster: Cluster, seed: int, device: torch.device) -> None:
+        """Continue from a checkpoint, possibly written by another number of processes."""
+        self.model.load_state_dict(snap.model)
+        self.optimizer.load_state_dict(snap.optimizer)
+        self.average = {k: v.to(device) for k, v in snap.average.items()} if snap.average is not None else None
+        self.best = {k: v.to(device) for k, v in snap.best.items()}
+        self.generator.set_state(snap.generator)
+        self.state = (snap.carried[0].to(device), snap.carried[1].to(device))
+        if snap.rng is not None:
+            torch.set_rng_state(snap.rng)
+            if snap.cuda_rng is not None and device.type == "cuda":
+                torch.cuda.set_rng_state(snap.cuda_rng, device)
+        else:  # another number of processes: the old generators do not map onto the new ones
+            torch.manual_seed(seed + cluster.rank + 7919 * snap.step)
+        self.history = LMHistory(**snap.history)
+        self.step, self.since_best, self.seconds, self.finished = (
+            snap.step,
+            snap.since_best,
+            snap.seconds,
+            snap.finished,
+        )
+        self.history.resumed_from.append(self.step)
+
+
+def _validate(loop: _Loop, val_ids: torch.Tensor, bos: int) -> tuple[float, str]:
+    """Rank 0's validation pass: the current weights and, once kept, their running average; the better one
+    goes into the history, and becomes the best weights when it beats every earlier pass."""
+    model = loop.model
+    current = _copy(model.state_dict())
+    candidates = [(evaluate_bpc(model, val_ids, bos, segment_len=2048, batch=64), "weights", current)]
+    if loop.average is not None:
+        model.load_state_dict(loop.average)
+        candidates.append((evaluate_bpc(model, val_ids, bos, 2048, 64), "average", loop.average))
+        model.load_state_dict(current)
+    val_bpc, kind, weights = min(candidates, key=lambda c: c[0])
+    history = loop.history
+    history.val_steps.append(loop.step)
+    history.val_bpc.append(val_bpc)
+    if val_bpc < history.best_val_bpc:
+        history.best_val_bpc, history.best_step, history.best_kind = val_bpc, loop.step, kind
+        loop.since_best = 0
+        loop.best = current if kind == "weights" else _copy(weights)  # the average goes on changing
+    else:
+        loop.since_best += 1
+    return val_bpc, kind
+
+
+def _start(
+    train_text: str, cfg: LMTrainConfig, seed: int, device: torch.device, cluster: Cluster, rows: slice
+) -> tuple[_Loop, Vocab]:
+    """The vocabulary, and the loop's start: the same initial weights in every process, dropout of its own."""
+    torch.manual_seed(seed)
+    vocab = Vocab.from_text(train_text, cfg.min_count)
+    model = CharLSTM(replace(cfg.model, vocab_size=vocab.size)).to(device)
+    if cluster.rank:
+        torch.manual_seed(seed + cluster.rank)
+    loop = _Loop(
+        model=model,
+        optimizer=make_optimizer(model, cfg),
+        generator=torch.Generator().manual_seed(seed),
+        state=model.zero_state(rows.stop - rows.start, device),
+        best=_copy(model.state_dict()),
+    )
+    return loop, vocab
+
+
+def _optimizer_step(
+    loop: _Loop,
+    net: torch.nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    lr: float,
+    grad_clip: float,
+    bfloat16: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """One step on a batch (inputs, targets, which streams restart): the carried state is cut where a stream
+    restarts, the loss backpropagated through the window, the weights updated. Returns the loss."""
+    inputs, targets, reset = batch
+    keep = (~reset).to(device, torch.float32)[None, :, None]
+    loop.state = (loop.state[0].detach().float() * keep, loop.state[1].detach().float() * keep)
+    for group in loop.optimizer.param_groups:
+        group["lr"] = lr
+    # Master weights, the optimizer and the loss stay float32; only the matmuls run in bfloat16.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
+        _, loss, loop.state = net(
+            inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), loop.state
+        )
+    assert loss is not None
+    loop.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(loop.model.parameters(), grad_clip)
+    loop.optimizer.step()
+    loop.step += 1
+    return loss
+
+
 def train_lm(
     train_text: str,
     val_text: str,
@@ -222,173 +352,90 @@ def train_lm(
     """
     cluster = cluster or Cluster()
     rows = cluster.rows(cfg.batch_size)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    vocab = Vocab.from_text(train_text, cfg.min_count)
-    cfg.model.vocab_size = vocab.size
-    model = CharLSTM(cfg.model).to(device)  # the same initial weights in every process
-    if cluster.rank:
-        torch.manual_seed(seed + cluster.rank)  # but dropout masks of its own
-    optimizer = make_optimizer(model, cfg)
+    loop, vocab = _start(train_text, cfg, seed, device, cluster, rows)
+    model = loop.model
     train_ids = torch.tensor(vocab.encode(train_text), dtype=torch.long)
     val_sample = val_text[: cfg.eval_chars]
     val_ids = torch.tensor(vocab.encode(val_sample), dtype=torch.long)
-
-    history = LMHistory()
-    bfloat16 = use_bfloat16(cfg.autocast, device)
-    best_state = _copy(model.state_dict())
-    average: dict[str, torch.Tensor] | None = None
-    state = model.zero_state(rows.stop - rows.start, device)
-    since_best, first_step, seconds_before, finished = 0, 0, 0.0, False
     identity = run_identity(asdict(cfg), seed, train_text, val_sample) if checkpointing is not None else {}
     resume_from = checkpoint.to_continue(checkpointing) if checkpointing is not None else None
     if resume_from is not None:
         snap = checkpoint.load(resume_from, cluster, rows, identity)
-        model.load_state_dict(snap.model)
-        optimizer.load_state_dict(snap.optimizer)
-        average = {k: v.to(device) for k, v in snap.average.items()} if snap.average is not None else None
-        best_state = {k: v.to(device) for k, v in snap.best.items()}
-        generator.set_state(snap.generator)
-        state = (snap.carried[0].to(device), snap.carried[1].to(device))
-        if snap.rng is not None:
-            torch.set_rng_state(snap.rng)
-            if snap.cuda_rng is not None and device.type == "cuda":
-                torch.cuda.set_rng_state(snap.cuda_rng, device)
-        else:  # another number of processes: the old generators do not map onto the new ones
-            torch.manual_seed(seed + cluster.rank + 7919 * snap.step)
-        history = LMHistory(**snap.history)
-        first_step, since_best, seconds_before, finished = snap.step, snap.since_best, snap.seconds, snap.finished
-        history.resumed_from.append(first_step)
+        loop.restore(snap, cluster, seed, device)
         if cluster.main:
-            done = "its LM training had finished" if finished else f"continuing at step {first_step + 1}"
+            done = "its LM training had finished" if loop.finished else f"continuing at step {loop.step + 1}"
             if snap.world_size != cluster.world_size:
                 done += f" (it was written by {snap.world_size} processes: state regathered, dropout reseeded)"
             print(f"resuming from {resume_from}: {done}", flush=True)
-    history.bfloat16_autocast = bfloat16
+    history = loop.history
+    history.bfloat16_autocast = bfloat16 = use_bfloat16(cfg.autocast, device)
     net: torch.nn.Module = model
     if cluster.distributed:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    batches = stream_batches(train_ids, cfg, vocab.bos_id, generator, rows, first_step)
+    batches = stream_batches(train_ids, cfg, vocab.bos_id, loop.generator, rows, loop.step)
     budget = cfg.max_minutes * 60.0
-    started = time.monotonic()
-    seconds = seconds_before  # training seconds so far, by rank 0's clock (shared after every step)
-    saved_at = seconds
+    started, seconds_before = time.monotonic(), loop.seconds
+    saved_at = loop.seconds
 
-    def snapshot(step: int, done: bool) -> Snapshot:
-        return Snapshot(
-            step=step,
-            finished=done,
-            since_best=since_best,
-            seconds=seconds,
-            history=asdict(history),
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            average=average,
-            best=best_state,
-            generator=generator.get_state(),
-            carried=(state[0].detach().float(), state[1].detach().float()),
-            rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            world_size=cluster.world_size,
-        )
-
-    def save(step: int, done: bool) -> Path:
+    def save(done: bool) -> Path:
         assert checkpointing is not None
-        path = checkpoint.save(checkpointing, cluster, snapshot(step, done), identity)
+        history.seconds = loop.seconds
+        path = checkpoint.save(checkpointing, cluster, loop.snapshot(done, cluster, device), identity)
         if cluster.main:
-            tqdm.write(f"checkpoint: step {step} saved in {path}")
+            tqdm.write(f"checkpoint: step {loop.step} saved in {path}")
         return path
 
-    steps = range(cfg.max_steps if finished else first_step, cfg.max_steps)
-    bar = tqdm(
-        steps,
-        desc="lm",
-        unit="step",
-        mininterval=2.0,
-        initial=first_step,
-        total=cfg.max_steps,
-        disable=not cluster.main,
-    )
+    steps = range(cfg.max_steps if loop.finished else loop.step, cfg.max_steps)
+    bar = tqdm(steps, desc="lm", unit="step", mininterval=2.0, initial=loop.step, total=cfg.max_steps,
+               disable=not cluster.main)  # fmt: skip
     with StopRequests(checkpointing is not None) as stop_requests, contextlib.closing(bar):
         for step in bar:
             stop_requests.check_interrupt()
-            inputs, targets, reset = next(batches)
-            keep = (~reset).to(device, torch.float32)[None, :, None]
-            state = (state[0].detach().float() * keep, state[1].detach().float() * keep)
-            elapsed = seconds / budget
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg, elapsed)
-            # Master weights, the optimizer and the loss stay float32; only the matmuls run in bfloat16.
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bfloat16):
-                _, loss, state = net(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True), state)
-            assert loss is not None
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            elapsed = loop.seconds / budget
+            loss = _optimizer_step(loop, net, next(batches), lr_at(step, cfg, elapsed), cfg.grad_clip, bfloat16, device)
             if cluster.main and max(step / cfg.max_steps, elapsed) >= cfg.ema_start:
-                average = update_average(average, model, cfg.ema_decay)
+                loop.average = update_average(loop.average, model, cfg.ema_decay)
             # One exchange per step: the mean loss, rank 0's clock, and whether any process got SIGTERM.
             clock = seconds_before + time.monotonic() - started if cluster.main else 0.0
-            loss_sum, seconds, stops = sum_over_processes(
+            loss_sum, loop.seconds, stops = sum_over_processes(
                 cluster, device, [loss.item(), clock, float(stop_requests.requested)]
             )
-            loss_value = loss_sum / cluster.world_size
-
-            bpc = loss_value / LN2
-            history.steps.append(step + 1)
+            bpc = loss_sum / cluster.world_size / LN2
+            history.steps.append(loop.step)
             history.train_bpc.append(bpc)
-            bar.set_postfix(
-                loss=f"{loss_value:.3f}", bpc=f"{bpc:.3f}", val=f"{history.best_val_bpc:.3f}", refresh=False
-            )
+            bar.set_postfix(bpc=f"{bpc:.3f}", val=f"{history.best_val_bpc:.3f}", refresh=False)
 
-            last_step = step + 1 == cfg.max_steps
-            out_of_time = seconds / 60.0 >= cfg.max_minutes
+            last_step = loop.step == cfg.max_steps
+            out_of_time = loop.seconds / 60.0 >= cfg.max_minutes
             early_stop = False
-            if (step + 1) % cfg.eval_every == 0 or last_step or out_of_time:
+            if loop.step % cfg.eval_every == 0 or last_step or out_of_time:
                 if cluster.main:
-                    val_bpc = evaluate_bpc(model, val_ids, vocab.bos_id, segment_len=2048, batch=64)
-                    current = _copy(model.state_dict())
-                    candidates = [(val_bpc, "weights", current)]
-                    if average is not None:
-                        model.load_state_dict(average)
-                        candidates.append((evaluate_bpc(model, val_ids, vocab.bos_id, 2048, 64), "average", average))
-                        model.load_state_dict(current)
-                    val_bpc, kind, weights = min(candidates, key=lambda c: c[0])
-                    history.val_steps.append(step + 1)
-                    history.val_bpc.append(val_bpc)
-                    if val_bpc < history.best_val_bpc:
-                        history.best_val_bpc, history.best_step, since_best = val_bpc, step + 1, 0
-                        history.best_kind = kind
-                        best_state = current if kind == "weights" else _copy(weights)  # the average changes
-                    else:
-                        since_best += 1
-                    tqdm.write(f"step {step + 1}: train {bpc:.3f} bpc, validation {val_bpc:.3f} bpc ({kind})")
-                early_stop = from_main(cluster, device, since_best >= cfg.patience)
+                    val_bpc, kind = _validate(loop, val_ids, vocab.bos_id)
+                    tqdm.write(f"step {loop.step}: train {bpc:.3f} bpc, validation {val_bpc:.3f} bpc ({kind})")
+                early_stop = from_main(cluster, device, loop.since_best >= cfg.patience)
             if early_stop:
                 history.stopped_by = "early_stopping"
             elif out_of_time:
                 history.stopped_by = "time_budget"
             ending = early_stop or out_of_time or last_step
             if checkpointing is not None and stops > 0:
-                history.seconds = seconds
-                path = save(step + 1, ending)
+                path = save(ending)
                 raise Preempted(
-                    f"stopped by SIGTERM after step {step + 1} of {cfg.max_steps}; checkpoint in {path}. "
+                    f"stopped by SIGTERM after step {loop.step} of {cfg.max_steps}; checkpoint in {path}. "
                     "The same command with --resume continues the run; the previous artifacts are untouched"
                 )
             if ending:
                 break
-            if checkpointing is not None and seconds - saved_at >= checkpointing.minutes * 60.0:
-                history.seconds = seconds
-                save(step + 1, False)
-                saved_at = seconds
-    if not finished:
-        history.seconds = seconds_before + time.monotonic() - started  # the last validation pass included
+            if checkpointing is not None and loop.seconds - saved_at >= checkpointing.minutes * 60.0:
+                save(False)
+                saved_at = loop.seconds
+    if not loop.finished:
+        loop.seconds = seconds_before + time.monotonic() - started  # the last validation pass included
+        history.seconds = loop.seconds
         if checkpointing is not None:  # the rest of the run (evaluation, classifier) then needs no LM steps
-            save(history.steps[-1] if history.steps else 0, True)
+            save(True)
     if cluster.main:
-        model.load_state_dict(best_state)
+        model.load_state_dict(loop.best)
     model.eval()
     return model.cpu(), vocab, history
 
