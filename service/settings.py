@@ -70,10 +70,11 @@ class Settings(BaseSettings):
     )
     max_batch_rows: int = Field(64, ge=1, le=4096, description="sequences one worker decodes together")
     batch_gather_ms: float = Field(
-        5.0,
+        15.0,
         ge=0,
         le=100,
-        description="an idle worker with concurrent clients waits this long to encode prompts together",
+        description="an idle worker whose recent prompt batches held several prompts (concurrent clients) waits up "
+        "to this long for as many prompts, to encode them together; a lone client never waits",
     )
     stream_interval_ms: float = Field(
         5.0,
