@@ -26,15 +26,15 @@ def choose_precision(setting: str) -> tuple[torch.dtype, str]:
 class PackedLinear:
     """`x @ weight.T + bias` for an inference-only weight, prepacked once for oneDNN.
 
-    On this project's CPUs (AMD Zen), MKL's sgemm, which `torch.addmm` calls, costs about k
-    times as much for k rows as for one up to a few rows, so batching sequences would save
-    nothing. oneDNN's matmul on a weight reordered to its blocked layout costs the same for
-    1 to 4 rows and a fifth as much per row at 32, and each row's result does not depend on
-    the other rows. The two oneDNN ops are internal to PyTorch (its compiler uses them), so a
-    build without them, or one whose result disagrees with `addmm` on a probe, gets `addmm`.
+    MKL's sgemm, which `torch.addmm` calls, can cost nearly k times one row for k rows, so batching
+    sequences would save little; oneDNN's matmul on a weight reordered once to its blocked layout costs
+    far less per row as rows are added, and each row's result does not depend on the other rows
+    (`python -m benchmarks.matmul` measures both; docs/performance.md has the figures). The two oneDNN
+    ops are internal to PyTorch (its compiler uses them), so a build without them, or one whose result
+    disagrees with `addmm` on a probe, gets `addmm`.
     """
 
-    BATCH_HINT = 32  # rows oneDNN picks its blocking for; 8 to 64 measured alike, 1 was 2-3x slower above 1 row
+    BATCH_HINT = 32  # rows oneDNN picks its blocking for (the batch sizes continuous batching runs at)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> None:
         """`weight` (out, in) and `bias` (out,) in float32; `dtype` is that of the matmul: float32, or

@@ -114,10 +114,10 @@ class PrefixCache:
     """Thread-safe: the scheduler thread (generation, next-token) and request threads (score) share it.
 
     The states live in one preallocated slab, a slot per entry, copied in on `put` and out on `lookup`.
-    As thousands of separate 8 KiB tensors, evicted ones freed among the short-lived allocations of
-    prompt encoding, they fragmented the heap: a worker grew by 200 MiB over 4,000 prompts while the
-    cache held 16 MiB. The slab is one allocation of at most `max_bytes`, whose pages are touched as
-    slots fill.
+    As thousands of separate small tensors, evicted ones freed among the short-lived allocations of
+    prompt encoding, they fragmented the heap, so that a worker grew far past the cache's bound (see
+    docs/architecture.md). The slab is one allocation of at most `max_bytes`, whose pages are touched
+    as slots fill.
     """
 
     def __init__(

@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
             return run(args, argv, cluster, device)
     finally:
-        distributed.finish(cluster)
+        distributed.finish(cluster)  # the one place: after the run, and after a failure in any process
 
 
 def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, device: torch.device) -> int:
@@ -302,8 +302,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
         Checkpointing(args.checkpoint_dir, args.checkpoint_minutes, args.resume) if args.checkpoint_dir else None
     )
     lm, vocab, lm_history = train_lm(train_text, val_text, lm_cfg, args.seed, device, cluster, checkpointing)
-    distributed.finish(cluster)  # the rest (evaluation, classifier, artifacts) is rank 0's alone
-    if not cluster.main:
+    if not cluster.main:  # the rest (evaluation, classifier, artifacts) is rank 0's alone; main() ends the group
         return 0
     lm = lm.to(device)  # held-out scoring on the training device; the artifact is written from the CPU copy
     lm_seconds = time.monotonic() - started
