@@ -520,7 +520,16 @@ class Scheduler:
         self.max_batch_seen = 0
         self.prefills = 0  # prompt batches encoded, and the prompts in them
         self.prefilled_prompts = 0
-        self._recent_prefill_sizes: collections.deque[int] = collections.deque(maxlen=8)
+        # (admitted at, prompts) of the last batches; only those of the last RECENT_SECONDS count.
+        self._recent_prefill_sizes: collections.deque[tuple[float, int]] = collections.deque(maxlen=8)
+
+    RECENT_SECONDS = 0.5  # prompt batches older than this no longer say that clients come together
+
+    def expected_prompts(self, now: float) -> int:
+        """How many prompts an idle scheduler waits for: as many as the largest recent batch held, so that
+        concurrent clients keep being encoded together. Only batches of the last RECENT_SECONDS count: a
+        lone request that comes after a burst has ended is encoded at once, not kept for company."""
+        return max((n for at, n in self._recent_prefill_sizes if now - at <= self.RECENT_SECONDS), default=0)
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -607,7 +616,7 @@ class Scheduler:
                             self._thread = None
                             return
                         self._wakeup.wait()
-                    expected = max(self._recent_prefill_sizes, default=0)
+                    expected = self.expected_prompts(time.monotonic())
                     if not batch.busy and expected > 1:
                         until = time.monotonic() + self.gather_seconds
                         while len(self._waiting) < expected and (left := until - time.monotonic()) > 0:
@@ -616,7 +625,7 @@ class Scheduler:
                 if jobs:
                     self.prefills += 1  # counted first: admit hands out results, and a reader may look at once
                     self.prefilled_prompts += len(jobs)
-                    self._recent_prefill_sizes.append(len(jobs))
+                    self._recent_prefill_sizes.append((time.monotonic(), len(jobs)))
                     batch.admit(jobs)
                 if batch.busy:
                     self.max_batch_seen = max(self.max_batch_seen, batch.step())

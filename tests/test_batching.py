@@ -16,7 +16,7 @@ from flask import Flask
 from benchmarks.precision import heldout_bpc
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from seqmodels.networks import CharLSTM, LMConfig
-from service.batching import DecodeBatch, Delta, GenerationRequest, TokenScore, merge_deltas
+from service.batching import DecodeBatch, Delta, GenerationRequest, Scheduler, TokenScore, merge_deltas
 from service.engine import Engine, EngineOptions, Generation
 from service.kernels import FusedStep, PackedLinear
 from service.sampling import SamplingParams
@@ -348,3 +348,13 @@ def test_concurrent_prompts_are_encoded_together(models: LoadedModels) -> None:
     assert engine.scheduler is not None
     assert engine.scheduler.prefilled_prompts == 40
     assert engine.scheduler.prefills < 40  # some encodes served several requests at once
+
+
+def test_only_recent_prompt_batches_make_an_idle_scheduler_wait() -> None:
+    """Concurrent clients keep being encoded together; a lone request after a burst has ended is not held
+    back waiting for company that will not come."""
+    scheduler = Scheduler(lambda: None, gather_seconds=0.015)  # type: ignore[arg-type,return-value]
+    now = time.monotonic()
+    scheduler._recent_prefill_sizes.extend([(now - 2.0, 8), (now - 0.1, 3)])
+    assert scheduler.expected_prompts(now) == 3  # the burst of 8, two seconds ago, no longer counts
+    assert scheduler.expected_prompts(now + Scheduler.RECENT_SECONDS) == 0
