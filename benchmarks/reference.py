@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks.serve import ARTIFACTS, REPO, machine, percentile, unique_tag, utc_now, window, write_report
-from benchmarks.servers import GunicornProcess, free_port, start_gunicorn, stop
+from benchmarks.servers import GunicornProcess, free_port, start_gunicorn, stop, wait_until_up
 from benchmarks.slow_clients import cpu_name, exchange, next_token_clients
 from seqmodels.artifacts import load_artifacts
 from service.kernels import FusedStep, choose_precision
@@ -53,19 +53,9 @@ def start_reference() -> tuple[GunicornProcess, str]:
     return GunicornProcess(args, log, cwd=tempfile.gettempdir(), env=env), f"http://127.0.0.1:{port}"
 
 
-def wait_healthy(proc: GunicornProcess, base: str, limit: float = 90) -> None:
-    port = int(base.rsplit(":", 1)[1])
-    deadline = time.monotonic() + limit
-    while True:
-        try:
-            if asyncio.run(exchange(port, "GET", "/healthz"))[0] == 200:
-                time.sleep(1.0)  # the second worker is up too
-                return
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{base} did not start:\n{proc.output()}")
-        time.sleep(0.2)
+def wait_healthy(proc: GunicornProcess, base: str) -> None:
+    wait_until_up(proc, base, "/healthz")
+    time.sleep(1.0)  # the second worker is up too
 
 
 def level(base: str, clients: int, seconds: float) -> dict[str, float]:

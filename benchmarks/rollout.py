@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import json
 import os
 import re
@@ -39,7 +38,7 @@ import aiohttp
 import psutil
 
 from benchmarks.serve import ARTIFACTS, REPO, machine, percentile, unique_tag, utc_now, window, write_report
-from benchmarks.servers import GunicornProcess, start_checkout, stop
+from benchmarks.servers import GunicornProcess, start_checkout, stop, wait_until_up
 from benchmarks.slow_clients import cpu_name
 from seqmodels.artifacts import LM_DIR, WEIGHTS_FILE, next_version_dir, publish_version
 
@@ -239,7 +238,8 @@ def run(artifacts: Path, seconds: float, versions: int, poll: float, sighup: boo
                "LOG_LEVEL": "WARNING"}  # fmt: skip
         proc, base = start_checkout(repo, artifacts, **env)
         try:
-            wait_for(lambda: _ready(base) and len(workers_of(proc)) >= 2, 90, "gunicorn start")
+            wait_until_up(proc, base)
+            wait_for(lambda: len(workers_of(proc)) >= 2, 90, "gunicorn workers")
             wait_for(lambda: set(serving_versions(base, workers_of(proc)).values()) == {1}, 30, "workers")
             quiet, _ = asyncio.run(measure(base, seconds))
             loaded, rollout = asyncio.run(
@@ -248,12 +248,6 @@ def run(artifacts: Path, seconds: float, versions: int, poll: float, sighup: boo
         finally:
             log = stop(proc)
     return {"quiet": quiet, "rollout": loaded, "rollout_events": rollout, "server_log_tail": log[-2000:]}
-
-
-def _ready(base: str) -> bool:
-    with contextlib.suppress(OSError), urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
-        return bool(response.status == 200)
-    return False
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,6 +52,24 @@ def start_checkout(repo: Path, artifacts: Path, **env: str) -> tuple[GunicornPro
         environment["PYTHONPATH"] = str(repo)
     proc = GunicornProcess([str(gunicorn), "-c", "gunicorn.conf.py"], log, cwd=repo, env=environment)
     return proc, f"http://127.0.0.1:{port}"
+
+
+def answers(base: str, path: str) -> bool:
+    """Whether GET `path` answers 200 now."""
+    try:
+        with urllib.request.urlopen(f"{base}{path}", timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def wait_until_up(proc: GunicornProcess, base: str, path: str = "/readyz", limit: float = 90.0) -> None:
+    """Until GET `path` answers 200; RuntimeError with the server's log if it exits first or takes longer."""
+    deadline = time.monotonic() + limit
+    while not answers(base, path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{base} did not start:\n{proc.output()}")
+        time.sleep(0.2)
 
 
 def stop(proc: GunicornProcess) -> str:

@@ -142,13 +142,7 @@ def complete_chat(
         created=int(time.time()),
         model=model,
         choices=choices,
-        usage=usage(len(prompt), result.completion_tokens),
-    )
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        usage=Usage.of(len(prompt), result.completion_tokens),
     )
 
 
@@ -178,4 +172,4 @@ def chat_chunks(
             logprobs = chat_logprobs(delta.tokens, req.top_logprobs or 0) if req.logprobs else None
             yield chunk(delta.index, {"content": delta.text}, logprobs, delta.finish_reason)
     if req.stream_options is not None and req.stream_options.include_usage:
-        yield {**header, "choices": [], "usage": usage(len(prompt), completion_tokens).model_dump()}
+        yield {**header, "choices": [], "usage": Usage.of(len(prompt), completion_tokens).model_dump()}

@@ -59,7 +59,8 @@ class ModelRegistry:
             hashlib.sha256(b"charlm-session-key\0" + secret).digest() if secret else secrets.token_bytes(32)
         )
         self.dtype, self.precision_reason = choose_precision(settings.precision)
-        log.info("weights in %s (%s)", str(self.dtype).removeprefix("torch."), self.precision_reason)
+        self.precision = str(self.dtype).removeprefix("torch.")
+        log.info("weights in %s (%s)", self.precision, self.precision_reason)
         self.repository = ModelRepository(settings, self._build_engine, self._add_session_codec)
 
     def _shared_states(self, models: LoadedModels, model_id: str) -> SharedStates | None:
@@ -69,7 +70,7 @@ class ModelRegistry:
             return None
         config = models.lm.config
         state = torch.Size([config.num_layers, config.hidden_size])
-        name = f"{model_id}-{models.digest[:16]}-{str(self.dtype).removeprefix('torch.')}.states"
+        name = f"{model_id}-{models.digest[:16]}-{self.precision}.states"
         return SharedStates(folder / name, size, (state, state, torch.Size([models.vocab.size])))
 
     def _build_engine(self, models: LoadedModels, model_id: str) -> Engine:
@@ -102,7 +103,7 @@ class ModelRegistry:
             config.hidden_size,
             mv.engine.vocab.size,
         )
-        mv.extras["precision"] = {"dtype": str(self.dtype).removeprefix("torch."), "chosen": self.precision_reason}
+        mv.extras["precision"] = {"dtype": self.precision, "chosen": self.precision_reason}
 
     def load(self) -> None:
         """Load every model at start-up; RepositoryError when nothing can serve (fail fast)."""
@@ -116,10 +117,6 @@ class ModelRegistry:
         if default is not None and self.repository.serving(default) is None:
             names = ", ".join(sorted({mv.name for mv in loaded}))
             raise RepositoryError(f"DEFAULT_MODEL {default!r} is not among the loaded models ({names})")
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.repository.versions())
 
 
 def use_model(model: str | None) -> ModelVersion:

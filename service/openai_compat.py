@@ -101,9 +101,7 @@ def complete(engine: Engine, model: str, req: CompletionRequest, deadline: float
         created=int(time.time()),
         model=model,
         choices=choices,
-        usage=Usage(
-            prompt_tokens=prompt_total, completion_tokens=completion_total, total_tokens=prompt_total + completion_total
-        ),
+        usage=Usage.of(prompt_total, completion_total),
     )
 
 
@@ -143,7 +141,4 @@ def stream_chunks(
                 offsets[delta.index] += len(delta.text)
                 completion_total += delta.completion_tokens
     if req.stream_options is not None and req.stream_options.include_usage:
-        usage = Usage(
-            prompt_tokens=prompt_total, completion_tokens=completion_total, total_tokens=prompt_total + completion_total
-        )
-        yield {**header, "choices": [], "usage": usage.model_dump()}
+        yield {**header, "choices": [], "usage": Usage.of(prompt_total, completion_total).model_dump()}

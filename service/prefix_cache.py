@@ -81,6 +81,23 @@ class CachedState:
     logits: torch.Tensor  # (V,): the distribution of the next id
     logprobs: array.array | None = None  # float64 log-probability of ids 1..length-1, each given those before it
 
+    def flat(self) -> torch.Tensor:
+        """h, c and the logits end to end, as a slot of a cache holds them."""
+        return torch.cat([self.h.reshape(-1), self.c.reshape(-1), self.logits.reshape(-1)])
+
+    @classmethod
+    def from_flat(
+        cls,
+        length: int,
+        floats: torch.Tensor,
+        shapes: tuple[torch.Size, torch.Size, torch.Size],
+        logprobs: array.array | None = None,
+    ) -> CachedState:
+        """The state in `floats` (as `flat` lays it out), viewed in the shapes of h, c and the logits."""
+        h_shape, c_shape, logits_shape = shapes
+        a, b = h_shape.numel(), h_shape.numel() + c_shape.numel()
+        return cls(length, floats[:a].view(h_shape), floats[a:b].view(c_shape), floats[b:].view(logits_shape), logprobs)
+
     @property
     def nbytes(self) -> int:
         tensors = sum(t.numel() * t.element_size() for t in (self.h, self.c, self.logits))
@@ -178,11 +195,7 @@ class PrefixCache:
         for length in sorted(set(longer) - {1}, reverse=True):
             floats = shared.get(keys.key(length))
             if floats is not None:
-                h_shape, c_shape, logits_shape = shared.shapes
-                a, b = h_shape.numel(), h_shape.numel() + c_shape.numel()
-                entry = CachedState(
-                    length, floats[:a].view(h_shape), floats[a:b].view(c_shape), floats[b:].view(logits_shape)
-                )
+                entry = CachedState.from_flat(length, floats, shared.shapes)
                 self.put(keys, entry, share=False)
                 if self.on_shared_hit is not None:
                     self.on_shared_hit()
@@ -210,16 +223,7 @@ class PrefixCache:
 
     def _read(self, held: _Held) -> CachedState:
         assert self._slab is not None and self._shapes is not None
-        row = self._slab[held.slot]
-        h_shape, c_shape, logits_shape = self._shapes
-        a, b = h_shape.numel(), h_shape.numel() + c_shape.numel()
-        return CachedState(
-            held.length,
-            row[:a].view(h_shape).clone(),
-            row[a:b].view(c_shape).clone(),
-            row[b:].view(logits_shape).clone(),
-            held.logprobs,
-        )
+        return CachedState.from_flat(held.length, self._slab[held.slot].clone(), self._shapes, held.logprobs)
 
     def put(self, keys: PrefixKeys, entry: CachedState, share: bool = True) -> None:
         """Store (a copy of) the state after the first `entry.length` ids of `keys`' sequence. An entry
@@ -227,8 +231,7 @@ class PrefixCache:
         log-probabilities goes to the pod-wide level too."""
         if share and self.shared is not None and entry.logprobs is None and entry.length >= 2:
             with torch.inference_mode():
-                self.shared.put(keys.key(entry.length), torch.cat([entry.h.reshape(-1), entry.c.reshape(-1),
-                                                                   entry.logits.reshape(-1)]))  # fmt: skip
+                self.shared.put(keys.key(entry.length), entry.flat())
         size = entry.nbytes
         key, region = keys.key(entry.length), keys.region(entry.length)
         with self._lock, torch.inference_mode():
@@ -251,7 +254,7 @@ class PrefixCache:
             while self._entries and (self.bytes + size > self.max_bytes or not self._free):
                 self._remove(next(iter(self._entries)))
             slot = self._free.pop()
-            torch.cat([entry.h.reshape(-1), entry.c.reshape(-1), entry.logits.reshape(-1)], out=self._slab[slot])
+            self._slab[slot].copy_(entry.flat())
             self._entries[key] = _Held(entry.length, slot, entry.logprobs, region, size)
             self.bytes += size
             if region is not None:

@@ -27,7 +27,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,7 +150,6 @@ class ModelRepository:
         self._lock = threading.Lock()  # the tables and the leases
         self._sync_lock = threading.Lock()  # one sync at a time
         self._watcher: threading.Thread | None = None
-        self.syncs = 0  # completed syncs, for tests
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
@@ -192,7 +191,6 @@ class ModelRepository:
                     changes += self._sync_model(name, versions)
                 except Exception:  # one model's surprise must not stop the others' sync
                     log.exception("syncing model %s failed; its loaded versions are unchanged", name)
-            self.syncs += 1
             for line in changes:
                 log.info("%s", line)
             return changes
@@ -300,8 +298,7 @@ class ModelRepository:
         if self.on_loaded is not None:
             self.on_loaded(mv)
         self._refused.pop(path, None)
-        MODEL_MEMORY_BYTES.labels(model=model_id).set(mv.memory_bytes)
-        MODEL_LOAD_SECONDS.labels(model=model_id).set(mv.load_seconds)
+        _set_gauges(mv)
         log.info(
             "loaded model %s from %s: %.1f MiB, manifest sha256 %s, %.2f s",
             model_id,
@@ -322,8 +319,7 @@ class ModelRepository:
     def publish_gauges(self) -> None:
         """Set this process's gauges for every loaded version (a forked worker starts with none of its own)."""
         for mv in self.versions():
-            MODEL_MEMORY_BYTES.labels(model=mv.id).set(mv.memory_bytes)
-            MODEL_LOAD_SECONDS.labels(model=mv.id).set(mv.load_seconds)
+            _set_gauges(mv)
         for name in list(self._models):
             serving = self.serving(name)
             if serving is not None:
@@ -376,7 +372,7 @@ class ModelRepository:
             known = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFound(f"The model `{model or name}` does not exist; the models are: {known}")
         if version is None:
-            return versions[max(versions)]
+            return versions[max(versions)]  # what serving(name) gives, from the table already read
         if version not in versions:
             loaded = ", ".join(mv.id for mv in versions.values())
             raise ModelNotFound(f"The model `{model}` is not loaded; the loaded versions are: {loaded}")
@@ -405,14 +401,6 @@ class ModelRepository:
                 self._draining.discard(mv)
         if unload:
             self._unload(mv)
-
-    @contextlib.contextmanager
-    def lease(self, model: str | None) -> Iterator[ModelVersion]:
-        mv = self.acquire(model)
-        try:
-            yield mv
-        finally:
-            self.release(mv)
 
     def versions(self, name: str | None = None) -> list[ModelVersion]:
         """Loaded versions (of one model, or all), by name, newest first."""
@@ -465,13 +453,15 @@ class ModelRepository:
             versions = self.versions(name)
             if not versions:
                 continue
-            serving = versions[0]
-            card = describe_version(serving, serving=True, default=name == default)
-            entries.append(card | {"id": name, "versions": [mv.version for mv in versions]})
-            entries += [
-                describe_version(mv, mv is serving, default=name == default and mv is serving) for mv in versions
-            ]
+            cards = [describe_version(mv, i == 0, default=name == default and i == 0) for i, mv in enumerate(versions)]
+            entries.append(cards[0] | {"id": name, "versions": [mv.version for mv in versions]})  # the serving one
+            entries += cards
         return entries
+
+
+def _set_gauges(mv: ModelVersion) -> None:
+    MODEL_MEMORY_BYTES.labels(model=mv.id).set(mv.memory_bytes)
+    MODEL_LOAD_SECONDS.labels(model=mv.id).set(mv.load_seconds)
 
 
 def describe_version(mv: ModelVersion, serving: bool, default: bool) -> dict[str, Any]:

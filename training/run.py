@@ -285,7 +285,8 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
     docs, description = load_corpus(args.corpus)
     labelled = load_labels(args.labels) if args.labels else None
     docs, split = split_or_chunk(docs, args.seed)
-    train_text, val_text, test_text = (join(docs, names) for names in (split.train, split.validation, split.test))
+    train_text, val_text = (join(docs, names) for names in (split.train, split.validation))
+    test_text = held_out_text(docs, split.test)  # the characters every held-out figure is measured on
     processes = f" on each of {cluster.world_size} processes ({cluster.backend})" if cluster.distributed else ""
     print(
         f"corpus: {len(docs)} documents, {len(train_text):,} train / {len(val_text):,} validation / "
@@ -308,16 +309,12 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
     lm_seconds = time.monotonic() - started
     print("evaluating the LM on the held-out documents ...")
     encode = lambda text: torch.tensor(vocab.encode(text), dtype=torch.long)  # noqa: E731
-    by_name = {d.name: d for d in docs}
-    # The static, adaptive and PPMd figures cover the same characters: the test documents' own, without the
-    # newlines that join them into one text (adaptive scoring reads each document whole, on its own).
-    test_documents = [encode(by_name[n].text) for n in split.test]
-    test_ids = torch.cat(test_documents)
-    test_bpc = evaluate_bpc(lm, test_ids, vocab.bos_id, EVAL_SEGMENT)
+    test_bpc = evaluate_bpc(lm, encode(test_text), vocab.bos_id, EVAL_SEGMENT)
     val_bpc = evaluate_bpc(lm, encode(val_text), vocab.bos_id, EVAL_SEGMENT)
     print("PPMd baseline ...")
-    ppmd = ppmd_conditional_bpc(train_text, held_out_text(docs, split.test))
+    ppmd = ppmd_conditional_bpc(train_text, test_text)
     print(f"test: LSTM {test_bpc:.3f} bpc, PPMd {ppmd['bpc']:.3f} bpc (order {ppmd['order']})")
+    by_name = {d.name: d for d in docs}
     print("tuning dynamic evaluation on the validation documents ...")
     adapt_started = time.monotonic()
     adapt, adapt_trials = tune_adaptation(
@@ -327,6 +324,8 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
         list(args.adapt_lrs),
         list(args.adapt_segments),
     )
+    # Each test document read whole, on its own: together, the same characters as test_text.
+    test_documents = [encode(by_name[n].text) for n in split.test]
     adapt_seconds = time.monotonic() - adapt_started
     test_started = time.monotonic()
     adaptive_bpc = adapted_bpc(lm, test_documents, vocab.bos_id, adapt) if adapt.lr > 0 else None
@@ -348,7 +347,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
         "lm": {
             "test_bpc": test_bpc,
             "val_bpc": val_bpc,
-            "test_chars": len(test_ids),
+            "test_chars": len(test_text),
             "val_chars": len(val_text),
             "eval_segment_chars": EVAL_SEGMENT,
             "ppmd": ppmd,

@@ -26,6 +26,7 @@ from service.schemas import (
     NextTokenResponse,
     ScoreRequest,
     ScoreResponse,
+    Usage,
 )
 from service.streaming import sse_response
 
@@ -84,16 +85,12 @@ def generate() -> Response:
         {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "session": seal_session(mv, c.session)}
         for c in result.choices
     ]
-    body = {"model": mv.id, "choices": choices, "usage": usage(result.prompt_tokens, result.completion_tokens)}
-    return respond(GenerateResponse.model_validate(body))
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+    body = {
+        "model": mv.id,
+        "choices": choices,
+        "usage": Usage.of(result.prompt_tokens, result.completion_tokens).model_dump(),
     }
+    return respond(GenerateResponse.model_validate(body))
 
 
 def generate_chunks(mv: ModelVersion, gen: GenerationRequest) -> Iterator[dict[str, Any]]:
@@ -106,7 +103,7 @@ def generate_chunks(mv: ModelVersion, gen: GenerationRequest) -> Iterator[dict[s
             if delta.session is not None:
                 choice["session"] = seal_session(mv, delta.session)
             yield {"model": mv.id, "choices": [choice]}
-    yield {"model": mv.id, "choices": [], "usage": usage(len(gen.prompt), completion_tokens)}
+    yield {"model": mv.id, "choices": [], "usage": Usage.of(len(gen.prompt), completion_tokens).model_dump()}
 
 
 @bp.post("/score")
