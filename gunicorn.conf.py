@@ -76,8 +76,10 @@ if "SHARED_CACHE_DIR" not in os.environ:
 else:
     _owned_cache_dir = ""
 
-# Torch reads this when a process starts; 1 thread per worker avoids oversubscribing the cores.
-os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("TORCH_THREADS", "1"))
+# The master loads the models on one thread: an OpenMP thread team started before fork() is unusable in
+# the forked workers (libgomp is not fork-safe), which would leave them slow or hung. Each worker sets
+# its own thread count (TORCH_THREADS) after the fork.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def post_fork(server, worker):
