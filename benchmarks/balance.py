@@ -21,7 +21,8 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from benchmarks.serve import Server, utc_now, window, write_report
+from benchmarks.common import utc_now, window, write_report
+from benchmarks.loadgen import Server
 
 
 async def one_burst(server: Server, connections: int) -> tuple[int, ...]:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.serve import write_report
+from benchmarks.common import write_report
 from seqmodels.networks import ClassifierConfig, MLPClassifier, NgramBatch, ngram_counts
 from training import classifier
 from training.classifier import ClassifierTrainConfig, Passages, cross_validate, fit_and_predict_mlp

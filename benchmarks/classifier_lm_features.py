@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import nn
 
-from benchmarks.serve import write_report
+from benchmarks.common import write_report
 from seqmodels.artifacts import load_artifacts
 from seqmodels.networks import CharLSTM, ClassifierConfig, MLPClassifier, NgramBatch, Vocab
 from training.classifier import (

@@ -27,7 +27,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.serve import write_report
+from benchmarks.common import write_report
 
 TARGET_RATIO = 0.97  # the static target, as a multiple of PPMd's bits per character
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.serve import timed, utc_now, write_report
+from benchmarks.common import timed, utc_now, write_report
 from service.kernels import PackedLinear
 
 REPO = Path(__file__).resolve().parent.parent

@@ -356,7 +356,9 @@ class Sampler(threading.Thread):
 
 
 def load(port: int, key: str | None, seconds: float) -> list[dict[str, Any]]:
-    from benchmarks.serve import drive, percentile, scenarios
+    from benchmarks.common import percentile
+    from benchmarks.loadgen import drive
+    from benchmarks.serve import scenarios
 
     rows = []
     for scenario in scenarios():
@@ -551,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             import psutil
             import torch
 
-            from benchmarks.serve import write_report
+            from benchmarks.common import write_report
 
             report["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             report["machine"] = (

@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.serve import timed, utc_now, write_report
-from benchmarks.slow_clients import cpu_name
+from benchmarks.common import cpu_name, timed, utc_now, write_report
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from service.kernels import FusedStep, PackedLinear
 from training.corpus import load_plays

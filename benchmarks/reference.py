@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.serve import ARTIFACTS, REPO, machine, percentile, unique_tag, utc_now, window, write_report
+from benchmarks.common import ARTIFACTS, REPO, cpu_name, machine, percentile, unique_tag, utc_now, window, write_report
 from benchmarks.servers import GunicornProcess, free_port, start_gunicorn, stop, wait_until_up
-from benchmarks.slow_clients import cpu_name, exchange, next_token_clients
+from benchmarks.slow_clients import exchange, next_token_clients
 from seqmodels.artifacts import load_artifacts
 from service.kernels import FusedStep, choose_precision
 

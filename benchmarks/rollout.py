@@ -37,9 +37,8 @@ from typing import Any
 import aiohttp
 import psutil
 
-from benchmarks.serve import ARTIFACTS, REPO, machine, percentile, unique_tag, utc_now, window, write_report
+from benchmarks.common import ARTIFACTS, REPO, cpu_name, machine, percentile, unique_tag, utc_now, window, write_report
 from benchmarks.servers import GunicornProcess, start_checkout, stop, wait_until_up
-from benchmarks.slow_clients import cpu_name
 from seqmodels.artifacts import LM_DIR, WEIGHTS_FILE, next_version_dir, publish_version
 
 MODEL = "shakespeare"

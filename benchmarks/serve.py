@@ -13,299 +13,34 @@ side of the target ratios in turn. It writes `results.json` and `results.md` int
 (a shared 1,000-character prefix; a conversation growing by a turn per request; a control with
 nothing shared): `cache.json`, `cache.md`. `--suite prefill` runs 32 streams on one worker, then
 sends a 4,096-character prompt, with chunked prefill and without: `prefill.json`, `prefill.md`.
+
+This module holds the headline suite and the command line; the load generator is benchmarks.loadgen,
+the other suites benchmarks.serve_cache and benchmarks.serve_prefill.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
-import dataclasses
-import itertools
 import json
-import os
-import platform
 import statistics
 import sys
-import time
-import urllib.request
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import psutil
 import torch
 
-from benchmarks.servers import start_gunicorn, stop
+from benchmarks.common import ARTIFACTS, PROMPT_100, REPO, machine, timed, utc_now, window, write_report
+from benchmarks.loadgen import Result, Scenario, Server, measure, running
+from benchmarks.serve_cache import cache_suite
+from benchmarks.serve_prefill import prefill_suite
 from seqmodels.artifacts import load_artifacts
 from service.batching import DecodeBatch, GenerationRequest, Job
 from service.engine import Engine, EngineOptions
 from service.sampling import SamplingParams
 
-REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "artifacts"
-PROMPT_100 = "HAMLET. To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer the sli"
-assert len(PROMPT_100) == 100
-TEXT_200 = (
-    "KING. Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds "
-    "that lour'd upon our house in the deep bosom of the ocean buried. Now are our brows bound with victorious"
-)[:200]
-assert len(TEXT_200) == 200
-# Every request of a scenario gets its own text (a window of this one, at an offset that follows the
-# request's number) and its own seed, so that no request's work repeats another's: a server that
-# cached or shared work between identical requests would otherwise look faster than it is.
-SOURCE = PROMPT_100 + " " + TEXT_200 + " "
-
-
-def window(number: int, length: int) -> str:
-    start = number % len(SOURCE)
-    return (SOURCE + SOURCE)[start : start + length]
-
-
-@dataclass
-class Scenario:
-    name: str
-    method: str
-    path: str
-    body: Callable[[int], dict[str, Any]] | None  # the body of request number n
-    concurrency: int
-    stream: bool = False
-    conversation: Conversation | None = None  # each client's request follows from its previous answer
-
-
-class Conversation:
-    """Per client, a chat that grows by one turn per request: the previous prompt, the reply the server
-    streamed to it, then a new line; it starts over (with a new opening, so that no two conversations
-    share a prefix) before it would pass `limit` characters."""
-
-    def __init__(self, reply_chars: int, first: int = 0, limit: int = 3500) -> None:
-        """`first`: the number of its first conversation; runs on one server need ranges of their own."""
-        self.reply_chars, self.limit = reply_chars, limit
-        self.history: dict[int, str] = {}
-        self.started = itertools.count(first)
-
-    def body(self, client: int, number: int) -> dict[str, Any]:
-        history = self.history.get(client, "")
-        turn = f"\nHAMLET. {unique_tag(number, 4)} {window(number * 37, 55)}\nHORATIO."
-        if not history or len(history) + len(turn) + self.reply_chars > self.limit:
-            number = next(self.started)
-            history = f"{unique_tag(number, 6)} {window(number * 53, 33)}\n"  # an opening of its own
-        self.history[client] = history + turn
-        return {"prompt": self.history[client], "max_tokens": self.reply_chars, "temperature": 0.8,
-                "seed": number, "stream": True}  # fmt: skip
-
-    def reply(self, client: int, text: str) -> None:
-        self.history[client] += text
-
-
-@dataclass
-class Result:
-    scenario: str
-    batching: bool
-    concurrency: int
-    seconds: float
-    requests: int
-    errors: int
-    error_kinds: dict[str, int]
-    requests_per_s: float
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    chars_per_s: float | None = None
-    ttft_p50_ms: float | None = None
-    ttft_p95_ms: float | None = None
-    server_cpu_percent: float = 0.0  # of one core; the machine has os.cpu_count() of them
-    client_cpu_percent: float = 0.0
-    worker_rss_mib: list[float] = field(default_factory=list)
-    worker_pss_mib: list[float] = field(default_factory=list)
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-# --------------------------------------------------------------------------- the server
-
-
-class Server:
-    def __init__(self, batching: bool, precision: str = "auto", **env: str) -> None:
-        self.env = {"WORKERS": os.environ.get("WORKERS", "2"), "MAX_TOKENS": "1024", **env}
-        self.proc, self.base = start_gunicorn(
-            ARTIFACTS, BATCHING="1" if batching else "0", PRECISION=precision, LOG_LEVEL="WARNING", **self.env
-        )
-        self.port = int(self.base.rsplit(":", 1)[1])
-        self.master = psutil.Process(self.proc.pid)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited:\n{self.proc.output()}")
-            try:
-                with urllib.request.urlopen(f"{self.base}/readyz", timeout=2) as response:
-                    if response.status == 200 and len(self.master.children()) >= int(self.env["WORKERS"]):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("gunicorn did not become ready")
-
-    def processes(self) -> list[psutil.Process]:
-        return [self.master, *self.master.children(recursive=True)]
-
-    def cpu_seconds(self) -> float:
-        total = 0.0
-        for proc in self.processes():
-            try:
-                times = proc.cpu_times()
-                total += times.user + times.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
-    def worker_memory(self) -> tuple[list[float], list[float]]:
-        rss, pss = [], []
-        for proc in self.master.children():
-            info = proc.memory_full_info()
-            rss.append(round(info.rss / 2**20, 1))
-            pss.append(round(info.pss / 2**20, 1))
-        return rss, pss
-
-    def stop(self) -> None:
-        stop(self.proc)
-
-
-# --------------------------------------------------------------------------- the client
-
-
-async def drive(
-    base: str,
-    scenario: Scenario,
-    seconds: float,
-    cpu: Callable[[], tuple[float, float]],
-    headers: dict[str, str] | None = None,
-) -> tuple[list[float], list[float], int, dict[str, int], float, tuple[float, float]]:
-    """Closed-loop load: latencies (s), times to first token (s), characters received, errors by kind, wall
-    time, and the change in `cpu()` (server and client CPU seconds) over the measured part.
-
-    Each client runs without a pause from the start of the warm-up to the end; only requests it
-    starts after the warm-up count. (Waiting for every warm-up request to end left connections
-    idle for seconds behind slow streams, past the server's keep-alive timeout, and a request
-    sent just as the server closed one failed.)"""
-    latencies: list[float] = []
-    first_tokens: list[float] = []
-    counters = {"chars": 0}
-    errors: collections.Counter[str] = collections.Counter()  # by kind
-    numbers = itertools.count()
-    connector = aiohttp.TCPConnector(limit=scenario.concurrency, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(base, connector=connector, timeout=timeout, headers=headers) as session:
-
-        async def one(client: int) -> tuple[str | None, int, float | None]:
-            """An error kind or None, the characters received, and the time to the first one."""
-            started = time.perf_counter()
-            body: dict[str, Any] | None
-            if scenario.conversation is not None:
-                body = scenario.conversation.body(client, next(numbers))
-            else:
-                body = scenario.body(next(numbers)) if scenario.body else None
-            async with session.request(scenario.method, scenario.path, json=body) as response:
-                if response.status != 200:
-                    await response.read()
-                    return f"HTTP {response.status}", 0, None
-                if not scenario.stream:
-                    body = await response.json()
-                    return None, sum(len(c["text"]) for c in body.get("choices", [])), None
-                chars, first, done, received = 0, None, False, []
-                async for raw in response.content:
-                    line = raw.strip()
-                    done = done or line == b"data: [DONE]"
-                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                        continue
-                    text = "".join(c["text"] for c in json.loads(line[6:])["choices"])
-                    if text and first is None:
-                        first = time.perf_counter() - started
-                    chars += len(text)
-                    received.append(text)
-                if scenario.conversation is not None:
-                    scenario.conversation.reply(client, "".join(received))
-                # No [DONE]: an error event, or a stream cut short.
-                return (None if done else "stream ended without [DONE]"), chars, first
-
-        async def client(index: int, measure_from: float, until: float) -> None:
-            while (started := time.perf_counter()) < until:
-                try:
-                    error, chars, first = await one(index)
-                except (TimeoutError, aiohttp.ClientError) as exc:
-                    error, chars, first = f"{type(exc).__name__}: {exc}"[:120], 0, None
-                if started < measure_from:
-                    continue
-                counters["chars"] += chars
-                if error:
-                    errors[error] += 1
-                    continue
-                latencies.append(time.perf_counter() - started)
-                if first is not None:
-                    first_tokens.append(first)
-
-        warm_up = min(1.0, seconds / 4)
-        measure_from = time.perf_counter() + warm_up
-        until = measure_from + seconds
-        snapshots: list[tuple[float, float]] = []
-        asyncio.get_running_loop().call_later(warm_up, lambda: snapshots.append(cpu()))
-        await asyncio.gather(*(client(i, measure_from, until) for i in range(scenario.concurrency)))
-        wall = time.perf_counter() - measure_from
-        cpu_after = cpu()
-    used = (cpu_after[0] - snapshots[0][0], cpu_after[1] - snapshots[0][1])
-    return latencies, first_tokens, counters["chars"], dict(errors), wall, used
-
-
-def measure(server: Server, scenario: Scenario, batching: bool, seconds: float) -> Result:
-    me = psutil.Process()
-
-    def cpu() -> tuple[float, float]:
-        return server.cpu_seconds(), sum(me.cpu_times()[:2])
-
-    latencies, first_tokens, chars, errors, wall, (server_cpu, client_cpu) = asyncio.run(
-        drive(server.base, scenario, seconds, cpu)
-    )
-    rss, pss = server.worker_memory()
-    ms = [x * 1000 for x in latencies]
-    result = Result(
-        scenario=scenario.name,
-        batching=batching,
-        concurrency=scenario.concurrency,
-        seconds=round(wall, 2),
-        requests=len(latencies),
-        errors=sum(errors.values()),
-        error_kinds=errors,
-        requests_per_s=round(len(latencies) / wall, 1),
-        p50_ms=round(percentile(ms, 50), 2),
-        p95_ms=round(percentile(ms, 95), 2),
-        p99_ms=round(percentile(ms, 99), 2),
-        chars_per_s=round(chars / wall, 1) if chars else None,
-        ttft_p50_ms=round(percentile([x * 1000 for x in first_tokens], 50), 2) if first_tokens else None,
-        ttft_p95_ms=round(percentile([x * 1000 for x in first_tokens], 95), 2) if first_tokens else None,
-        server_cpu_percent=round(100 * server_cpu / wall, 1),
-        client_cpu_percent=round(100 * client_cpu / wall, 1),
-        worker_rss_mib=rss,
-        worker_pss_mib=pss,
-    )
-    print(
-        f"  {scenario.name:<28} c={scenario.concurrency:<3} {result.requests_per_s:>8.1f} req/s"
-        f"  p50 {result.p50_ms:>8.2f} ms  p99 {result.p99_ms:>8.2f} ms"
-        + (f"  {result.chars_per_s:>8.1f} chars/s" if result.chars_per_s else "")
-        + (f"  ttft p50 {result.ttft_p50_ms:.1f} ms" if result.ttft_p50_ms else "")
-        + f"  cpu {result.server_cpu_percent}% (client {result.client_cpu_percent}%)"
-        + f"  errors {result.errors} {errors or ''}",
-        flush=True,
-    )
-    return result
+# --------------------------------------------------------------------------- the scenarios
 
 
 def scenarios() -> list[Scenario]:
@@ -331,27 +66,64 @@ HEADLINES = {
     ("generate 200 chars, streams", 1),
 }
 
+Case = tuple[Scenario, bool]  # a scenario, and whether the server it runs on batches
+Runs = dict[tuple[str, int, bool], list[Result]]  # by scenario name, concurrency and batching, in order
+
+
+def batching_cases() -> list[Case]:
+    """Every scenario with batching on, and with it off too where the scenario touches the batching."""
+    return [
+        (scenario, batching)
+        for scenario in scenarios()
+        for batching in (True, False)
+        if batching or scenario.path not in ("/healthz", "/v1/score")  # neither touches the batching
+    ]
+
+
+def run_cases(servers: dict[bool, Server], cases: list[Case], seconds: float, repeats: int) -> Runs:
+    """Each case once, then the headline cases in `repeats` rounds, each round measuring every side of the
+    target ratios in turn."""
+    runs: Runs = collections.defaultdict(list)
+    headline = [case for case in cases if (case[0].name, case[0].concurrency) in HEADLINES]
+    others = [case for case in cases if case not in headline]
+    for scenario, batching in others + headline * repeats:
+        runs[scenario.name, scenario.concurrency, batching].append(
+            measure(servers[batching], scenario, batching, seconds)
+        )
+    return runs
+
+
+def median_runs(runs: Runs, cases: list[Case]) -> list[Result]:
+    """Per case, the run with the median headline figure (chars/s for streams, req/s otherwise), so that
+    the table agrees with the targets."""
+    results = []
+    for scenario, batching in cases:
+        measured = sorted(
+            runs[scenario.name, scenario.concurrency, batching],
+            key=lambda m: (m.chars_per_s or 0.0) if scenario.stream else m.requests_per_s,
+        )
+        results.append(measured[len(measured) // 2])
+    return results
+
+
+def repeat_values(runs: Runs) -> dict[str, list[float]]:
+    """Each side of the batching targets' figures, in the order measured: entry r of each list comes from
+    the same round."""
+    return {
+        f"{key}_{'on' if batching else 'off'}": [
+            m.requests_per_s if key.startswith("next") else (m.chars_per_s or 0.0)
+            for m in runs[name, concurrency, batching]
+        ]
+        for key, name, concurrency in (
+            ("next_token_c8", "next-token, 100-char prompt", 8),
+            ("generate_c32", "generate 200 chars, streams", 32),
+            ("generate_c1", "generate 200 chars, streams", 1),
+        )
+        for batching in (True, False)
+    }
+
 
 # --------------------------------------------------------------------------- in-process ceilings
-
-
-def write_report(folder: Path, stem: str, report: dict[str, Any], table: str) -> None:
-    """`stem`.json and `stem`.md in `folder`, and the table on stdout."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / f"{stem}.md").write_text(table)
-    print(table)
-
-
-def timed(fn: Any, repeats: int) -> float:
-    """Median seconds of `fn()` over `repeats` calls, after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
 
 
 def in_process(seconds: float) -> dict[str, Any]:
@@ -500,6 +272,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------- the suite
+
+
 def headline(args: argparse.Namespace) -> None:
     """The serving scenarios and their targets: results.json and results.md."""
     # Both servers run side by side (an idle one costs nothing), so that the two sides of each
@@ -508,51 +283,13 @@ def headline(args: argparse.Namespace) -> None:
     # These requests repeat their prompts now and then ("ROMEO." for every generation): with the prefix
     # cache off, their figures stay what they measure, prompt encoding included. The cache suite
     # measures the cache, on prompts of its own.
+    cases = batching_cases()
     servers = {batching: Server(batching, args.precision, PREFIX_CACHE_MB="0") for batching in (True, False)}
-    runs: dict[tuple[str, int, bool], list[Result]] = collections.defaultdict(list)
-    try:
-        for server in servers.values():
-            server.wait_ready()
-        cases = [
-            (scenario, batching)
-            for scenario in scenarios()
-            for batching in (True, False)
-            if batching or scenario.path not in ("/healthz", "/v1/score")  # neither touches the batching
-        ]
-        headline = [case for case in cases if (case[0].name, case[0].concurrency) in HEADLINES]
-        for scenario, batching in cases:
-            if (scenario, batching) not in headline:
-                runs[scenario.name, scenario.concurrency, batching].append(
-                    measure(servers[batching], scenario, batching, args.seconds)
-                )
-        for _ in range(args.repeats):
-            for scenario, batching in headline:
-                runs[scenario.name, scenario.concurrency, batching].append(
-                    measure(servers[batching], scenario, batching, args.seconds)
-                )
-    finally:
-        for server in servers.values():
-            server.stop()
+    with running(servers):
+        runs = run_cases(servers, cases, args.seconds, args.repeats)
     every_run = [result for measured in runs.values() for result in measured]
-    results = []  # per case, the run with the median headline figure, so the table agrees with the targets
-    for scenario, batching in cases:
-        measured = sorted(
-            runs[scenario.name, scenario.concurrency, batching],
-            key=lambda m: (m.chars_per_s or 0.0) if scenario.stream else m.requests_per_s,
-        )
-        results.append(measured[len(measured) // 2])
-    repeats = {  # in the order measured: entry r of each list comes from the same round
-        f"{key}_{'on' if batching else 'off'}": [
-            m.requests_per_s if key.startswith("next") else (m.chars_per_s or 0.0)
-            for m in runs[name, concurrency, batching]
-        ]
-        for key, name, concurrency in (
-            ("next_token_c8", "next-token, 100-char prompt", 8),
-            ("generate_c32", "generate 200 chars, streams", 32),
-            ("generate_c1", "generate 200 chars, streams", 1),
-        )
-        for batching in (True, False)
-    }
+    results = median_runs(runs, cases)
+    repeats = repeat_values(runs)
     print("in-process ceilings", flush=True)
     ceilings = in_process(args.seconds)
     print(json.dumps(ceilings, indent=1), flush=True)
@@ -570,230 +307,7 @@ def headline(args: argparse.Namespace) -> None:
     write_report(args.out, "results", report, markdown(report))
 
 
-# --------------------------------------------------------------------------- prefix cache
-
-
-# A text of its own for the shared-prefix scenario (no other scenario's prompt starts with it).
-SYSTEM_TEXT = (
-    "CHORUS. Two households, both alike in dignity, in fair Verona, where we lay our scene, from ancient grudge "
-    "break to new mutiny, where civil blood makes civil hands unclean. From forth the fatal loins of these two "
-    "foes a pair of star-cross'd lovers take their life; whose misadventured piteous overthrows do with their "
-    "death bury their parents' strife. The fearful passage of their death-mark'd love, and the continuance of "
-    "their parents' rage, which, but their children's end, nought could remove, is now the two hours' traffic "
-    "of our stage; the which if you with patient ears attend, what here shall miss, our toil shall strive to "
-    "mend. SONNET. Shall I compare thee to a summer's day? Thou art more lovely and more temperate: rough winds "
-    "do shake the darling buds of May, and summer's lease hath all too short a date; sometime too hot the eye "
-    "of heaven shines, and often is his gold complexion dimm'd; and every fair from fair sometime declines, by "
-    "chance or nature's changing course untrimm'd; but thy eternal summer shall not fade, nor lose possession "
-    "of that fair thou ow'st; nor shall Death brag thou wander'st in his shade, when in eternal lines to time "
-    "thou grow'st."
-)[:1000]
-assert len(SYSTEM_TEXT) == 1000
-
-
-def unique_tag(number: int, length: int) -> str:
-    """`length` letters that differ for every request number below 26 ** length (digits would all read
-    as U+FFFD)."""
-    letters = []
-    for _ in range(length):
-        number, digit = divmod(number, 26)
-        letters.append(chr(ord("a") + digit))
-    return "".join(letters)
-
-
-def cache_scenarios() -> list[Scenario]:
-    def shared(n: int) -> dict[str, Any]:
-        ending = f" {unique_tag(n, 6)} {window(n, 12)}"  # 20 characters, new for every request
-        return {"prompt": SYSTEM_TEXT + ending, "max_tokens": 20, "temperature": 0.8, "seed": n, "stream": True}
-
-    def unshared(n: int) -> dict[str, Any]:
-        return {"text": unique_tag(n, 6) + window(n, 94), "top_k": 5}
-
-    out = []
-    for c in (1, 8):
-        out.append(Scenario("shared 1,000-char prefix, 20-char endings", "POST", "/v1/generate", shared, c, True))
-        out.append(
-            Scenario("conversation, +1 turn per request", "POST", "/v1/generate", None, c, True, Conversation(40))
-        )
-        out.append(Scenario("next-token, nothing shared (cost of misses)", "POST", "/v1/next-token", unshared, c))
-    return out
-
-
-def shifted(body: Callable[[int], dict[str, Any]], offset: int) -> Callable[[int], dict[str, Any]]:
-    return lambda number: body(number + offset)
-
-
-def cache_counters(base: str) -> dict[str, float]:
-    """The prefix cache's counters from /metrics, summed over the workers."""
-    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    names = ("hits_total", "misses_total", "chars_saved_total")
-    out = dict.fromkeys(names, 0.0)
-    for line in text.splitlines():
-        for name in names:
-            if line.startswith(f"charlm_prefix_cache_{name} "):
-                out[name] += float(line.split()[-1])
-    return out
-
-
-def cache_suite(args: argparse.Namespace) -> None:
-    """Each scenario on a server with the prefix cache (the default size) and one without, in turn,
-    `--repeats` rounds; the table shows each side's median run: cache.json and cache.md."""
-    servers = {on: Server(True, args.precision, PREFIX_CACHE_MB="16" if on else "0") for on in (True, False)}
-    rows: list[dict[str, Any]] = []
-    try:
-        for server in servers.values():
-            server.wait_ready()
-        offsets = itertools.count(0, 1 << 20)  # every run its own request numbers: no prompt repeats another run's
-        for template in cache_scenarios():
-            runs: dict[bool, list[tuple[Result, dict[str, float]]]] = {True: [], False: []}
-            for _ in range(args.repeats):
-                for on, server in servers.items():
-                    offset = next(offsets)
-                    scenario = dataclasses.replace(
-                        template,
-                        body=None if template.body is None else shifted(template.body, offset),
-                        conversation=Conversation(template.conversation.reply_chars, offset)
-                        if template.conversation
-                        else None,
-                    )
-                    before = cache_counters(server.base)
-                    result = measure(server, scenario, True, args.seconds)
-                    after = cache_counters(server.base)
-                    runs[on].append((result, {k: after[k] - before[k] for k in after}))
-            for on in (True, False):
-                ordered = sorted(runs[on], key=lambda run: run[0].requests_per_s)
-                result, counters = ordered[len(ordered) // 2]
-                rows.append({"cache": on, **asdict(result), "cache_counters": counters})
-    finally:
-        for server in servers.values():
-            server.stop()
-    lines = [
-        f"Measured {utc_now()} on {machine()} with "
-        f"`python -m benchmarks.serve --suite cache --seconds {args.seconds} --repeats {args.repeats}` "
-        "(two workers each; median of the rounds by req/s).",
-        "",
-        "| scenario | c | cache | req/s | p50 ms | p99 ms | TTFC p50 ms | TTFC p95 ms | hits | misses "
-        "| chars saved | worker RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        counters = r["cache_counters"]
-        lines.append(
-            f"| {r['scenario']} | {r['concurrency']} | {'on' if r['cache'] else 'off'} | {r['requests_per_s']:.1f} "
-            f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['ttft_p50_ms'] or ''} | {r['ttft_p95_ms'] or ''} "
-            f"| {counters['hits_total']:.0f} | {counters['misses_total']:.0f} | {counters['chars_saved_total']:.0f} "
-            f"| {', '.join(f'{m:.0f}' for m in r['worker_rss_mib'])} |"
-        )
-    write_report(args.out, "cache", {"rows": rows}, "\n".join(lines) + "\n")
-
-
-# --------------------------------------------------------------------------- chunked prefill
-
-
-async def prefill_round(base: str, streams: int, settle: float, tag: int) -> dict[str, Any]:
-    """`streams` streams run; after `settle` s a 4,096-character prompt arrives. Returns the streams'
-    gaps between chunks before it (steady state) and while it is encoded, and its time to first character."""
-    arrivals: list[list[float]] = [[] for _ in range(streams)]
-    timeout = aiohttp.ClientTimeout(total=120)
-    connector = aiohttp.TCPConnector(limit=streams + 1)
-    async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as session:
-
-        async def stream(i: int) -> None:
-            body = {"prompt": window(i * 7, 20), "max_tokens": 4096, "temperature": 0.8, "seed": i, "stream": True}
-            async with session.post("/v1/generate", json=body) as response:
-                async for raw in response.content:
-                    if raw.startswith(b"data: {"):
-                        arrivals[i].append(time.perf_counter())
-
-        tasks = [asyncio.create_task(stream(i)) for i in range(streams)]
-        while not all(arrivals):
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(settle)
-        prompt = (unique_tag(tag, 8) + " " + SOURCE * 20)[:4096]  # new to the server: nothing cached
-        body = {"prompt": prompt, "max_tokens": 16, "temperature": 0.8, "seed": tag, "stream": True}
-        sent = time.perf_counter()
-        first = None
-        async with session.post("/v1/generate", json=body) as response:
-            async for raw in response.content:
-                if first is None and raw.startswith(b"data: {"):
-                    first = time.perf_counter() - sent
-        await asyncio.sleep(0.1)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    assert first is not None, "the long prompt got no character"
-    steady, during = [], []
-    for times in arrivals:
-        for before, after in itertools.pairwise(times):
-            if sent - settle / 2 <= after < sent:  # the second half of the settling time
-                steady.append(after - before)
-            elif sent <= after <= sent + first + 0.05:  # ends while the long prompt is encoded
-                during.append(after - before)
-    return {
-        "steady_p99_ms": round(1000 * percentile(steady, 99), 2),
-        "during_p99_ms": round(1000 * percentile(during, 99), 2),
-        "during_max_ms": round(1000 * max(during, default=float("nan")), 2),
-        "long_prompt_ttfc_ms": round(1000 * first, 1),
-    }
-
-
-def prefill_suite(args: argparse.Namespace) -> None:
-    """32 streams on one worker, then a 4,096-character prompt; PREFILL_CHUNK_CHARS at its default and 0,
-    in turn, `--repeats` rounds: prefill.json and prefill.md."""
-    chunk = {} if args.prefill_chunk is None else {"PREFILL_CHUNK_CHARS": str(args.prefill_chunk)}
-    settings = {"chunked": chunk, "whole": {"PREFILL_CHUNK_CHARS": "0"}}
-    # Every stream on the worker that encodes the long prompt, and a request thread left for it.
-    env = {"WORKERS": "1", "THREADS": "40", "MAX_TOKENS": "4096"}
-    servers = {name: Server(True, args.precision, **env, **extra) for name, extra in settings.items()}
-    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
-    try:
-        for server in servers.values():
-            server.wait_ready()
-        tag = int(time.time())
-        for _ in range(args.repeats):
-            for name, server in servers.items():
-                tag += 1
-                rounds[name].append(asyncio.run(prefill_round(server.base, 32, 1.0, tag)))
-                print(f"  prefill {name}: {rounds[name][-1]}", flush=True)
-    finally:
-        for server in servers.values():
-            server.stop()
-    summary = {
-        name: {key: round(statistics.median(r[key] for r in runs), 1) for key in runs[0]}
-        for name, runs in rounds.items()
-    }
-    lines = [
-        f"Measured {utc_now()} on {machine()} with "
-        f"`python -m benchmarks.serve --suite prefill --repeats {args.repeats}"
-        + ("" if args.prefill_chunk is None else f" --prefill-chunk {args.prefill_chunk}")
-        + "`: one worker, 32 streams, then a 4,096-character prompt (medians of the rounds; chunked: "
-        + f"PREFILL_CHUNK_CHARS={chunk.get('PREFILL_CHUNK_CHARS', 'default')}, whole: 0).",
-        "",
-        "| prefill | streams' steady p99 gap ms | p99 gap while it encodes ms | max gap ms | max / steady p99 "
-        "| long prompt's TTFC ms |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, s in summary.items():
-        lines.append(
-            f"| {name} | {s['steady_p99_ms']} | {s['during_p99_ms']} | {s['during_max_ms']} "
-            f"| {s['during_max_ms'] / s['steady_p99_ms']:.1f} x | {s['long_prompt_ttfc_ms']} |"
-        )
-    write_report(args.out, "prefill", {"rounds": rounds, "summary": summary}, "\n".join(lines) + "\n")
-
-
-def utc_now() -> str:
-    """The date and minute a report is stamped with."""
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-
-
-def machine() -> str:
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
-        f"torch {torch.__version__}"
-    )
-
+# --------------------------------------------------------------------------- the command line
 
 SUITES = {"headline": headline, "cache": cache_suite, "prefill": prefill_suite}
 

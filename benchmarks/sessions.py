@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import ARTIFACTS, timed, write_report
 from benchmarks.precision import test_text
-from benchmarks.serve import ARTIFACTS, timed, write_report
 from seqmodels.artifacts import load_artifacts
 from service.batching import SessionState
 from service.sessions import SessionCodec, principal_of

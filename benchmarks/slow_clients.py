@@ -45,7 +45,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from benchmarks.serve import ARTIFACTS, REPO, machine, percentile, unique_tag, utc_now, window, write_report
+from benchmarks.common import ARTIFACTS, REPO, cpu_name, machine, percentile, unique_tag, utc_now, window, write_report
 from benchmarks.servers import free_port, start_checkout, stop
 
 SLOW_PATH = b"/v1/next-token"
@@ -607,14 +607,6 @@ def main(argv: list[str] | None = None) -> int:
     write_report(args.out, "slow_clients", report, markdown(report))
     print(markdown(report))
     return 0
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

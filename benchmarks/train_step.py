@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.serve import write_report
+from benchmarks.common import write_report
 from seqmodels.networks import CharLSTM, LMConfig
 from training.lm import LMTrainConfig, make_optimizer, stream_batches
 

@@ -188,12 +188,101 @@ class _Encoding:
     def remaining(self) -> int:
         return len(self.job.prompt_ids) - self.done
 
+    def encoded(self) -> CachedState:
+        """The state and logits after the whole prompt, once it is read."""
+        assert not self.remaining and self.h is not None and self.c is not None and self.logits is not None
+        return CachedState(self.done, self.h, self.c, self.logits)
+
+
+class PromptEncoder:
+    """The prompts of admitted jobs, encoded together: each from the longest cached prefix of its prompt
+    (or from its session's state), caching the state at every checkpoint it reaches."""
+
+    def __init__(
+        self,
+        kernel: FusedStep,
+        on_prefill: Callable[[int], None] | None = None,
+        cache: PrefixCache | None = None,
+        chunk: int = 0,
+    ) -> None:
+        """`chunk` > 0: a call to `advance` reads at most that many ids of each prompt (chunked prefill);
+        0 reads prompts whole."""
+        self.kernel = kernel
+        self.on_prefill = on_prefill  # called with the prompts of every prompt batch
+        self.cache = cache
+        self.chunk = chunk
+        self.pending: list[_Encoding] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.pending)
+
+    def rows_reserved(self) -> int:
+        """The rows that the generation jobs among the pending ones will take."""
+        return sum(e.job.request.n for e in self.pending if e.job.request is not None)
+
+    def add(self, job: Job) -> None:
+        encoding = _Encoding(job, None)
+        start = job.request.session if job.request is not None else None
+        if start is not None:
+            encoding.h, encoding.c = start.h, start.c
+        elif self.cache is not None:  # a session's state is its own: only prompts from the start are cached
+            encoding.keys = PrefixKeys(job.prompt_ids)
+            hit = self.cache.lookup(encoding.keys)
+            if hit is not None:
+                encoding.done, encoding.h, encoding.c, encoding.logits = hit.length, hit.h, hit.c, hit.logits
+        self.pending.append(encoding)
+
+    def take_all(self) -> list[Job]:
+        """The pending jobs, which are no longer pending."""
+        jobs, self.pending = [e.job for e in self.pending], []
+        return jobs
+
+    def advance(self) -> list[_Encoding]:
+        """Advance every pending prompt, all together, by at most `chunk` ids (to its end when 0), in pieces
+        that end at cache checkpoints; returns the encodings that are done. Cancelled jobs are dropped."""
+        self.pending = [e for e in self.pending if not e.job.cancelled]
+        limits = [len(e.job.prompt_ids) for e in self.pending]
+        if self.chunk:  # up to the next multiple of `chunk`, so that a prompt's pieces are the same whatever joins
+            limits = [
+                min(n, (e.done // self.chunk + 1) * self.chunk) for e, n in zip(self.pending, limits, strict=True)
+            ]
+        while active := [(e, limit) for e, limit in zip(self.pending, limits, strict=True) if e.done < limit]:
+            ends = [limit for _, limit in active]
+            if self.cache is not None:  # pieces end at checkpoints, where the state is cached
+                ends = [
+                    min(end, (e.done // CHECKPOINT + 1) * CHECKPOINT) for (e, _), end in zip(active, ends, strict=True)
+                ]
+            self._read([e for e, _ in active], ends)
+        done = [e for e in self.pending if not e.remaining]
+        self.pending = [e for e in self.pending if e.remaining]
+        return done
+
+    def _read(self, encodings: list[_Encoding], ends: list[int]) -> None:
+        """One prompt batch: each encoding reads its prompt on to `ends[i]`."""
+        pieces = [e.job.prompt_ids[e.done : end] for e, end in zip(encodings, ends, strict=True)]
+        initial = None
+        started = [e.h for e in encodings if e.h is not None]
+        if started:
+            zeros = torch.zeros_like(started[0])
+            initial = (
+                torch.stack([zeros if e.h is None else e.h for e in encodings], dim=1),
+                torch.stack([zeros if e.c is None else e.c for e in encodings], dim=1),
+            )
+        logits, (h, c) = self.kernel.prefill(pieces, initial)
+        if self.on_prefill is not None:
+            self.on_prefill(len(encodings))
+        for i, (e, end) in enumerate(zip(encodings, ends, strict=True)):
+            e.done, e.h, e.c, e.logits = end, h[:, i].clone(), c[:, i].clone(), logits[i].clone()
+            if self.cache is not None and e.keys is not None and (end % CHECKPOINT == 0 or not e.remaining):
+                self.cache.put(e.keys, CachedState(end, e.h, e.c, e.logits))
+
 
 @dataclass
 class _Row:
     """One generation choice inside the batch."""
 
     job: Job
+    request: GenerationRequest  # the job's
     index: int
     generator: torch.Generator
     matcher: StopMatcher
@@ -202,6 +291,44 @@ class _Row:
     produced: int = 0
     cumulative: float = 0.0
     finished: bool = False
+
+    def record(self, token_id: int, logprob: float) -> None:
+        self.produced += 1
+        self.generated.append(token_id)
+        self.cumulative += logprob
+        if self.counts is not None:
+            self.counts[token_id] += 1
+
+    def take(self, token_id: int, token: TokenScore, now: float) -> tuple[str, list[TokenScore]] | None:
+        """Record the row's new character and hand its job the text that no stop string can still claim;
+        when the choice ends here, the reason and the text of its last piece instead."""
+        self.record(token_id, token.logprob)
+        released, stopped = self.matcher.push(token)
+        reason = self.finish_reason(stopped, now)
+        if reason is None:
+            if released:
+                self.job.results.put(Delta(self.index, "".join(t.token for t in released), released))
+            return None
+        self.finished = True
+        return reason, released if stopped else released + self.matcher.flush()
+
+    def finish(self, reason: str, released: list[TokenScore], session: SessionState | None) -> None:
+        """Hand the job the choice's last piece, and FINISHED after the job's last choice."""
+        text = "".join(t.token for t in released)
+        self.job.results.put(Delta(self.index, text, released, reason, self.produced, self.cumulative, session))
+        self.job.open_choices -= 1
+        if self.job.open_choices == 0:
+            self.job.results.put(FINISHED)
+
+    def finish_reason(self, stopped: bool, now: float) -> str | None:
+        """Why the choice ends after this character, or None while it goes on."""
+        if stopped:
+            return "stop"
+        if self.produced >= self.request.max_tokens:
+            return "length"
+        if self.request.expired(now):
+            return "deadline"
+        return None
 
 
 class DecodeBatch:
@@ -222,27 +349,22 @@ class DecodeBatch:
         self.kernel = kernel  # the model's decode step and prompt encoder
         self.chars = chars
         self.on_generated = on_generated  # called with the rows of every decode step
-        self.on_prefill = on_prefill  # called with the prompts of every prompt batch
         self.cache = cache
-        self.prefill_chunk = prefill_chunk
-        self.encoding: list[_Encoding] = []  # admitted jobs whose prompts are not encoded yet
+        self.prompts = PromptEncoder(kernel, on_prefill, cache, prefill_chunk)  # admitted, not yet encoded
         self.rows: list[_Row] = []
         self.h = self.c = self.logits = torch.empty(0)
         # Generation never emits U+FFFD (index 0): it stands for "some unknown character", not for itself.
         self.sampling_mask = torch.zeros(len(chars))
         self.sampling_mask[0] = float("-inf")
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
     @property
     def busy(self) -> bool:
         """Whether there is work: rows to decode or prompts to encode."""
-        return bool(self.rows or self.encoding)
+        return bool(self.rows or self.prompts)
 
     def reserved(self) -> int:
         """Rows taken, counting those of the generation jobs still being encoded."""
-        return len(self.rows) + sum(e.job.request.n for e in self.encoding if e.job.request is not None)
+        return len(self.rows) + self.prompts.rows_reserved()
 
     def admit(self, jobs: Sequence[Job]) -> None:
         """Take jobs in: each starts from the longest cached prefix of its prompt, and the next steps encode
@@ -258,79 +380,29 @@ class DecodeBatch:
                 job.results.put(FINISHED)
                 job.cancel()
         for job in jobs:
-            if job.cancelled:
-                continue
-            encoding = _Encoding(job, None)
-            start = job.request.session if job.request is not None else None
-            if start is not None:
-                encoding.h, encoding.c = start.h, start.c
-            elif self.cache is not None:  # a session's state is its own: only prompts from the start are cached
-                encoding.keys = PrefixKeys(job.prompt_ids)
-                hit = self.cache.lookup(encoding.keys)
-                if hit is not None:
-                    encoding.done, encoding.h, encoding.c, encoding.logits = hit.length, hit.h, hit.c, hit.logits
-            self.encoding.append(encoding)
-
-    @torch.inference_mode()
-    def encode(self) -> None:
-        """Advance the prompts being encoded, all together: each by at most `prefill_chunk` ids (to its end
-        when 0), in pieces that end at cache checkpoints, where the state is cached; then start the jobs
-        whose prompts are done."""
-        self.encoding = [e for e in self.encoding if not e.job.cancelled]
-        chunk = self.prefill_chunk
-        limits = [len(e.job.prompt_ids) for e in self.encoding]
-        if chunk:  # up to the next multiple of `chunk`, so that the pieces of a prompt are the same whatever joins
-            limits = [min(limit, (e.done // chunk + 1) * chunk) for e, limit in zip(self.encoding, limits, strict=True)]
-        while active := [(e, limit) for e, limit in zip(self.encoding, limits, strict=True) if e.done < limit]:
-            ends = [limit for _, limit in active]
-            if self.cache is not None:  # pieces end at checkpoints, where the state is cached
-                ends = [
-                    min(end, (e.done // CHECKPOINT + 1) * CHECKPOINT) for (e, _), end in zip(active, ends, strict=True)
-                ]
-            pieces = [e.job.prompt_ids[e.done : end] for (e, _), end in zip(active, ends, strict=True)]
-            initial = None
-            if any(e.h is not None for e, _ in active):
-                zeros = torch.zeros_like(next(e.h for e, _ in active if e.h is not None))
-                initial = (
-                    torch.stack([zeros if e.h is None else e.h for e, _ in active], dim=1),
-                    torch.stack([zeros if e.c is None else e.c for e, _ in active], dim=1),
-                )
-            logits, (h, c) = self.kernel.prefill(pieces, initial)
-            if self.on_prefill is not None:
-                self.on_prefill(len(active))
-            for i, ((e, _), end) in enumerate(zip(active, ends, strict=True)):
-                e.done, e.h, e.c, e.logits = end, h[:, i].clone(), c[:, i].clone(), logits[i].clone()
-                if self.cache is not None and e.keys is not None and (end % CHECKPOINT == 0 or not e.remaining):
-                    self.cache.put(e.keys, CachedState(end, e.h, e.c, e.logits))
-        finished = [e for e in self.encoding if not e.remaining]
-        self.encoding = [e for e in self.encoding if e.remaining]
-        self._start(finished)
+            if not job.cancelled:
+                self.prompts.add(job)
 
     def _start(self, encoded: list[_Encoding]) -> None:
         """Next-token jobs get their logits; generation jobs join the batch as `n` rows each."""
-        joining: list[_Encoding] = []
+        joining: list[CachedState] = []
         for e in encoded:
-            job, req = e.job, e.job.request
-            assert e.h is not None and e.c is not None and e.logits is not None
+            job, req, state = e.job, e.job.request, e.encoded()
             if req is None:
-                job.results.put(e.logits.clone())
+                job.results.put(state.logits.clone())
                 job.results.put(FINISHED)
                 continue
             for index, generator in enumerate(make_generators(req.seed, req.n)):
                 counts = torch.zeros(len(self.chars)) if req.params.penalized else None
-                self.rows.append(_Row(job, index, generator, StopMatcher(req.stop), counts))
-                joining.append(e)
-        if not joining:
-            return
-        h = torch.stack([e.h for e in joining], dim=1)  # type: ignore[misc]
-        c = torch.stack([e.c for e in joining], dim=1)  # type: ignore[misc]
-        logits = torch.stack([e.logits for e in joining])  # type: ignore[misc]
-        if self.logits.numel() == 0:
+                self.rows.append(_Row(job, req, index, generator, StopMatcher(req.stop), counts))
+                joining.append(state)
+        if joining:
+            h, c = torch.stack([s.h for s in joining], dim=1), torch.stack([s.c for s in joining], dim=1)
+            logits = torch.stack([s.logits for s in joining])
+            if self.logits.numel():
+                h, c = torch.cat([self.h, h], dim=1), torch.cat([self.c, c], dim=1)
+                logits = torch.cat([self.logits, logits])
             self.h, self.c, self.logits = h, c, logits
-        else:
-            self.h = torch.cat([self.h, h], dim=1)
-            self.c = torch.cat([self.c, c], dim=1)
-            self.logits = torch.cat([self.logits, logits], dim=0)
 
     def _keep(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):
@@ -342,110 +414,91 @@ class DecodeBatch:
         index = torch.tensor(keep)
         self.h, self.c, self.logits = self.h[:, index], self.c[:, index], self.logits[index]
 
-    def _sample(self) -> torch.Tensor:
-        """One draw per row from its own generator (see `choose`), so a row's characters do not
-        depend on what else is in the batch."""
-        adjusted = self.logits + self.sampling_mask
-        penalized = [i for i, row in enumerate(self.rows) if row.counts is not None]
-        if penalized:
-            index = torch.tensor(penalized)
-            counts = torch.stack([self.rows[i].counts for i in penalized])  # type: ignore[misc]
-            params = [self.rows[i].job.request.params for i in penalized]  # type: ignore[union-attr]
-            presence = torch.tensor([p.presence_penalty for p in params])[:, None]
-            frequency = torch.tensor([p.frequency_penalty for p in params])[:, None]
-            adjusted[index] -= presence * (counts > 0) + frequency * counts
-        params = [row.job.request.params for row in self.rows]  # type: ignore[union-attr]
-        return choose(adjusted, params, [row.generator for row in self.rows])
-
     @torch.inference_mode()
     def step(self) -> int:
         """Encode (a chunk of) the waiting prompts, then sample a character for every row, deliver it, and
         advance the rows that go on; returns the rows decoded."""
-        if self.encoding:
-            self.encode()
+        if self.prompts:
+            self._start(self.prompts.advance())
         self._keep([i for i, row in enumerate(self.rows) if not row.job.cancelled])
         if not self.rows:
             return 0
         decoded = len(self.rows)
         ids = self._sample()
-        logprobs = torch.log_softmax(self.logits.double(), dim=-1)
-        chosen = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()
-        wanted = [row.job.request.top_logprobs for row in self.rows]  # type: ignore[union-attr]
-        alternatives = top_alternatives(logprobs, wanted, self.chars)
+        id_list = ids.tolist()
+        tokens = self._scored(id_list)
         if self.on_generated is not None:
-            self.on_generated(len(self.rows))
+            self.on_generated(decoded)
         now = time.monotonic()
-        for i, (row, token_id) in enumerate(zip(self.rows, ids.tolist(), strict=True)):
-            req = row.job.request
-            assert req is not None
-            row.produced += 1
-            row.generated.append(token_id)
-            row.cumulative += chosen[i]
-            if row.counts is not None:
-                row.counts[token_id] += 1
-            released, stopped = row.matcher.push(TokenScore(self.chars[token_id], chosen[i], alternatives[i] or None))
-            reason = None
-            if stopped:
-                reason = "stop"
-            elif row.produced >= req.max_tokens:
-                reason = "length"
-            elif req.expired(now):
-                reason = "deadline"
-            if reason is None:
-                if released:
-                    row.job.results.put(Delta(row.index, "".join(t.token for t in released), released))
-                continue
-            row.finished = True
-            released += [] if stopped else row.matcher.flush()
-            text = "".join(t.token for t in released)
-            session = self._stopped_at(i, row, token_id)
-            row.job.results.put(Delta(row.index, text, released, reason, row.produced, row.cumulative, session))
-            row.job.open_choices -= 1
-            if row.job.open_choices == 0:
-                row.job.results.put(FINISHED)
+        for i, (row, token_id, token) in enumerate(zip(self.rows, id_list, tokens, strict=True)):
+            if (ending := row.take(token_id, token, now)) is not None:
+                row.finish(*ending, self._stopped_at(i, row, token_id))
         going_on = [i for i, row in enumerate(self.rows) if not row.finished]
         self._keep(going_on)
         if self.rows:
             self.logits = self.kernel(ids[going_on], self.h, self.c)
         return decoded
 
+    def _sample(self) -> torch.Tensor:
+        """One draw per row from its own generator (see `choose`), so a row's characters do not
+        depend on what else is in the batch."""
+        adjusted = self.logits + self.sampling_mask
+        penalized = [(i, row.counts, row.request.params) for i, row in enumerate(self.rows) if row.counts is not None]
+        if penalized:
+            index = torch.tensor([i for i, _, _ in penalized])
+            counts = torch.stack([counts for _, counts, _ in penalized])
+            presence = torch.tensor([p.presence_penalty for _, _, p in penalized])[:, None]
+            frequency = torch.tensor([p.frequency_penalty for _, _, p in penalized])[:, None]
+            adjusted[index] -= presence * (counts > 0) + frequency * counts
+        return choose(adjusted, [row.request.params for row in self.rows], [row.generator for row in self.rows])
+
+    def _scored(self, ids: list[int]) -> list[TokenScore]:
+        """Each row's sampled character with its log-probability under the model (before temperature,
+        top-k/top-p or penalties) and, where the request asks, the most likely alternatives."""
+        logprobs = torch.log_softmax(self.logits.double(), dim=-1)
+        chosen = logprobs.gather(-1, torch.tensor(ids).unsqueeze(-1)).squeeze(-1).tolist()
+        alternatives = top_alternatives(logprobs, [row.request.top_logprobs for row in self.rows], self.chars)
+        return [
+            TokenScore(self.chars[token_id], logprob, alternative or None)
+            for token_id, logprob, alternative in zip(ids, chosen, alternatives, strict=True)
+        ]
+
     def _stopped_at(self, i: int, row: _Row, token_id: int) -> SessionState | None:
         """Where finishing row `i` stopped (it sampled `token_id` last, not yet read): cached, so that a
         next prompt holding this one and its reply starts after the reply, and returned as the choice's
         session when its request keeps sessions."""
-        req = row.job.request
-        assert req is not None
+        req = row.request
         cached = self.cache is not None and req.session is None and row.produced >= 2  # else: the prompt's entry
         if not (cached or req.keep_session):
             return None
         h, c = self.h[:, i].clone(), self.c[:, i].clone()
-        if cached:
-            assert self.cache is not None
+        if self.cache is not None and cached:
             keys = PrefixKeys([*row.job.prompt_ids, *row.generated[:-1]])
             self.cache.put(keys, CachedState(keys.length, h, c, self.logits[i].clone()))
         return SessionState(h, c, token_id) if req.keep_session else None
 
     def fail(self, exc: BaseException, jobs: Sequence[Job] = ()) -> None:
         """Fail every job in the batch and `jobs` with `exc`, then empty the batch."""
-        self.fail_jobs(exc, [*jobs, *(e.job for e in self.encoding), *(row.job for row in self.rows)])
-        self.encoding = []
+        fail_jobs(exc, [*jobs, *self.prompts.take_all(), *(row.job for row in self.rows)])
         self._keep([])
 
-    @staticmethod
-    def fail_jobs(exc: BaseException, jobs: Sequence[Job]) -> None:
-        for job in {id(j): j for j in jobs}.values():
-            failure = RuntimeError(f"the decode batch failed: {exc!r}")  # one per job: raised on its own thread
-            failure.__cause__ = exc
-            job.results.put(failure)
 
-    def run_alone(self, job: Job) -> Generator[Any, None, None]:
-        """Serve one job on the calling thread (batching off); yields its results until FINISHED."""
-        try:
-            self.admit([job])
-            while not (yield from _release(job.waiting())):
-                self.step()
-        finally:
-            job.cancel()
+def run_alone(batch: DecodeBatch, job: Job) -> Generator[Any, None, None]:
+    """Serve one job on the calling thread with a batch of its own (batching off); yields its results
+    until FINISHED."""
+    try:
+        batch.admit([job])
+        while not (yield from _release(job.waiting())):
+            batch.step()
+    finally:
+        job.cancel()
+
+
+def fail_jobs(exc: BaseException, jobs: Sequence[Job]) -> None:
+    for job in {id(j): j for j in jobs}.values():
+        failure = RuntimeError(f"the decode batch failed: {exc!r}")  # one per job: raised on its own thread
+        failure.__cause__ = exc
+        job.results.put(failure)
 
 
 def merge_deltas(items: list[Any]) -> list[Any]:
@@ -469,6 +522,26 @@ def merge_deltas(items: list[Any]) -> list[Any]:
         head.cumulative_logprob = item.cumulative_logprob
         head.session = item.session
     return out
+
+
+def split_admissible(waiting: Sequence[Job], room: int, empty: bool, now: float) -> tuple[list[Job], list[Job]]:
+    """The waiting jobs that fit in `room` free rows, in arrival order, and those that still wait (one job
+    always fits an `empty` batch). Next-token jobs take no rows and never wait; cancelled jobs are dropped."""
+    taken: list[Job] = []
+    still_waiting: list[Job] = []
+    for job in waiting:
+        if job.cancelled:
+            continue
+        req = job.request
+        need = req.n if req is not None and not req.expired(now) else 0  # an expired job ends in admit, rowless
+        if still_waiting and need:
+            still_waiting.append(job)  # keep the order among jobs that take rows
+        elif need <= room or (empty and not taken):
+            taken.append(job)
+            room -= need
+        else:
+            still_waiting.append(job)
+    return taken, still_waiting
 
 
 _SCHEDULERS: weakref.WeakSet[Scheduler] = weakref.WeakSet()
@@ -581,26 +654,9 @@ class Scheduler:
             job.cancel()
 
     def _admissible(self, batch: DecodeBatch) -> list[Job]:
-        """Waiting jobs that fit beside the batch's rows, in arrival order (one job always fits an
-        empty batch). Next-token jobs take no rows and never wait; cancelled jobs are dropped."""
         reserved = batch.reserved()
         room = self.max_rows - reserved
-        taken: list[Job] = []
-        still_waiting: list[Job] = []
-        now = time.monotonic()
-        for job in self._waiting:
-            if job.cancelled:
-                continue
-            req = job.request
-            need = req.n if req is not None and not req.expired(now) else 0  # an expired job ends in admit, rowless
-            if still_waiting and need:
-                still_waiting.append(job)  # keep the order among jobs that take rows
-            elif need <= room or not (taken or reserved):
-                taken.append(job)
-                room -= need
-            else:
-                still_waiting.append(job)
-        self._waiting = still_waiting
+        taken, self._waiting = split_admissible(self._waiting, room, reserved == 0, time.monotonic())
         return taken
 
     def _loop(self) -> None:
@@ -635,6 +691,6 @@ class Scheduler:
                 if batch is None:  # no batch to serve them with: fail everything that waits
                     with self._wakeup:
                         jobs, self._waiting = [*jobs, *self._waiting], []
-                    DecodeBatch.fail_jobs(exc, jobs)
+                    fail_jobs(exc, jobs)
                 else:
                     batch.fail(exc, jobs)

@@ -27,10 +27,11 @@ from service.batching import (
     StopMatcher,
     TokenScore,
     merge_deltas,
+    run_alone,
 )
 from service.kernels import FusedStep
 from service.prefix_cache import PrefixCache
-from service.scoring import Scorer, TextScore, text_score
+from service.scoring import Scorer, TextScore
 from service.settings import Settings
 
 __all__ = [
@@ -110,6 +111,21 @@ class EngineOptions:
         )
 
 
+@torch.inference_mode()
+def ranked(logits: torch.Tensor, top_k: int, chars: Sequence[str]) -> NextToken:
+    """The `top_k` most likely next characters after `logits` (V,), and the distribution's entropy."""
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    top = torch.topk(logprobs, min(top_k, len(chars)))
+    entropy_bits = float(-(logprobs.exp() * logprobs).sum()) / LN2
+    return NextToken(
+        candidates=[
+            Candidate(chars[i], math.exp(lp), lp)
+            for lp, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        ],
+        entropy_bits=entropy_bits,
+    )
+
+
 class Engine:
     def __init__(
         self,
@@ -136,10 +152,8 @@ class Engine:
         self.classifier = models.classifier
         self.labels = models.labels
         self.kernel = FusedStep(self.lm, options.dtype)
-        self.dtype = options.dtype
         self.prefix_cache = prefix_cache
         self.scorer = Scorer(self.kernel, self.vocab, prefix_cache)
-        self.prefill_chunk = options.prefill_chunk
         self.scheduler = (
             Scheduler(
                 self.new_batch, options.max_batch_rows, options.batch_gather_seconds, options.stream_interval_seconds
@@ -148,8 +162,8 @@ class Engine:
             else None
         )
         # Scoring and classification run on the request's own thread, one whole batch per call. More
-        # of them at once than the worker has torch threads only adds activation memory (about
-        # 100 MB for 16 texts of 200 characters), so they take turns for these slots.
+        # of them at once than the worker has torch threads only adds activation memory (a batch's
+        # activations for every position of every text), so they take turns for these slots.
         self._scoring_slots = threading.BoundedSemaphore(options.scoring_slots)
 
     @classmethod
@@ -158,14 +172,19 @@ class Engine:
 
     def new_batch(self) -> DecodeBatch:
         return DecodeBatch(
-            self.kernel, self.vocab.chars, self.on_generated, self.on_prefill, self.prefix_cache, self.prefill_chunk
+            self.kernel,
+            self.vocab.chars,
+            self.on_generated,
+            self.on_prefill,
+            self.prefix_cache,
+            self.options.prefill_chunk,
         )
 
     def run(self, job: Job) -> Generator[Any, None, None]:
         """The job's results, from the shared scheduler or computed alone; closing this cancels the job."""
         if self.scheduler is not None:
             return self.scheduler.results(job)
-        return self.new_batch().run_alone(job)
+        return run_alone(self.new_batch(), job)
 
     def close(self) -> None:
         """Let the scheduler thread end and drop the pod-wide cache's table (the engine of a model version
@@ -182,32 +201,14 @@ class Engine:
         weights = sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
         return weights + self.kernel.nbytes + (self.prefix_cache.max_bytes if self.prefix_cache is not None else 0)
 
-    # ------------------------------------------------------------------ helpers
-
     def prompt_ids(self, text: str) -> list[int]:
         return [self.vocab.bos_id, *self.vocab.encode(text)]
-
-    # ------------------------------------------------------------------ endpoints
 
     def next_token(self, text: str, top_k: int) -> NextToken:
         results = self.run(Job(self.prompt_ids(text)))
         logits = next(results)
         results.close()
-        return self._rank(logits, top_k)
-
-    @torch.inference_mode()
-    def _rank(self, logits: torch.Tensor, top_k: int) -> NextToken:
-        logprobs = torch.log_softmax(logits.double(), dim=-1)
-        k = min(top_k, self.vocab.size)
-        top = torch.topk(logprobs, k)
-        entropy_bits = float(-(logprobs.exp() * logprobs).sum()) / LN2
-        return NextToken(
-            candidates=[
-                Candidate(self.vocab.chars[i], math.exp(lp), lp)
-                for lp, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-            ],
-            entropy_bits=entropy_bits,
-        )
+        return ranked(logits, top_k, self.vocab.chars)
 
     def score(
         self,
@@ -223,7 +224,7 @@ class Engine:
             raise AdaptationUnavailable("this model's artifact has no dynamic-evaluation settings")
         with self._scoring_slots:
             if adapt:
-                return self._adapted_score(texts, include_tokens, deadline)
+                return self.scorer.adapted(texts, include_tokens, self.models.adapt, deadline)
             return self.scorer.score(texts, include_tokens, top_logprobs)
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
@@ -231,18 +232,6 @@ class Engine:
             raise ClassifierUnavailable("this model was trained without a classifier")
         with self._scoring_slots:
             return self._classify(texts)
-
-    def _adapted_score(self, texts: Sequence[str], include_tokens: bool, deadline: float | None) -> list[TextScore]:
-        """Each text on its own fresh copy of the weights: what one text teaches does not reach another."""
-        results = []
-        for text in texts:
-            ids = self.vocab.encode(text)
-            inputs = torch.tensor([[self.vocab.bos_id, *ids[:-1]]])
-            values = self.lm.adapted_logprobs(
-                inputs, torch.tensor([ids]), self.models.adapt, deadline, autocast=self.dtype
-            ).tolist()
-            results.append(text_score(text, values, [{}] * len(text), include_tokens))
-        return results
 
     @torch.inference_mode()
     def _classify(self, texts: Sequence[str]) -> list[Classification]:

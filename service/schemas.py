@@ -246,7 +246,8 @@ class ScoreRequest(RequestModel):
         False,
         description="dynamic evaluation: score each text segment by segment, taking an SGD step on each scored "
         "segment on a private copy of the weights (every character is still scored before the model trains on "
-        "it); lower bits/char on long texts, at about 0.7 ms per character; at most MAX_ADAPT_CHARS in all",
+        "it); lower bits/char on long texts, at many times the cost of plain scoring (a backward pass per "
+        "segment; docs/api.md has the figures); at most MAX_ADAPT_CHARS in all",
     )
 
     _texts = field_validator("texts")(_check_texts)

