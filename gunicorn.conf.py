@@ -76,9 +76,9 @@ if "SHARED_CACHE_DIR" not in os.environ:
 else:
     _owned_cache_dir = ""
 
-# The master loads the models on one thread: an OpenMP thread team started before fork() is unusable in
-# the forked workers (libgomp is not fork-safe), which would leave them slow or hung. Each worker sets
-# its own thread count (TORCH_THREADS) after the fork.
+# The master loads the models on one thread (create_app sees to that for torch): an OpenMP thread team
+# started before fork() is unusable in the forked workers (libgomp is not fork-safe), which would leave
+# them slow or hung. Each worker sets its own thread count (TORCH_THREADS) after the fork.
 os.environ["OMP_NUM_THREADS"] = "1"
 
 

@@ -2,9 +2,11 @@
 
     python -m benchmarks.reference [--seconds 10] [--rounds 3] [--out benchmarks]
 
-Three servers on the committed artifacts, 2 workers each, loopback only: the service with PRECISION=auto
-(bfloat16 where the CPU has bfloat16 units), the service with PRECISION=float32, and the plain reference
-(`benchmarks/reference_server.py`: Flask and `torch.nn.LSTM` in float32, no project code). Each takes
+Four servers on the committed artifacts, loopback only: the service with PRECISION=auto (bfloat16 where
+the CPU has bfloat16 units) and with PRECISION=float32, 2 workers of one torch thread each (the default);
+the service with PRECISION=auto as 1 worker of 2 torch threads (64 request threads); and the plain
+reference (`benchmarks/reference_server.py`: Flask and `torch.nn.LSTM` in float32, 2 workers, no project
+code). Each takes
 closed-loop next-token clients at 1, 8 and 64 at once, every request with a 100-character prompt that no
 other request shares (so no cache helps), for `--seconds` per level; the servers take turns within each
 of `--rounds` rounds, and the figures are medians over the rounds. Reported: p50 at 1 client, throughput
@@ -40,6 +42,7 @@ from seqmodels.artifacts import load_artifacts
 from service.kernels import FusedStep, choose_precision
 
 LEVELS = (1, 8, 64)
+ONE_WORKER = "service, PRECISION=auto, 1 worker x 2 torch threads"
 REPEAT_CHARS = 3000
 
 
@@ -88,6 +91,17 @@ def repeated_prompts(base: str, count: int = 5) -> dict[str, Any]:
         "speedups": [round(r, 2) for r in ratios],
         "same_answers": same,
     }
+
+
+def p50_after_scoring(base: str, seconds: float) -> float:
+    """1-client next-token p50 (ms) after a few /v1/score requests: scoring runs on other threads than
+    the scheduler's, which must not slow its prompt encoding afterwards (see `off_the_scheduler`)."""
+    port = int(base.rsplit(":", 1)[1])
+    for number in range(3):
+        texts = [window(number * 7 + k, 200) for k in range(8)]
+        status, body, _ = asyncio.run(exchange(port, "POST", "/v1/score", {"texts": texts}))
+        assert status == 200, body
+    return level(base, 1, seconds)["p50_ms"]
 
 
 def read_bandwidth_gb_s(nbytes: int) -> float:
@@ -152,7 +166,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# The service against a plain reference server",
         "",
-        f"`{report['command']}`, {report['when']}, on {report['machine']} ({report['cpu']}). 2 workers each; "
+        f"`{report['command']}`, {report['when']}, on {report['machine']} ({report['cpu']}). 2 workers of one "
+        "torch thread each unless named; "
         f"closed-loop next-token clients, a fresh 100-character prompt per request; {report['seconds']:g} s per "
         f"level, medians of {report['rounds']} interleaved rounds. PRECISION=auto chose: {report['auto_precision']}.",
         "",
@@ -176,6 +191,9 @@ def markdown(report: dict[str, Any]) -> str:
     rep = report["repeat"]
     roof = report["roofline"]
     lines += [
+        "",
+        f"{ONE_WORKER}: 1 client p50 after three /v1/score requests, {report['one_worker_p50_after_scoring_ms']:.1f} "
+        f"ms (before them, in the rounds: {med[ONE_WORKER]['1']['p50_ms']:.1f} ms).",
         "",
         f"A {REPEAT_CHARS:,}-character prompt sent again on a new connection (service, PRECISION=auto): first "
         f"{rep['first_ms']} ms, repeat {rep['repeat_ms']} ms, median speed-up {rep['speedup_median']}x "
@@ -213,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         servers["service, PRECISION=auto"] = start_gunicorn(ARTIFACTS, PRECISION="auto", LOG_LEVEL="WARNING")
         servers["service, PRECISION=float32"] = start_gunicorn(ARTIFACTS, PRECISION="float32", LOG_LEVEL="WARNING")
+        servers[ONE_WORKER] = start_gunicorn(
+            ARTIFACTS, PRECISION="auto", LOG_LEVEL="WARNING", WORKERS="1", TORCH_THREADS="2", THREADS="64"
+        )
         servers["reference (Flask + nn.LSTM, float32)"] = start_reference()
         for proc, base in servers.values():
             wait_healthy(proc, base)
@@ -224,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                     rounds[name].setdefault(str(clients), []).append(figures)
                     print(f"round {number + 1} {name} {clients} clients: {figures}", flush=True)
         repeat = repeated_prompts(servers["service, PRECISION=auto"][1])
+        after_scoring = p50_after_scoring(servers[ONE_WORKER][1], args.seconds)
     finally:
         for proc, _ in servers.values():
             stop(proc)
@@ -255,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "medians": medians,
         "ratios": ratios,
         "repeat": repeat,
+        "one_worker_p50_after_scoring_ms": after_scoring,
         "roofline": roofline(),
     }
     write_report(args.out, "reference", report, markdown(report))

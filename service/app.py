@@ -101,7 +101,9 @@ def _drain_request_body(response: Response) -> Response:
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings()
     configure_logging(settings.log_level)
-    torch.set_num_threads(settings.torch_threads)
+    # Models load (and their kernels' probes run) on one thread: an OpenMP thread team started here would
+    # be unusable in processes forked from this one (gunicorn's workers, which set their own count).
+    torch.set_num_threads(1)
 
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_body_bytes)
@@ -111,6 +113,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     models = ModelRegistry(settings)
     app.extensions["models"] = models
     models.load()  # fail fast: a repository with nothing loadable stops start-up with a clear message
+    torch.set_num_threads(settings.torch_threads)
 
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:  # off unless configured: browsers on other origins cannot call the API

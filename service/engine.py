@@ -29,7 +29,7 @@ from service.batching import (
     merge_deltas,
     run_alone,
 )
-from service.kernels import FusedStep
+from service.kernels import FusedStep, off_the_scheduler
 from service.prefix_cache import PrefixCache
 from service.scoring import Scorer, TextScore
 from service.settings import Settings
@@ -224,14 +224,16 @@ class Engine:
             raise AdaptationUnavailable("this model's artifact has no dynamic-evaluation settings")
         with self._scoring_slots:
             if adapt:
-                return self.scorer.adapted(texts, include_tokens, self.models.adapt, deadline)
-            return self.scorer.score(texts, include_tokens, top_logprobs)
+                return off_the_scheduler(
+                    lambda: self.scorer.adapted(texts, include_tokens, self.models.adapt, deadline)
+                )
+            return off_the_scheduler(lambda: self.scorer.score(texts, include_tokens, top_logprobs))
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
         if self.classifier is None:
             raise ClassifierUnavailable("this model was trained without a classifier")
         with self._scoring_slots:
-            return self._classify(texts)
+            return off_the_scheduler(lambda: self._classify(texts))
 
     @torch.inference_mode()
     def _classify(self, texts: Sequence[str]) -> list[Classification]:

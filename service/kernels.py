@@ -4,13 +4,18 @@ encoder to the bit; the step's matmuls within float32 rounding); used only by th
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
-from collections.abc import Sequence
-from typing import Any
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from seqmodels.networks import CharLSTM, LSTMState, bfloat16_units
+
+T = TypeVar("T")
 
 
 def choose_precision(setting: str) -> tuple[torch.dtype, str]:
@@ -21,6 +26,45 @@ def choose_precision(setting: str) -> tuple[torch.dtype, str]:
     if units is None:
         return torch.float32, "auto: this CPU has no bfloat16 units"
     return torch.bfloat16, f"auto: this CPU has {units} units"
+
+
+def _one_openmp_thread_here() -> None:
+    """This thread's operators on one thread. torch.set_num_threads would change every thread's count
+    (torch keeps one for the process, which each thread copies when it first runs an operator), so this
+    sets the calling thread's own OpenMP count, once torch has set it; without GNU OpenMP, nothing."""
+    torch.get_num_threads()  # torch sets this thread's count now, not after us
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)
+
+
+def off_the_scheduler(compute: Callable[[], T]) -> T:
+    """`compute()`, on a thread of its own that ends with it and runs its operators on one thread, where
+    the worker runs torch on more than one (TORCH_THREADS > 1); called where it is, otherwise.
+
+    With more than one torch thread, the scheduler thread's OpenMP threads wait for each other at every
+    step of a prompt's encoding, and GNU OpenMP keeps them spinning there only while it manages no more
+    threads than there are CPUs. Any other thread that has run an operator counts as managed for as
+    long as it lives: from then on the scheduler's threads sleep and wake at every step, and encoding
+    a prompt takes several times as long. Request threads and the model watcher live as long as the
+    worker, so their heavy work (scoring, classifying, loading a model) runs on a passing thread."""
+    if torch.get_num_threads() == 1:
+        return compute()
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        _one_openmp_thread_here()
+        try:
+            outcome.append(compute())
+        except BaseException as exc:  # re-raised on the calling thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="compute", daemon=True)
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 class PackedLinear:

@@ -43,6 +43,7 @@ from seqmodels.artifacts import (
     versions_in,
 )
 from service.engine import Engine
+from service.kernels import off_the_scheduler
 from service.metrics import MODEL_LOAD_SECONDS, MODEL_MEMORY_BYTES, MODEL_SERVING_VERSION, MODEL_VERSIONS_REFUSED
 from service.settings import Settings
 
@@ -285,7 +286,7 @@ class ModelRepository:
             models = load_artifacts(path)
             if fingerprint(path) != before:  # written to while we read it: looked at again at the next sync
                 return self._refuse(path, before, "unverified", f"{model_id}: its files changed while loading")
-            engine = self.build_engine(models, model_id)
+            engine = off_the_scheduler(lambda: self.build_engine(models, model_id))  # its kernels' probes run
         except ArtifactError as exc:
             return self._refuse(path, before, "unverified", f"{model_id}: {exc}")
         except Exception as exc:  # an unreadable file, a config too large to build: refused, never fatal
