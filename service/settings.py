@@ -49,7 +49,13 @@ class Settings(BaseSettings):
         pattern=r"^(?i)(DEBUG|INFO|WARNING|ERROR|CRITICAL)$",
         description="DEBUG, INFO (one JSON access line per request), WARNING, ERROR or CRITICAL",
     )
-    torch_threads: int = Field(1, ge=1, le=64, description="intra-op threads per worker process")
+    torch_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="torch threads of each worker's scheduler (prompt encoding, decode steps); scoring, "
+        "classifying and model loads use one. WORKERS x TORCH_THREADS should equal the CPUs",
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     max_texts: int = Field(64, ge=1, description="texts per score or classify request")
     max_text_chars: int = Field(4096, ge=1, description="characters per text or prompt")
