@@ -53,8 +53,8 @@ def off_the_scheduler(compute: Callable[[], T]) -> T:
     failure: list[BaseException] = []
 
     def run() -> None:
-        _one_openmp_thread_here()
         try:
+            _one_openmp_thread_here()
             outcome.append(compute())
         except BaseException as exc:  # re-raised on the calling thread
             failure.append(exc)

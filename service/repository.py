@@ -269,6 +269,11 @@ class ModelRepository:
             held |= {id(mv): mv for mv in [*self._draining, *(stays or [])]}
         return sum(mv.memory_bytes for mv in held.values())
 
+    def _build_if_unchanged(self, path: Path, before: Fingerprint, model_id: str) -> Engine | None:
+        """The version's engine, or None where its files changed while they were read."""
+        models = load_artifacts(path)
+        return self.build_engine(models, model_id) if fingerprint(path) == before else None
+
     def _load(
         self, name: str, version: int, path: Path, before: Fingerprint, stays: list[ModelVersion]
     ) -> ModelVersion | None:
@@ -283,10 +288,10 @@ class ModelRepository:
             )
         started = time.perf_counter()
         try:
-            models = load_artifacts(path)
-            if fingerprint(path) != before:  # written to while we read it: looked at again at the next sync
+            # Reading the weights and probing the kernels run torch operators: not on this long-lived thread.
+            engine = off_the_scheduler(lambda: self._build_if_unchanged(path, before, model_id))
+            if engine is None:  # written to while we read it: looked at again at the next sync
                 return self._refuse(path, before, "unverified", f"{model_id}: its files changed while loading")
-            engine = off_the_scheduler(lambda: self.build_engine(models, model_id))  # its kernels' probes run
         except ArtifactError as exc:
             return self._refuse(path, before, "unverified", f"{model_id}: {exc}")
         except Exception as exc:  # an unreadable file, a config too large to build: refused, never fatal

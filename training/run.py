@@ -307,10 +307,16 @@ def prepare_corpus(args: argparse.Namespace) -> Corpus:
 
 
 def evaluate_lm(
-    lm: CharLSTM, vocab: Vocab, corpus: Corpus, args: argparse.Namespace, device: torch.device
+    lm: CharLSTM,
+    vocab: Vocab,
+    corpus: Corpus,
+    args: argparse.Namespace,
+    device: torch.device,
+    trained: dict[str, Any],
 ) -> tuple[dict[str, Any], AdaptConfig]:
     """The held-out figures: bits per character on the test and validation texts, PPMd's on the same test
-    characters, and dynamic evaluation tuned on the validation documents and measured on the test ones."""
+    characters, and dynamic evaluation tuned on the validation documents and measured on the test ones;
+    with the figures of the training run (`trained`) among them, where metrics.json has always had them."""
     print("evaluating the LM on the held-out documents ...")
     encode = lambda text: torch.tensor(vocab.encode(text), dtype=torch.long)  # noqa: E731
     test_bpc = evaluate_bpc(lm, encode(corpus.test_text), vocab.bos_id, EVAL_SEGMENT)
@@ -341,6 +347,7 @@ def evaluate_lm(
         "val_chars": len(corpus.val_text),
         "eval_segment_chars": EVAL_SEGMENT,
         "ppmd": ppmd,
+        **trained,
         "beats_ppmd_by_percent": 100 * (1 - test_bpc / ppmd["bpc"]),
         "ratio_to_ppmd": test_bpc / ppmd["bpc"],
         "adaptive": {
@@ -451,7 +458,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
         return 0
     lm_seconds = time.monotonic() - started
     # Held-out scoring on the training device; the artifact is written from the CPU copy.
-    lm_figures, adapt = evaluate_lm(lm.to(device), vocab, corpus, args, device)
+    lm_figures, adapt = evaluate_lm(lm.to(device), vocab, corpus, args, device, training_figures(lm, vocab, lm_history))
     lm = lm.cpu()
     classifier, labels, clf_results, clf_history = (
         classify_stage(documents, sample, passages, clf_cfg, args.seed)
@@ -459,7 +466,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
         else (None, [], None, None)
     )
     metrics: dict[str, Any] = {
-        "lm": {**lm_figures, **training_figures(lm, vocab, lm_history)},
+        "lm": lm_figures,
         "classifier": clf_results,
         "seconds": {"lm_training": lm_seconds, "total": time.monotonic() - started},
     }
