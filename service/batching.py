@@ -659,7 +659,14 @@ class Scheduler:
         taken, self._waiting = split_admissible(self._waiting, room, reserved == 0, time.monotonic())
         return taken
 
+    # With more than one torch thread, a scheduler thread that has been idle this long ends (the next job
+    # starts another): its OpenMP threads live as long as it does, and GNU OpenMP makes every team's
+    # threads sleep at each step's wait while it manages more threads than there are CPUs, so the idle
+    # scheduler of another model version would slow the busy one several times over.
+    IDLE_SECONDS = 1.0
+
     def _loop(self) -> None:
+        self._idle_wait = self.IDLE_SECONDS if torch.get_num_threads() > 1 else None
         batch: DecodeBatch | None = None
         while True:
             jobs: list[Job] = []
@@ -671,7 +678,9 @@ class Scheduler:
                         if self._stopping:
                             self._thread = None
                             return
-                        self._wakeup.wait()
+                        if not self._wakeup.wait(self._idle_wait) and not self._waiting:
+                            self._thread = None  # idle with several torch threads: see IDLE_SECONDS
+                            return
                     expected = self.expected_prompts(time.monotonic())
                     if not batch.busy and expected > 1:
                         until = time.monotonic() + self.gather_seconds

@@ -4,6 +4,7 @@ thread runs operators on several (see `off_the_scheduler`)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import pytest
 import torch
 from flask import Flask
 
+from seqmodels.artifacts import load_artifacts
 from service.app import create_app
-from service.engine import Engine
+from service.batching import Scheduler
+from service.engine import Engine, EngineOptions
 from service.kernels import off_the_scheduler
 from service.settings import Settings
 
@@ -81,3 +84,26 @@ def test_scoring_with_two_torch_threads_equals_one(app: Flask, two_torch_threads
     with_one = client.post("/v1/score", json=body)
     assert with_two.status_code == with_one.status_code == 200
     assert with_two.get_json()["results"] == with_one.get_json()["results"]
+
+
+@pytest.mark.parametrize("torch_threads", [1, 2])
+def test_an_idle_scheduler_ends_its_thread_only_with_several_torch_threads(
+    tiny_artifacts: Path, monkeypatch: pytest.MonkeyPatch, torch_threads: int
+) -> None:
+    monkeypatch.setattr(Scheduler, "IDLE_SECONDS", 0.05)
+    torch.set_num_threads(torch_threads)
+    try:
+        engine = Engine(load_artifacts(tiny_artifacts), EngineOptions(batching=True))
+        assert engine.scheduler is not None
+        first = engine.next_token("Hark", 3)
+        time.sleep(10 * Scheduler.IDLE_SECONDS)
+        deadline = time.monotonic() + 10  # a loaded machine may be slow to let the thread end
+        while torch_threads > 1 and engine.scheduler.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.scheduler.alive() == (torch_threads == 1)
+        again = engine.next_token("Hark", 3)  # a new thread where the old one ended
+        assert [c.token for c in again.candidates] == [c.token for c in first.candidates]
+        assert engine.scheduler.alive()
+        engine.close()
+    finally:
+        torch.set_num_threads(1)
