@@ -20,8 +20,8 @@ from service.worker import claim_slot, create_connection_table, release_slot
 def _limit_malloc_arenas() -> None:
     """glibc gives threads their own malloc arenas (up to 8 per core) and keeps what is freed in them,
     so request threads that each once held a scoring batch's activations leave a worker holding many
-    times its working set. Two arenas keep it near its working set. Set here, in the master, before any thread exists,
-    so every forked worker inherits it; the MALLOC_ARENA_MAX variable overrides the number."""
+    times its working set; two arenas keep it near it. Set here, in the master, before any thread
+    exists, so every forked worker inherits it; the MALLOC_ARENA_MAX variable overrides the number."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune

@@ -1,6 +1,7 @@
 """The load generator of the serving benchmarks: a scenario (what to send, how many clients at once),
 the shipped gunicorn server wrapped so that its CPU use and its workers' memory can be read, and a
-closed-loop asyncio client that drives a scenario against it and sums up what it measured."""
+closed-loop asyncio client that drives a scenario against it and sums up what it measured; closed-loop
+next-token clients, each prompt of its own; and one request on a new connection, as a probe sends it."""
 
 from __future__ import annotations
 
@@ -149,7 +150,71 @@ def running(servers: dict[Key, Server]) -> Iterator[dict[Key, Server]]:
             server.stop()
 
 
-# --------------------------------------------------------------------------- the client
+# --------------------------------------------------------------------------- the clients
+
+# One count for the whole run: a server serves several runs, and a prompt seen before would hit its prefix cache.
+REQUEST_NUMBERS = itertools.count()
+
+
+async def exchange(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes, float]:
+    """One request on a new connection (as a Kubernetes probe makes it): the status, the body and the
+    seconds to the whole answer."""
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    payload = json.dumps(body).encode() if body is not None else b""
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+    try:
+        writer.write(head.encode() + b"\r\n" + payload)
+        data = await reader.read()
+    finally:
+        writer.close()
+    status_line, _, rest = data.partition(b"\r\n")
+    parts = status_line.split(b" ")
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    return status, rest.partition(b"\r\n\r\n")[2], time.perf_counter() - started
+
+
+@dataclass
+class Load:
+    ok_latencies: list[float] = field(default_factory=list)
+    statuses: collections.Counter[str] = field(default_factory=collections.Counter)
+    seconds: float = 0.0
+
+
+async def next_token_clients(base: str, clients: int, seconds: float, honour_retry_after: bool = True) -> Load:
+    """`clients` closed-loop next-token clients for `seconds` (after a 1 s warm-up that is not counted)."""
+    load = Load()
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as session:
+
+        async def client(measure_from: float, until: float) -> None:
+            while (started := time.monotonic()) < until:
+                number = next(REQUEST_NUMBERS)
+                body = {"text": unique_tag(number, 6) + window(number, 94), "top_k": 5}
+                wait = 0.0
+                try:
+                    async with session.post("/v1/next-token", json=body) as response:
+                        await response.read()
+                        status = str(response.status)
+                        if response.status == 503 and honour_retry_after:
+                            wait = float(response.headers.get("Retry-After", "1"))
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    status = type(exc).__name__
+                if started >= measure_from:
+                    load.statuses[status] += 1
+                    if status == "200":
+                        load.ok_latencies.append(time.monotonic() - started)
+                if wait:
+                    await asyncio.sleep(wait)
+
+        measure_from = time.monotonic() + 1.0
+        until = measure_from + seconds
+        await asyncio.gather(*(client(measure_from, until) for _ in range(clients)))
+    load.seconds = seconds
+    return load
 
 
 @dataclass
@@ -172,7 +237,7 @@ class Tally:
             self.first_tokens.append(first)
 
 
-async def exchange(
+async def one_request(
     session: aiohttp.ClientSession, scenario: Scenario, client: int, number: int
 ) -> tuple[str | None, int, float | None]:
     """One request of `scenario`: an error kind or None, the characters received, and the time to the
@@ -230,7 +295,7 @@ async def drive(
         async def client(index: int, measure_from: float, until: float) -> None:
             while (started := time.perf_counter()) < until:
                 try:
-                    error, chars, first = await exchange(session, scenario, index, next(numbers))
+                    error, chars, first = await one_request(session, scenario, index, next(numbers))
                 except (TimeoutError, aiohttp.ClientError) as exc:
                     error, chars, first = f"{type(exc).__name__}: {exc}"[:120], 0, None
                 if started >= measure_from:

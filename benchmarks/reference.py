@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from benchmarks.common import ARTIFACTS, REPO, cpu_name, machine, percentile, unique_tag, utc_now, window, write_report
+from benchmarks.loadgen import exchange, next_token_clients
 from benchmarks.servers import GunicornProcess, free_port, start_gunicorn, stop, wait_until_up
-from benchmarks.slow_clients import exchange, next_token_clients
 from seqmodels.artifacts import load_artifacts
 from service.kernels import FusedStep, choose_precision
 

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import itertools
 import json
 import shutil
 import statistics
@@ -42,15 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import psutil
 
-from benchmarks.common import ARTIFACTS, REPO, cpu_name, machine, percentile, unique_tag, utc_now, window, write_report
+from benchmarks.common import ARTIFACTS, REPO, cpu_name, machine, percentile, utc_now, write_report
+from benchmarks.loadgen import Load, exchange, next_token_clients
 from benchmarks.servers import free_port, start_checkout, stop
 
 SLOW_PATH = b"/v1/next-token"
-# One count for the whole run: a server serves several runs, and a prompt seen before would hit its prefix cache.
-REQUEST_NUMBERS = itertools.count()
 
 
 @dataclass
@@ -102,26 +99,6 @@ async def trickle(
             return
 
 
-async def exchange(port: int, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes, float]:
-    """One request on a new connection (as a Kubernetes probe makes it): the status, the body and the
-    seconds to the whole answer."""
-    started = time.perf_counter()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    payload = json.dumps(body).encode() if body is not None else b""
-    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
-    if body is not None:
-        head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-    try:
-        writer.write(head.encode() + b"\r\n" + payload)
-        data = await reader.read()
-    finally:
-        writer.close()
-    status_line, _, rest = data.partition(b"\r\n")
-    parts = status_line.split(b" ")
-    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-    return status, rest.partition(b"\r\n\r\n")[2], time.perf_counter() - started
-
-
 async def probe(port: int, path: str = "/healthz") -> float:
     """Seconds for a GET of `path` on a new connection; raises on anything but 200."""
     status, _, seconds = await exchange(port, "GET", path)
@@ -141,47 +118,6 @@ async def prober(port: int, until: float, every: float = 0.1, limit: float = 5.0
             failures += 1
         await asyncio.sleep(every)
     return latencies, failures
-
-
-@dataclass
-class Load:
-    ok_latencies: list[float] = field(default_factory=list)
-    statuses: collections.Counter[str] = field(default_factory=collections.Counter)
-    seconds: float = 0.0
-
-
-async def next_token_clients(base: str, clients: int, seconds: float, honour_retry_after: bool = True) -> Load:
-    """`clients` closed-loop next-token clients for `seconds` (after a 1 s warm-up that is not counted)."""
-    load = Load()
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(base, connector=connector, timeout=timeout) as session:
-
-        async def client(measure_from: float, until: float) -> None:
-            while (started := time.monotonic()) < until:
-                number = next(REQUEST_NUMBERS)
-                body = {"text": unique_tag(number, 6) + window(number, 94), "top_k": 5}
-                wait = 0.0
-                try:
-                    async with session.post("/v1/next-token", json=body) as response:
-                        await response.read()
-                        status = str(response.status)
-                        if response.status == 503 and honour_retry_after:
-                            wait = float(response.headers.get("Retry-After", "1"))
-                except (TimeoutError, aiohttp.ClientError) as exc:
-                    status = type(exc).__name__
-                if started >= measure_from:
-                    load.statuses[status] += 1
-                    if status == "200":
-                        load.ok_latencies.append(time.monotonic() - started)
-                if wait:
-                    await asyncio.sleep(wait)
-
-        measure_from = time.monotonic() + 1.0
-        until = measure_from + seconds
-        await asyncio.gather(*(client(measure_from, until) for _ in range(clients)))
-    load.seconds = seconds
-    return load
 
 
 def summary(load: Load) -> dict[str, Any]:

@@ -426,7 +426,7 @@ class DecodeBatch:
         decoded = len(self.rows)
         ids = self._sample()
         id_list = ids.tolist()
-        tokens = self._scored(id_list)
+        tokens = self._scored(ids, id_list)
         if self.on_generated is not None:
             self.on_generated(decoded)
         now = time.monotonic()
@@ -452,15 +452,16 @@ class DecodeBatch:
             adjusted[index] -= presence * (counts > 0) + frequency * counts
         return choose(adjusted, [row.request.params for row in self.rows], [row.generator for row in self.rows])
 
-    def _scored(self, ids: list[int]) -> list[TokenScore]:
-        """Each row's sampled character with its log-probability under the model (before temperature,
-        top-k/top-p or penalties) and, where the request asks, the most likely alternatives."""
+    def _scored(self, ids: torch.Tensor, id_list: list[int]) -> list[TokenScore]:
+        """Each row's sampled character (`ids`, and the same as a list) with its log-probability under the
+        model (before temperature, top-k/top-p or penalties) and, where the request asks, the most likely
+        alternatives."""
         logprobs = torch.log_softmax(self.logits.double(), dim=-1)
-        chosen = logprobs.gather(-1, torch.tensor(ids).unsqueeze(-1)).squeeze(-1).tolist()
+        chosen = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1).tolist()
         alternatives = top_alternatives(logprobs, [row.request.top_logprobs for row in self.rows], self.chars)
         return [
             TokenScore(self.chars[token_id], logprob, alternative or None)
-            for token_id, logprob, alternative in zip(ids, chosen, alternatives, strict=True)
+            for token_id, logprob, alternative in zip(id_list, chosen, alternatives, strict=True)
         ]
 
     def _stopped_at(self, i: int, row: _Row, token_id: int) -> SessionState | None:
@@ -666,7 +667,7 @@ class Scheduler:
     IDLE_SECONDS = 1.0
 
     def _loop(self) -> None:
-        self._idle_wait = self.IDLE_SECONDS if torch.get_num_threads() > 1 else None
+        idle_wait = self.IDLE_SECONDS if torch.get_num_threads() > 1 else None
         batch: DecodeBatch | None = None
         while True:
             jobs: list[Job] = []
@@ -678,7 +679,7 @@ class Scheduler:
                         if self._stopping:
                             self._thread = None
                             return
-                        if not self._wakeup.wait(self._idle_wait) and not self._waiting:
+                        if not self._wakeup.wait(idle_wait) and not self._waiting:
                             self._thread = None  # idle with several torch threads: see IDLE_SECONDS
                             return
                     expected = self.expected_prompts(time.monotonic())

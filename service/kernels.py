@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
-import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
@@ -33,8 +34,18 @@ def _one_openmp_thread_here() -> None:
     (torch keeps one for the process, which each thread copies when it first runs an operator), so this
     sets the calling thread's own OpenMP count, once torch has set it; without GNU OpenMP, nothing."""
     torch.get_num_threads()  # torch sets this thread's count now, not after us
+    if (gomp := _gnu_openmp()) is not None:
+        gomp.omp_set_num_threads(1)
+
+
+@functools.cache
+def _gnu_openmp() -> ctypes.CDLL | None:
+    """The GNU OpenMP runtime torch loaded, or None where it uses another."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)
+        library = ctypes.CDLL("libgomp.so.1")
+        library.omp_set_num_threads  # noqa: B018 - raises AttributeError where it is missing
+        return library
+    return None
 
 
 def off_the_scheduler(compute: Callable[[], T]) -> T:
@@ -49,22 +60,9 @@ def off_the_scheduler(compute: Callable[[], T]) -> T:
     worker, so their heavy work (scoring, classifying, loading a model) runs on a passing thread."""
     if torch.get_num_threads() == 1:
         return compute()
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            _one_openmp_thread_here()
-            outcome.append(compute())
-        except BaseException as exc:  # re-raised on the calling thread
-            failure.append(exc)
-
-    worker = threading.Thread(target=run, name="compute", daemon=True)
-    worker.start()
-    worker.join()
-    if failure:
-        raise failure[0]
-    return outcome[0]
+    # One thread, ended when the `with` does; a failure is raised again here by result().
+    with ThreadPoolExecutor(1, thread_name_prefix="compute", initializer=_one_openmp_thread_here) as passing:
+        return passing.submit(compute).result()
 
 
 class PackedLinear:

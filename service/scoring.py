@@ -93,10 +93,10 @@ class Scorer:
         """Dynamic evaluation (see `CharLSTM.adapted_logprobs`), each text on its own fresh copy of the
         weights: what one text teaches does not reach another. TimeoutError past `deadline`."""
         results = []
+        lm = self.kernel.lm
         for text in texts:
             ids = self.vocab.encode(text)
             inputs = torch.tensor([[self.vocab.bos_id, *ids[:-1]]])
-            lm = self.kernel.lm
             values = lm.adapted_logprobs(inputs, torch.tensor([ids]), adapt, deadline, autocast=self.kernel.dtype)
             results.append(text_score(text, values.tolist(), [{}] * len(text), include_tokens))
         return results

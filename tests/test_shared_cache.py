@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.loadgen import exchange
 from benchmarks.servers import metric_total
-from benchmarks.slow_clients import exchange
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from service.engine import Engine, EngineOptions
 from service.prefix_cache import CHECKPOINT, PrefixCache, PrefixKeys
