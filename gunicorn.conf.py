@@ -10,10 +10,10 @@ needs many of them (THREADS) to serve many clients at once.
 import ctypes
 import os
 import shutil
-import tempfile
 import warnings
 
 from service.settings import Settings
+from service.shared_cache import owned_folder
 from service.worker import claim_slot, create_connection_table, release_slot
 
 
@@ -61,17 +61,19 @@ control_socket_disable = True  # no runtime control socket: nothing should recon
 # Each worker writes its Prometheus values to files here and /metrics sums them (prometheus-client's
 # multiprocess mode). It must be set before the app, and so prometheus_client, is imported.
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="charlm-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = owned_folder("charlm-metrics-", None)
     _owned_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 else:
     _owned_metrics_dir = ""
 
 # The pod-wide level of the prefix cache: tables in shared memory that every worker maps (service/
 # shared_cache.py), in a fresh folder per server start, on /dev/shm where it is writable (tmpfs; in a
-# Kubernetes pod it counts against the pod's memory), removed at exit. SHARED_PREFIX_CACHE_MB=0 turns it off.
+# Kubernetes pod it counts against the pod's memory), removed at exit, and at the next start where a killed
+# server left it. Each table reserves its pages when it is made and takes no more than the filesystem has
+# free (docs/deployment.md says how to size /dev/shm). SHARED_PREFIX_CACHE_MB=0 turns it off.
 if "SHARED_CACHE_DIR" not in os.environ:
     _shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    os.environ["SHARED_CACHE_DIR"] = tempfile.mkdtemp(prefix="charlm-states-", dir=_shm)
+    os.environ["SHARED_CACHE_DIR"] = owned_folder("charlm-states-", _shm)
     _owned_cache_dir = os.environ["SHARED_CACHE_DIR"]
 else:
     _owned_cache_dir = ""
@@ -103,6 +105,11 @@ def when_ready(server):
     # The master loaded the models before forking, and so set their gauges in its own file; the workers
     # set their own when they start. Dropping the master's keeps sums over the workers true.
     multiprocess.mark_process_dead(os.getpid())
+    # The master loaded the models, so it made and mapped their shared tables; the workers map them again
+    # after the fork, and the master lets go of them so that it keeps no page of a retired version alive.
+    from service.shared_cache import detach_all
+
+    detach_all()
     repository = server.app.wsgi().extensions["models"].repository
 
     def handle_hup():

@@ -163,6 +163,7 @@ def roll_out(proc: GunicornProcess, base: str, source: Path, repository: Path, v
     """Publish `versions` new versions one after another, then a corrupt one; time each to every worker."""
     workers = workers_of(proc)
     seconds = []
+    resources = [resources_now(workers)]
     for _ in range(versions):
         published = publish_version(source, repository, MODEL)
         version = int(published.name)
@@ -174,6 +175,8 @@ def roll_out(proc: GunicornProcess, base: str, source: Path, repository: Path, v
                 lambda v=version: set(serving_versions(base, workers).values()) == {v}, limit, f"version {version}"
             )
         )
+        time.sleep(0.5)  # the retired version's last requests end and it is unloaded
+        resources.append(resources_now(workers))
     last = version
     refused_before = refused_total(base)
     corrupt = publish_corrupt(source, repository)
@@ -193,6 +196,19 @@ def roll_out(proc: GunicornProcess, base: str, source: Path, repository: Path, v
         "serving_after_corrupt": sorted(set(still.values())),
         "corrupt_never_served": set(still.values()) == {last},
         "workers_unchanged": workers_of(proc) == workers,
+        "resources_after_each_version": resources,
+    }
+
+
+def resources_now(workers: list[int]) -> dict[str, Any]:
+    """What a rollout could leak: the shared memory in use on /dev/shm (the prefix cache's tables, mapped
+    or not), and each worker's open descriptors and resident memory."""
+    shm = os.statvfs("/dev/shm")
+    processes = [psutil.Process(pid) for pid in workers]
+    return {
+        "dev_shm_used_mib": round((shm.f_blocks - shm.f_bfree) * shm.f_frsize / 2**20, 1),
+        "worker_fds": [p.num_fds() for p in processes],
+        "worker_rss_mib": [round(p.memory_info().rss / 2**20, 1) for p in processes],
     }
 
 
@@ -278,8 +294,21 @@ def markdown(report: dict[str, Any]) -> str:
         f"{events['corrupt_version']} was refused {events['corrupt_refusals']:g} times (once per worker) and "
         f"{'never served' if events['corrupt_never_served'] else 'SERVED'}; the workers were "
         f"{'unchanged' if events['workers_unchanged'] else 'REPLACED'}. Memory per worker of each loaded "
-        f"version (`memory_bytes` in /v1/models, MiB): {events['memory_mib_per_worker']}.\n"
+        f"version (`memory_bytes` in /v1/models, MiB): {events['memory_mib_per_worker']}.\n\n"
+        + resources_table(events["resources_after_each_version"])
     )
+
+
+def resources_table(samples: list[dict[str, Any]]) -> str:
+    """/dev/shm in use, descriptors and resident memory before the first version and after each."""
+    picks = sorted({0, 1, len(samples) // 2, len(samples) - 1})
+    rows = ["| after version | /dev/shm in use (MiB) | open descriptors per worker | RSS per worker (MiB) |",
+            "|---|---|---|---|"]  # fmt: skip
+    for i in picks:
+        sample = samples[i]
+        label = "none yet" if i == 0 else f"{i} of {len(samples) - 1}"
+        rows.append(f"| {label} | {sample['dev_shm_used_mib']} | {sample['worker_fds']} | {sample['worker_rss_mib']} |")
+    return "What a rollout could leak, measured after each version served in every worker:\n\n" + "\n".join(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

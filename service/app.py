@@ -12,7 +12,7 @@ from flask import Flask, Response, jsonify, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
-from service import observability
+from service import lifecycle, observability
 from service.helpers import ApiError, ModelRegistry, hand_leases_to_stream, release_models, settings
 from service.observability import configure_logging
 from service.schemas import ErrorResponse
@@ -58,6 +58,13 @@ def _http_error(exc: HTTPException) -> Response:
     if status == 413:
         message = f"request body larger than {settings().max_body_bytes} bytes"
     return _error_response(ApiError(status, message, "invalid_request_error", code=code))
+
+
+def _refuse_when_draining() -> None:
+    """A model request that starts after the drain deadline (SIGTERM, see service.lifecycle) could not finish
+    before the worker is stopped: 503, so that the client retries on another replica."""
+    if request.path.startswith("/v1/") and lifecycle.draining(time.monotonic()):
+        raise ApiError(503, "the server is shutting down; retry", "service_unavailable", code="shutting_down")
 
 
 def _unexpected(exc: Exception) -> Response:
@@ -118,10 +125,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:  # off unless configured: browsers on other origins cannot call the API
         CORS(app, origins=origins, allow_headers=["Authorization", "Content-Type", "X-Request-ID"])
+    # after_request hooks run in reverse order of registration: registered first, the hand-over of a stream's
+    # leases runs last, so no hook can fail after it and leave a lease that no stream will end.
+    app.after_request(hand_leases_to_stream)  # a stream holds its model version until it is closed
     observability.install(app)  # first: request ids and metrics cover every response, 401s included
     app.before_request(_require_api_key)
+    app.before_request(_refuse_when_draining)
     app.after_request(_drain_request_body)
-    app.after_request(hand_leases_to_stream)  # a stream holds its model version until it is closed
     app.teardown_request(release_models)
     app.register_error_handler(ApiError, _error_response)
     app.register_error_handler(HTTPException, _http_error)

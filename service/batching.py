@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from service import lifecycle
 from service.kernels import FusedStep
 from service.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
 from service.sampling import SamplingParams, choose, make_generators
@@ -149,6 +150,7 @@ class Job:
         self.results: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.cancelled = False  # set by the consumer when it goes away; its rows leave at the next step
         self.open_choices = request.n if request is not None else 0
+        self.taken_by: threading.Thread | None = None  # the scheduler thread that took it from the queue
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -231,6 +233,9 @@ class PromptEncoder:
             if hit is not None:
                 encoding.done, encoding.h, encoding.c, encoding.logits = hit.length, hit.h, hit.c, hit.logits
         self.pending.append(encoding)
+
+    def jobs(self) -> list[Job]:
+        return [e.job for e in self.pending]
 
     def take_all(self) -> list[Job]:
         """The pending jobs, which are no longer pending."""
@@ -328,6 +333,8 @@ class _Row:
             return "length"
         if self.request.expired(now):
             return "deadline"
+        if lifecycle.draining(now):
+            return "shutdown"
         return None
 
 
@@ -373,10 +380,14 @@ class DecodeBatch:
         now = time.monotonic()
         for job in jobs:
             req = job.request
-            if not job.cancelled and req is not None and req.expired(now):
-                # It waited for room past its deadline: it ends as documented, with nothing generated.
+            late = (
+                "deadline" if req is not None and req.expired(now) else "shutdown" if lifecycle.draining(now) else None
+            )
+            if not job.cancelled and req is not None and late is not None:
+                # It waited for room past its deadline (or the server's): it ends as documented, with nothing
+                # generated.
                 for index in range(req.n):
-                    job.results.put(Delta(index, "", [], "deadline", 0, 0.0))
+                    job.results.put(Delta(index, "", [], late, 0, 0.0))
                 job.results.put(FINISHED)
                 job.cancel()
         for job in jobs:
@@ -477,6 +488,10 @@ class DecodeBatch:
             keys = PrefixKeys([*row.job.prompt_ids, *row.generated[:-1]])
             self.cache.put(keys, CachedState(keys.length, h, c, self.logits[i].clone()))
         return SessionState(h, c, token_id) if req.keep_session else None
+
+    def held_jobs(self) -> list[Job]:
+        """Every job with prompts being encoded or rows being decoded."""
+        return [*self.prompts.jobs(), *(row.job for row in self.rows)]
 
     def fail(self, exc: BaseException, jobs: Sequence[Job] = ()) -> None:
         """Fail every job in the batch and `jobs` with `exc`, then empty the batch."""
@@ -589,6 +604,7 @@ class Scheduler:
         self._waiting: list[Job] = []
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._batch: DecodeBatch | None = None  # the running thread's, for failing its jobs should it die
         self._stopping = False
         self.steps = 0  # decode steps run, for tests and the benchmark
         self.max_batch_seen = 0
@@ -624,14 +640,29 @@ class Scheduler:
             self._waiting.append(job)
             self._wakeup.notify()
 
+    # A reader whose generation's deadline passed this long ago with no result gives up: the deadline ends
+    # a generation at the next step, so a longer silence means its scheduler can no longer answer.
+    READER_GRACE_SECONDS = 10.0
+
     def _next(self, job: Job) -> Any:
-        """The job's next result; raises if the scheduler thread is gone (nothing would ever come)."""
+        """The job's next result; raises if the thread that holds it is gone, or (nothing would ever come)
+        when there is no thread to take it, or once its deadline is long past."""
         while True:
             try:
                 return job.results.get(timeout=1.0)
             except queue.Empty:
-                if not self.alive():
+                holder = job.taken_by
+                if holder is not None and not holder.is_alive():
+                    raise RuntimeError("the decode scheduler that held this request stopped") from None
+                if holder is None and not self.alive():
                     raise RuntimeError("the decode scheduler stopped") from None
+                req = job.request
+                if (
+                    req is not None
+                    and req.deadline is not None
+                    and time.monotonic() > req.deadline + self.READER_GRACE_SECONDS
+                ):
+                    raise RuntimeError("the decode scheduler did not answer by the request's deadline") from None
 
     def results(self, job: Job) -> Generator[Any, None, None]:
         """Submit `job` and yield its results; closing the iterator cancels it.
@@ -658,6 +689,8 @@ class Scheduler:
         reserved = batch.reserved()
         room = self.max_rows - reserved
         taken, self._waiting = split_admissible(self._waiting, room, reserved == 0, time.monotonic())
+        for job in taken:
+            job.taken_by = threading.current_thread()
         return taken
 
     # With more than one torch thread, a scheduler thread that has been idle this long ends (the next job
@@ -668,12 +701,26 @@ class Scheduler:
 
     def _loop(self) -> None:
         idle_wait = self.IDLE_SECONDS if torch.get_num_threads() > 1 else None
+        try:
+            self._serve(idle_wait)
+        except BaseException as exc:  # the thread itself is dying: nothing it held may wait for ever
+            log.critical("the decode scheduler thread died; failing its requests and those waiting")
+            with self._wakeup:
+                waiting, self._waiting = self._waiting, []
+                if self._thread is threading.current_thread():
+                    self._thread = None
+            held = self._batch.held_jobs() if self._batch is not None else []
+            fail_jobs(exc, [*held, *waiting])
+            raise
+
+    def _serve(self, idle_wait: float | None) -> None:
         batch: DecodeBatch | None = None
+        self._batch = None
         while True:
             jobs: list[Job] = []
             try:
                 if batch is None:
-                    batch = self.make_batch()
+                    self._batch = batch = self.make_batch()
                 with self._wakeup:
                     while not self._waiting and not batch.busy:
                         if self._stopping:

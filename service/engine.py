@@ -187,19 +187,22 @@ class Engine:
         return run_alone(self.new_batch(), job)
 
     def close(self) -> None:
-        """Let the scheduler thread end and drop the pod-wide cache's table (the engine of a model version
-        being unloaded, with no requests)."""
+        """Let the scheduler thread end and let go of the pod-wide cache's table (the engine of a model version
+        being unloaded, with no requests): its file goes with its last user in the server."""
         if self.scheduler is not None:
             self.scheduler.stop()
         if self.prefix_cache is not None and self.prefix_cache.shared is not None:
-            self.prefix_cache.shared.unlink()
+            self.prefix_cache.shared.close()
 
     def memory_bytes(self) -> int:
-        """What this engine holds: the networks' weights, the kernels' packed copies of them, and the
-        prefix cache's bound (it grows to it)."""
+        """What this engine holds: the networks' weights, the kernels' packed copies of them, the prefix
+        cache's bound (it grows to it) and the shared table it reserved (counted by every worker that maps it,
+        so that MODEL_MEMORY_MB bounds a worker's share of the pod's memory whoever made the table)."""
         modules = [m for m in (self.lm, self.classifier) if m is not None]
         weights = sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
-        return weights + self.kernel.nbytes + (self.prefix_cache.max_bytes if self.prefix_cache is not None else 0)
+        cache = self.prefix_cache
+        cached = 0 if cache is None else cache.max_bytes + (cache.shared.reserved_bytes if cache.shared else 0)
+        return weights + self.kernel.nbytes + cached
 
     def prompt_ids(self, text: str) -> list[int]:
         return [self.vocab.bos_id, *self.vocab.encode(text)]

@@ -19,12 +19,14 @@ from flask import Response, current_app, g, jsonify, request
 from pydantic import BaseModel, ValidationError
 
 from seqmodels.artifacts import LoadedModels
+from service import lifecycle
 from service.engine import Engine, EngineOptions, PrefixCache, SessionState
 from service.kernels import choose_precision
 from service.metrics import (
     MODEL_REQUESTS,
     PREFILL_BATCH_PROMPTS,
     PREFIX_CACHE_BYTES,
+    PREFIX_CACHE_SHARED_BYTES,
     PREFIX_CACHE_SHARED_HITS,
     SESSIONS_ISSUED,
     SESSIONS_RESUMED,
@@ -71,7 +73,14 @@ class ModelRegistry:
         config = models.lm.config
         state = torch.Size([config.num_layers, config.hidden_size])
         name = f"{model_id}-{models.digest[:16]}-{self.precision}.states"
-        return SharedStates(folder / name, size, (state, state, torch.Size([models.vocab.size])))
+        try:
+            shared = SharedStates(folder / name, size, (state, state, torch.Size([models.vocab.size])))
+        except OSError as exc:  # a folder gone or read-only: the version serves without the shared level
+            log.error("shared prefix cache for %s is off: %s", model_id, exc)
+            PREFIX_CACHE_SHARED_BYTES.labels(model=model_id).set(0)
+            return None
+        PREFIX_CACHE_SHARED_BYTES.labels(model=model_id).set(shared.reserved_bytes)
+        return shared
 
     def _build_engine(self, models: LoadedModels, model_id: str) -> Engine:
         cache_bytes = int(self.settings.prefix_cache_mb * 2**20)
@@ -176,6 +185,18 @@ def open_session(handle: str, mv: ModelVersion, pinned: bool) -> tuple[ModelVers
     made by another version of the same model continues on that version while it is loaded, unless the
     request pins a version; any other handle gets 404."""
     repository = registry().repository
+    found = _session_on(handle, mv, pinned)
+    if found is None and repository.sync_for_unknown():  # made by a version this worker has not loaded yet?
+        found = _session_on(handle, mv, pinned)
+    if found is None:
+        raise ApiError(
+            404, "session: no such session", "invalid_request_error", param="session", code="session_not_found"
+        )
+    return found
+
+
+def _session_on(handle: str, mv: ModelVersion, pinned: bool) -> tuple[ModelVersion, SessionState] | None:
+    repository = registry().repository
     candidates = [mv] if pinned else [mv, *(other for other in repository.versions(mv.name) if other is not mv)]
     for candidate in candidates:
         try:
@@ -190,7 +211,7 @@ def open_session(handle: str, mv: ModelVersion, pinned: bool) -> tuple[ModelVers
             _hold(candidate)
         SESSIONS_RESUMED.labels(model=candidate.id).inc()
         return candidate, state
-    raise ApiError(404, "session: no such session", "invalid_request_error", param="session", code="session_not_found")
+    return None
 
 
 def seal_session(mv: ModelVersion, state: SessionState | None) -> str | None:
@@ -208,6 +229,12 @@ def registry() -> ModelRegistry:
 
 def settings() -> Settings:
     return registry().settings
+
+
+def request_deadline() -> float:
+    """When the current request's generation must end: REQUEST_DEADLINE_SECONDS from now, sooner while the
+    server is stopping (service.lifecycle)."""
+    return lifecycle.request_deadline(settings().request_deadline_seconds)
 
 
 def parse(model: type[BaseModel]) -> Any:

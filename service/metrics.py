@@ -4,7 +4,7 @@ makes every worker write its values to shared files, and /metrics sums them."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -15,6 +15,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 REQUESTS = Counter("charlm_http_requests_total", "HTTP requests", ["method", "route", "status"])
 REQUEST_LATENCY = Histogram(
@@ -100,6 +102,13 @@ PREFIX_CACHE_BYTES = Gauge(
     ["model"],
     multiprocess_mode="livesum",
 )
+PREFIX_CACHE_SHARED_BYTES = Gauge(
+    "charlm_prefix_cache_shared_bytes",
+    "Shared memory reserved for each model version's pod-wide prefix cache table; below SHARED_PREFIX_CACHE_MB "
+    "where the filesystem had less free, 0 where it had no room (the shared level is then off)",
+    ["model"],
+    multiprocess_mode="livemax",
+)
 SESSIONS_ISSUED = Counter("charlm_sessions_issued_total", "Session handles returned", ["model"])
 SESSIONS_RESUMED = Counter("charlm_sessions_resumed_total", "Requests that continued a session", ["model"])
 
@@ -129,11 +138,27 @@ def decode_step_recorder(model: str) -> Callable[[int], None]:
     return record
 
 
-def render() -> tuple[bytes, str]:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
+class _WithoutModels:
+    """A collector's metrics less the series of the model versions named in `gone` (unloaded versions: the
+    per-process files of multiprocess mode keep every series they ever held)."""
 
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    def __init__(self, inner: Collector, gone: Collection[str]) -> None:
+        self.inner, self.gone = inner, gone
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.inner.collect():
+            metric.samples = [s for s in metric.samples if s.labels.get("model") not in self.gone]
+            yield metric
+
+
+def render(unloaded: Collection[str] = ()) -> tuple[bytes, str]:
+    """The text exposition; `unloaded`: model versions whose series are left out."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        inner: Collector = multiprocess.MultiProcessCollector(None)
+    else:
+        from prometheus_client import REGISTRY
+
+        inner = REGISTRY
+    registry = CollectorRegistry()
+    registry.register(_WithoutModels(inner, frozenset(unloaded)))
+    return generate_latest(registry), CONTENT_TYPE_LATEST

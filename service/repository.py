@@ -22,6 +22,7 @@ from __future__ import annotations
 import calendar
 import contextlib
 import logging
+import math
 import mmap
 import os
 import struct
@@ -44,7 +45,13 @@ from seqmodels.artifacts import (
 )
 from service.engine import Engine
 from service.kernels import off_the_scheduler
-from service.metrics import MODEL_LOAD_SECONDS, MODEL_MEMORY_BYTES, MODEL_SERVING_VERSION, MODEL_VERSIONS_REFUSED
+from service.metrics import (
+    MODEL_LOAD_SECONDS,
+    MODEL_MEMORY_BYTES,
+    MODEL_SERVING_VERSION,
+    MODEL_VERSIONS_REFUSED,
+    PREFIX_CACHE_SHARED_BYTES,
+)
 from service.settings import Settings
 
 log = logging.getLogger("service.repository")
@@ -150,7 +157,10 @@ class ModelRepository:
         self._draining: set[ModelVersion] = set()  # retired versions that requests still hold
         self._lock = threading.Lock()  # the tables and the leases
         self._sync_lock = threading.Lock()  # one sync at a time
+        self._last_unknown_sync = 0.0
         self._watcher: threading.Thread | None = None
+        # Versions this process unloaded: /metrics leaves out their series (service.metrics.render).
+        self.unloaded_ids: set[str] = set()
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
@@ -184,7 +194,11 @@ class ModelRepository:
             if forget_refusals:
                 self._refused.clear()
             changes: list[str] = []
-            folders = self._folders()
+            try:
+                folders = self._folders()
+            except OSError as exc:  # an ESTALE or EIO from the volume: serve what is loaded, look again later
+                log.error("could not list the model repository (%s); the loaded versions serve on", exc)
+                return changes
             for name in sorted(set(self._models) - set(folders)):
                 changes += self._publish(name, [], "its folder is gone")
             for name, versions in folders.items():
@@ -209,12 +223,12 @@ class ModelRepository:
             if loaded is not None and loaded.fingerprint == current:
                 keep.append(loaded)
                 continue
-            if not self._worth_a_look(path, current):
+            older = sorted((mv for v, mv in table.items() if v < version), key=lambda mv: -mv.version)
+            stays = keep + older[: self.settings.model_versions - len(keep) - 1]
+            if not self._worth_a_look(path, current, self._memory_in_use(name, stays)):
                 if loaded is not None:  # its files changed into something refused: the loaded copy serves on
                     keep.append(loaded)
                 continue
-            older = sorted((mv for v, mv in table.items() if v < version), key=lambda mv: -mv.version)
-            stays = keep + older[: self.settings.model_versions - len(keep) - 1]
             mv = self._load(name, version, path, current, stays)
             if mv is not None:
                 keep.append(mv)
@@ -248,13 +262,14 @@ class ModelRepository:
                 changes.append(self._retire(mv, reason))
         return changes
 
-    def _worth_a_look(self, path: Path, current: Fingerprint) -> bool:
+    def _worth_a_look(self, path: Path, current: Fingerprint, committed: int) -> bool:
         """A folder refused before is looked at again when its files changed, or (refused for memory) when
-        less memory is in use than at its refusal."""
+        what it would be loaded beside, `committed` (counted as at its refusal: the versions that would stay
+        and those that requests still hold), is less than then: a lease that blocked it has ended, say."""
         refusal = self._refused.get(path)
         if refusal is None or refusal.fingerprint != current:
             return True
-        return refusal.reason == "memory" and self._memory_in_use() < refusal.memory_in_use
+        return refusal.reason == "memory" and committed < refusal.memory_in_use
 
     def _memory_in_use(self, name: str | None = None, stays: list[ModelVersion] | None = None) -> int:
         """Bytes held by the loaded versions and by retired ones that requests still hold. With `name`, that
@@ -304,6 +319,7 @@ class ModelRepository:
         if self.on_loaded is not None:
             self.on_loaded(mv)
         self._refused.pop(path, None)
+        self.unloaded_ids.discard(mv.id)
         _set_gauges(mv)
         log.info(
             "loaded model %s from %s: %.1f MiB, manifest sha256 %s, %.2f s",
@@ -356,7 +372,11 @@ class ModelRepository:
 
     def _unload(self, mv: ModelVersion) -> None:
         mv.engine.close()
-        MODEL_MEMORY_BYTES.labels(model=mv.id).set(0)
+        if not any(other.id == mv.id for other in self.versions()):  # not replaced by a reload of its folder
+            for gauge in (MODEL_MEMORY_BYTES, MODEL_LOAD_SECONDS, PREFIX_CACHE_SHARED_BYTES):
+                gauge.labels(model=mv.id).set(0)  # the value other processes' /metrics would read
+                gauge.remove(mv.id)
+            self.unloaded_ids.add(mv.id)
         log.info("unloaded model %s", mv.id)
 
     # ------------------------------------------------------------------ serving
@@ -426,20 +446,39 @@ class ModelRepository:
         """Sync now, then on a thread: every REPOSITORY_POLL_SECONDS (when > 0) and after each SIGHUP to the
         gunicorn master. Call it in each worker process after the fork, never in the master."""
         seen = self.sighup.value  # read first: a SIGHUP during this sync is not lost
-        self.sync()
+        try:
+            self.sync()
+        except Exception:  # a worker must boot with what is loaded: a failure here would stop the server
+            log.exception("model repository sync failed; the watcher looks again")
         self.publish_gauges()
         if self._watcher is not None:
             return
         self._watcher = threading.Thread(target=self._watch, args=(seen,), name="model-repository", daemon=True)
         self._watcher.start()
 
+    def next_poll_after(self, now: float) -> float:
+        """The next multiple of REPOSITORY_POLL_SECONDS on the wall clock: every worker of the pod (and
+        every replica with a synchronised clock) looks at the same moments, so they change versions
+        together rather than up to a poll apart."""
+        poll = self.settings.repository_poll_seconds
+        return (math.floor(now / poll) + 1) * poll
+
+    def sync_for_unknown(self) -> bool:
+        """A request names something this worker has not loaded (a session made by a version another worker
+        loaded first): look at the repository now, at most once a second; whether anything changed."""
+        now = time.monotonic()
+        if now - self._last_unknown_sync < 1.0:
+            return False
+        self._last_unknown_sync = now
+        return bool(self.sync())
+
     def _watch(self, seen: int) -> None:
         poll = self.settings.repository_poll_seconds
-        next_poll = time.monotonic() + poll
+        next_poll = self.next_poll_after(time.time()) if poll > 0 else 0.0
         while True:
             time.sleep(WATCH_TICK_SECONDS)
             hup = self.sighup.value
-            due = poll > 0 and time.monotonic() >= next_poll
+            due = poll > 0 and time.time() >= next_poll
             if hup == seen and not due:
                 continue
             try:
@@ -447,7 +486,7 @@ class ModelRepository:
             except Exception:  # the watcher must outlive a surprise; the serving versions are untouched
                 log.exception("model repository sync failed")
             seen = hup
-            next_poll = time.monotonic() + poll
+            next_poll = self.next_poll_after(time.time()) if poll > 0 else 0.0
 
     # ------------------------------------------------------------------ metadata
 

@@ -17,6 +17,10 @@ from service.settings import Settings
 SEED_MAX = (1 << 63) - 1
 
 
+# Why a choice ended: its stop string, max_tokens, the request's deadline, or the server stopping (SIGTERM).
+FinishReason = Literal["length", "stop", "deadline", "shutdown"]
+
+
 class RequestModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -196,7 +200,7 @@ SESSION_DOC = "with return_session: a handle to continue this choice from where 
 class ChoiceOut(BaseModel):
     index: int
     text: str
-    finish_reason: Literal["length", "stop", "deadline"]
+    finish_reason: FinishReason
     session: str | None = Field(None, description=SESSION_DOC)
 
 
@@ -223,7 +227,7 @@ class GenerateResponse(BaseModel):
 class ChoiceDelta(BaseModel):
     index: int
     text: str
-    finish_reason: Literal["length", "stop", "deadline"] | None = Field(description="set on a choice's last chunk")
+    finish_reason: FinishReason | None = Field(description="set on a choice's last chunk")
     session: str | None = Field(None, description=SESSION_DOC + "; on the choice's last chunk")
 
 
@@ -447,7 +451,7 @@ class CompletionChoice(BaseModel):
     text: str
     index: int
     logprobs: CompletionLogprobs | None
-    finish_reason: Literal["length", "stop", "deadline"] | None
+    finish_reason: FinishReason | None
 
 
 class CompletionResponse(BaseModel):
@@ -589,7 +593,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatReply
     logprobs: ChatLogprobs | None
-    finish_reason: Literal["length", "stop", "deadline"]
+    finish_reason: FinishReason
 
 
 class ChatCompletionResponse(BaseModel):
@@ -610,7 +614,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["length", "stop", "deadline"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -9,83 +9,312 @@ prompt is a hit whichever worker a fresh connection lands on.
 It is a set-associative table of fixed-size slots, like a CPU cache: a key's set is chosen by its hash,
 and a set's `WAYS` slots are searched; a new entry replaces the set's least recently used slot. Each slot
 holds the key (the prefix's length and BLAKE2b digest), a last-use stamp (CLOCK_MONOTONIC, the same
-clock in every process) and the state: h, c and the logits after the prefix, float32. Entries carry no
-per-character log-probabilities, so /v1/score's cached prefixes stay in the first level.
+clock in every process), a CRC-32 of the state, and the state: h, c and the logits after the prefix,
+float32. Entries carry no per-character log-probabilities, so /v1/score's cached prefixes stay in the first
+level.
 
-A set is locked for each lookup or store: a byte-range lock (fcntl) keeps other processes out, and a
-thread lock the other threads of this one (byte-range locks are per process). The table's size is fixed
-when it is made, so the memory it takes is bounded: SHARED_PREFIX_CACHE_MB per model version.
+Faults it is built to survive:
+- A small tmpfs. The file's pages are reserved when the table is made (posix_fallocate) and the table takes
+  at most what the filesystem has free; where even one set does not fit, the level is off. A mapping of
+  unreserved tmpfs pages would SIGBUS the worker at the first write to a page that cannot be had.
+- A worker killed mid-write. A store marks its slot empty before it writes the floats and stores the CRC
+  with the key after them, and a lookup checks the CRC: a torn slot is a miss, never another prompt's state.
+- Several users of one file. Locks are open-file-description locks (F_OFD_SETLK), so they exclude other
+  processes and other descriptors alike; a process opens each file once, whichever engines use it
+  (`_OPEN`), and threads take turns by a thread lock. Every process holding a table holds a read lock on
+  a byte past its end; whoever closes it last (its write lock on that byte is granted) removes the file,
+  so no table another worker uses is unlinked, and the pages go back to the system with the last user.
+- A fork. A forked worker opens the tables again (its own descriptor and locks); the gunicorn master
+  drops its own once the workers are about to start (`detach_all`), so it keeps no table alive.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import mmap
 import os
+import shutil
 import struct
+import tempfile
 import threading
 import time
-import weakref
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
+log = logging.getLogger("service.shared_cache")
+
 WAYS = 8  # slots per set
-META = struct.Struct("<16sIIQ")  # digest, prefix length, 1 when the slot holds an entry, last-use stamp
+META = struct.Struct("<16sIIQ")  # digest, prefix length (0: the slot is empty), CRC-32 of the floats, last-use stamp
 Key = tuple[int, bytes]  # (ids in the prefix, BLAKE2b digest of those ids), as PrefixKeys makes them
-
-_TABLES: weakref.WeakSet[SharedStates] = weakref.WeakSet()
-
-
-def _fresh_locks_after_fork() -> None:
-    for table in list(_TABLES):
-        table._lock = threading.Lock()
+USERS_BYTE = 1 << 62  # every process holding a table read-locks this byte (past any table's end)
+FLOCK = struct.Struct("hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
+OWNER_LOCK = "owner.lock"  # in a server's folder: flock'ed by its master (and so its workers) while it runs
+UNOWNED_GRACE_SECONDS = 60.0  # a folder without an owner lock this old is a leftover, not one being made
 
 
-os.register_at_fork(after_in_child=_fresh_locks_after_fork)
+def _ofd_lock(fd: int, kind: int, start: int, length: int, wait: bool = True) -> bool:
+    """Take (or, with F_UNLCK, drop) an open-file-description lock; False where `wait` is off and another
+    description holds a conflicting one."""
+    try:
+        fcntl.fcntl(
+            fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, FLOCK.pack(kind, os.SEEK_SET, start, length, 0)
+        )
+    except OSError as exc:
+        if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
-class SharedStates:
-    def __init__(self, path: Path, max_bytes: int, shapes: tuple[torch.Size, torch.Size, torch.Size]) -> None:
-        """Map (making it if no worker has yet) the table at `path`: at most `max_bytes`, each entry a
-        state of `shapes` (h, c, logits) in float32. Every process opening one path passes the same."""
-        self.path = path
-        self.shapes = shapes
-        floats = sum(shape.numel() for shape in shapes)
-        self.floats = floats
-        self.slot_bytes = META.size + 4 * floats
-        self.sets = max(1, max_bytes // (self.slot_bytes * WAYS))
-        self.nbytes = self.sets * WAYS * self.slot_bytes
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        if os.fstat(self._fd).st_size < self.nbytes:
-            os.ftruncate(self._fd, self.nbytes)  # zero-filled: every slot empty
-        self._map = mmap.mmap(self._fd, self.nbytes)
-        self._bytes = torch.frombuffer(self._map, dtype=torch.uint8)
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0  # for tests and the benchmark
-        _TABLES.add(self)
+def reservable_bytes(folder: Path) -> int:
+    """What the filesystem under `folder` has free for an unprivileged writer."""
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
 
-    def _set_of(self, key: Key) -> int:
+
+class _Table:
+    """One process's open table: its descriptor, mapping and thread lock, shared by every engine of the
+    process that uses the file."""
+
+    def __init__(self, path: Path, slot_bytes: int, requested_bytes: int) -> None:
+        self.path, self.slot_bytes, self.requested_bytes = path, slot_bytes, requested_bytes
+        self.users = 0  # SharedStates of this process using it
+        self.lock = threading.Lock()
+        self.fd = -1
+        self.map: Any = None  # the mmap.mmap while open (Any: struct's pack_into takes it as a buffer)
+        self.bytes = torch.empty(0, dtype=torch.uint8)
+        self.sets = 0
+        self.nbytes = 0  # 0 while the level is off in this process
+        self.open()
+
+    # ------------------------------------------------------------------ opening, sizing, closing
+
+    def open(self) -> None:
+        """Map the file (making it if nobody has); the level is off here where no table fits."""
+        for _ in range(5):  # the file may be removed between our open and our lock by its last user
+            try:
+                fd = os.open(self.path, os.O_RDWR)
+            except FileNotFoundError:
+                fd = self._create()
+                if fd < 0:
+                    return
+            _ofd_lock(fd, fcntl.F_RDLCK, USERS_BYTE, 1)
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            size = os.fstat(fd).st_size
+            self.sets = size // (WAYS * self.slot_bytes)
+            self.nbytes = self.sets * WAYS * self.slot_bytes
+            if self.nbytes == 0:
+                os.close(fd)
+                return
+            self.fd = fd
+            self.map = mmap.mmap(fd, self.nbytes)
+            self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+            return
+        log.warning("shared prefix cache %s: could not open the table; the shared level is off", self.path.name)
+
+    def _create(self) -> int:
+        """A new table file of reserved pages, put in place whole (or another process's, made meanwhile);
+        -1 where not even one set fits in what the filesystem has free."""
+        set_bytes = WAYS * self.slot_bytes
+        wanted = self.requested_bytes // set_bytes * set_bytes
+        size = min(wanted, reservable_bytes(self.path.parent) // set_bytes * set_bytes)
+        fd, scratch = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".new", dir=self.path.parent)
+        try:
+            while size >= set_bytes:
+                try:
+                    os.posix_fallocate(fd, 0, size)  # reserved now: no page can fail to appear at a write
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    os.ftruncate(fd, 0)
+                    size = size // 2 // set_bytes * set_bytes  # someone took space meanwhile: ask for less
+            if size < set_bytes:
+                log.warning(
+                    "shared prefix cache %s: %s has room for no table of %d bytes; the shared level is off",
+                    self.path.name,
+                    self.path.parent,
+                    set_bytes,
+                )
+                os.close(fd)
+                return -1
+            if size < wanted:
+                log.warning(
+                    "shared prefix cache %s: %.1f MiB reserved of the %.1f MiB asked for (the filesystem's free "
+                    "space); raise the size of %s",
+                    self.path.name,
+                    size / 2**20,
+                    wanted / 2**20,
+                    self.path.parent,
+                )
+            try:
+                os.link(scratch, self.path)  # whole or not at all; another process's table wins a race
+            except FileExistsError:
+                os.close(fd)
+                fd = os.open(self.path, os.O_RDWR)
+            return fd
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(scratch)
+
+    def detach(self) -> None:
+        """Drop this process's descriptor and mapping (the file stays); `open` maps it again."""
+        if self.map is not None:
+            self.bytes = torch.empty(0, dtype=torch.uint8)
+            with contextlib.suppress(BufferError):  # a tensor view still alive: the mapping goes with it
+                self.map.close()
+            self.map = None
+        if self.fd >= 0:
+            os.close(self.fd)  # our locks go with the description
+            self.fd = -1
+        self.nbytes = self.sets = 0
+
+    def close(self) -> None:
+        """Detach; and remove the file when no other process holds it (its last user removes it)."""
+        if self.fd >= 0 and _ofd_lock(self.fd, fcntl.F_WRLCK, USERS_BYTE, 1, wait=False):
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    self.path.unlink()
+        self.detach()
+
+    def after_fork(self) -> None:
+        """In a forked child: the inherited descriptor shares the parent's locks, so open a new one."""
+        self.lock = threading.Lock()
+        if self.map is not None:
+            self.bytes = torch.empty(0, dtype=torch.uint8)
+            with contextlib.suppress(BufferError):
+                self.map.close()
+            self.map = None
+        if self.fd >= 0:
+            os.close(self.fd)  # the parent's description, and its locks, live on in the parent
+            self.fd = -1
+        if self.users > 0:
+            self.open()
+
+    # ------------------------------------------------------------------ slots
+
+    def set_of(self, key: Key) -> int:
         return int.from_bytes(key[1][:8], "little") % self.sets
 
-    def _locked(self, index: int) -> _SetLock:
-        return _SetLock(self, index * WAYS * self.slot_bytes, WAYS * self.slot_bytes)
-
-    def _slots(self, index: int) -> range:
+    def slots(self, index: int) -> range:
         start = index * WAYS * self.slot_bytes
         return range(start, start + WAYS * self.slot_bytes, self.slot_bytes)
 
+    def floats_at(self, offset: int) -> torch.Tensor:
+        return self.bytes[offset + META.size : offset + self.slot_bytes].view(torch.float32)
+
+    def crc_at(self, offset: int) -> int:
+        assert self.map is not None
+        with memoryview(self.map) as view:
+            return zlib.crc32(view[offset + META.size : offset + self.slot_bytes])
+
+    @contextlib.contextmanager
+    def locked_set(self, index: int) -> Iterator[None]:
+        """Hold one set against this process's other threads and against every other descriptor."""
+        start, length = index * WAYS * self.slot_bytes, WAYS * self.slot_bytes
+        with self.lock:
+            _ofd_lock(self.fd, fcntl.F_WRLCK, start, length)
+            try:
+                yield
+            finally:
+                _ofd_lock(self.fd, fcntl.F_UNLCK, start, length)
+
+
+_OPEN: dict[Path, _Table] = {}  # this process's open tables, one per file
+_OPEN_LOCK = threading.Lock()
+
+
+def _reopen_after_fork() -> None:
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.Lock()
+    for table in list(_OPEN.values()):
+        table.after_fork()
+
+
+os.register_at_fork(after_in_child=_reopen_after_fork)
+
+
+def detach_all() -> None:
+    """Drop every table this process maps (the gunicorn master, before it forks its workers): the files
+    stay for the workers, and no page is kept alive by a process that never uses them."""
+    with _OPEN_LOCK:
+        for table in _OPEN.values():
+            table.detach()
+
+
+class SharedStates:
+    """One engine's handle on a table; engines of one process that name the same file share its `_Table`."""
+
+    def __init__(self, path: Path, max_bytes: int, shapes: tuple[torch.Size, torch.Size, torch.Size]) -> None:
+        """Map (making it if no worker has yet) the table at `path`: at most `max_bytes`, and no more than the
+        filesystem has free, each entry a state of `shapes` (h, c, logits) in float32. Every process opening
+        one path passes the same shapes."""
+        self.path = path
+        self.shapes = shapes
+        self.floats = sum(shape.numel() for shape in shapes)
+        self.slot_bytes = META.size + 4 * self.floats
+        self.hits = self.misses = self.torn = 0  # for tests, the benchmark and the log
+        self.closed = False
+        with _OPEN_LOCK:
+            table = _OPEN.get(path)
+            if table is None:
+                table = _OPEN[path] = _Table(path, self.slot_bytes, max_bytes)
+            table.users += 1
+        self._table = table
+        self.reserved_bytes = table.nbytes  # what it held when made: the memory it counts against
+
+    @property
+    def sets(self) -> int:
+        return self._table.sets
+
+    @property
+    def nbytes(self) -> int:
+        return self._table.nbytes
+
+    def _usable(self) -> _Table | None:
+        table = self._table
+        if self.closed:
+            return None
+        if table.map is None and table.users > 0:  # detached (the master) or off: look again
+            with _OPEN_LOCK:
+                if table.map is None:
+                    table.open()
+        return table if table.map is not None else None
+
     def get(self, key: Key) -> torch.Tensor | None:
         """A copy of the entry's floats, or None."""
+        table = self._usable()
+        if table is None:
+            return None
         length, digest = key
-        index = self._set_of(key)
-        with self._locked(index):
-            for offset in self._slots(index):
-                held_digest, held_length, valid, _ = META.unpack_from(self._map, offset)
-                if valid and held_length == length and held_digest == digest:
-                    data = self._bytes[offset + META.size : offset + self.slot_bytes].view(torch.float32).clone()
-                    META.pack_into(self._map, offset, digest, length, 1, time.monotonic_ns())
+        index = table.set_of(key)
+        with table.locked_set(index):
+            for offset in table.slots(index):
+                held_digest, held_length, crc, _ = META.unpack_from(table.map, offset)
+                if held_length == length and held_digest == digest:
+                    if table.crc_at(offset) != crc:  # torn by a writer that died mid-store
+                        META.pack_into(table.map, offset, b"", 0, 0, 0)
+                        self.torn += 1
+                        break
+                    data = table.floats_at(offset).clone()
+                    META.pack_into(table.map, offset, digest, length, crc, time.monotonic_ns())
                     self.hits += 1
                     return data
         self.misses += 1
@@ -93,52 +322,101 @@ class SharedStates:
 
     def put(self, key: Key, floats: torch.Tensor) -> None:
         """Store the entry (float32, `floats` values), replacing the set's least recently used one."""
+        table = self._usable()
+        if table is None:
+            return
         length, digest = key
-        index = self._set_of(key)
-        with self._locked(index):
+        index = table.set_of(key)
+        with table.locked_set(index):
             victim, oldest = None, None
-            for offset in self._slots(index):
-                held_digest, held_length, valid, stamp = META.unpack_from(self._map, offset)
-                if valid and held_length == length and held_digest == digest:
+            for offset in table.slots(index):
+                held_digest, held_length, _, stamp = META.unpack_from(table.map, offset)
+                if held_length == length and held_digest == digest:
                     return  # a worker stored it first: the same state
-                if not valid:
+                if held_length == 0:
                     victim, oldest = offset, -1
                     break
                 if oldest is None or stamp < oldest:
                     victim, oldest = offset, stamp
             assert victim is not None
-            slot = self._bytes[victim + META.size : victim + self.slot_bytes].view(torch.float32)
-            slot.copy_(floats.reshape(-1))
-            META.pack_into(self._map, victim, digest, length, 1, time.monotonic_ns())
+            values = floats.reshape(-1).to(torch.float32).contiguous()
+            META.pack_into(table.map, victim, b"", 0, 0, 0)  # empty while written
+            self._write(table, victim, values)
+            crc = table.crc_at(victim)
+            META.pack_into(table.map, victim, digest, length, crc, time.monotonic_ns())
 
-    def unlink(self) -> None:
-        """Remove the table's file; processes that map it keep their mapping, a later one makes a new table."""
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+    @staticmethod
+    def _write(table: _Table, offset: int, values: torch.Tensor) -> None:
+        table.floats_at(offset).copy_(values)
+
+    def close(self) -> None:
+        """This engine is done with the table (its version unloaded); the process's last user detaches it,
+        and the server's last user removes the file."""
+        if self.closed:
+            return
+        self.closed = True
+        with _OPEN_LOCK:
+            table = self._table
+            table.users -= 1
+            if table.users == 0:
+                table.close()
+                if _OPEN.get(self.path) is table:
+                    del _OPEN[self.path]
 
     def entries(self) -> int:
         """Slots holding an entry (a scan of the table, for tests and metrics)."""
+        table = self._usable()
+        if table is None:
+            return 0
         return sum(
-            META.unpack_from(self._map, offset)[2] for index in range(self.sets) for offset in self._slots(index)
+            META.unpack_from(table.map, offset)[1] > 0 for index in range(table.sets) for offset in table.slots(index)
         )
 
 
-class _SetLock:
-    """One set of the table, held against the other threads of this process and against other processes."""
+# ---------------------------------------------------------------------- a server's folders
 
-    def __init__(self, table: SharedStates, start: int, length: int) -> None:
-        self.table, self.start, self.length = table, start, length
 
-    def __enter__(self) -> None:
-        self.table._lock.acquire()
+def owned_folder(prefix: str, base: str | None) -> str:
+    """A fresh folder `prefix*` under `base` (None: the system's temporary folder) that this process owns
+    while it runs: it holds an flock on the folder's OWNER_LOCK, inherited by the processes it forks.
+    Folders of `prefix` whose owner is gone (a server that was killed, in a /dev/shm that outlived it)
+    are removed first."""
+    parent = Path(base or tempfile.gettempdir())
+    remove_leftovers(prefix, parent)
+    making = Path(tempfile.mkdtemp(prefix="." + prefix, dir=parent))  # not a leftover's name until it is owned
+    fd = os.open(making / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held for the life of the server (kept open on purpose, never closed)
+    folder = parent / making.name[1:]
+    os.rename(making, folder)
+    return str(folder)
+
+
+def remove_leftovers(prefix: str, parent: Path) -> list[Path]:
+    """Remove the folders `prefix*` in `parent` that no running server owns; returns them."""
+    removed: list[Path] = []
+    try:
+        candidates = [p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return removed
+    for folder in candidates:
         try:
-            fcntl.lockf(self.table._fd, fcntl.LOCK_EX, self.length, self.start)
-        except BaseException:
-            self.table._lock.release()
-            raise
-
-    def __exit__(self, *_: object) -> None:
+            fd = os.open(folder / OWNER_LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if time.time() - folder.stat().st_mtime > UNOWNED_GRACE_SECONDS:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+            continue
+        except OSError:
+            continue
         try:
-            fcntl.lockf(self.table._fd, fcntl.LOCK_UN, self.length, self.start)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its server runs
         finally:
-            self.table._lock.release()
+            os.close(fd)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    for folder in removed:
+        log.info("removed %s, left by a server that is no longer running", folder)
+    return removed

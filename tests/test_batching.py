@@ -16,6 +16,7 @@ from flask import Flask
 from benchmarks.precision import heldout_bpc
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from seqmodels.networks import CharLSTM, LMConfig
+from service import lifecycle
 from service.batching import DecodeBatch, Delta, GenerationRequest, Scheduler, TokenScore, merge_deltas
 from service.engine import Engine, EngineOptions, Generation
 from service.kernels import FusedStep, PackedLinear
@@ -358,3 +359,63 @@ def test_only_recent_prompt_batches_make_an_idle_scheduler_wait() -> None:
     scheduler._recent_prefill_sizes.extend([(now - 2.0, 8), (now - 0.1, 3)])
     assert scheduler.expected_prompts(now) == 3  # the burst of 8, two seconds ago, no longer counts
     assert scheduler.expected_prompts(now + Scheduler.RECENT_SECONDS) == 0
+
+
+class SchedulerDies(BaseException):
+    """Not an Exception: what the scheduler's own handler does not catch, so its thread ends."""
+
+
+class DiesOnce(FailsOnce):
+    def __call__(self, ids: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            self.failed = True
+            raise SchedulerDies("injected")
+        return self.kernel(ids, h, c)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_scheduler_thread_that_dies_fails_its_readers_even_once_another_thread_runs(
+    models: LoadedModels,
+) -> None:
+    """A reader whose job died with its thread must not wait for ever because a later request started a new
+    scheduler thread."""
+    engine = Engine(models, EngineOptions(batching=True))
+    engine.kernel = DiesOnce(engine.kernel)  # type: ignore[assignment]
+    scheduler = engine.scheduler
+    assert scheduler is not None
+    outcomes: list[str] = []
+
+    def read() -> None:
+        try:
+            engine.generate(GenerationRequest("a", 50, seed=1))
+            outcomes.append("answered")
+        except RuntimeError:
+            outcomes.append("failed")
+
+    orphan = threading.Thread(target=read)
+    orphan.start()
+    deadline = time.monotonic() + 10
+    while not engine.kernel.failed or scheduler.alive():  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    later = engine.stream(GenerationRequest("b", 1_000_000, seed=2))  # a new scheduler thread, kept busy
+    next(later)
+    orphan.join(timeout=5)
+    alive = orphan.is_alive()
+    later.close()
+    assert not alive and outcomes == ["failed"]
+    assert engine.generate(GenerationRequest("a", 10, seed=1)).choices[0].completion_tokens == 10
+
+
+def test_past_the_drain_deadline_generations_end_with_shutdown(models: LoadedModels) -> None:
+    engine = Engine(models, EngineOptions(batching=True, max_batch_rows=1))
+    try:
+        running = engine.stream(GenerationRequest("a", 1_000_000, seed=1))
+        next(running)  # the only row is taken
+        lifecycle.begin_shutdown(0.0)  # SIGTERM with no grace left: the drain deadline is now
+        pieces = list(running)
+        assert pieces[-1].finish_reason == "shutdown"
+        waited = engine.generate(GenerationRequest("b", 50, seed=2))  # admitted after the deadline
+        assert [(c.text, c.finish_reason) for c in waited.choices] == [("", "shutdown")]
+    finally:
+        lifecycle.reset()

@@ -18,6 +18,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+import service.app
 from benchmarks.servers import metric_total
 from seqmodels import artifacts
 from seqmodels.artifacts import LM_DIR, MANIFEST, WEIGHTS_FILE, ArtifactError
@@ -311,3 +312,90 @@ def test_a_repository_version_is_never_replaced(
     with pytest.raises(ArtifactError, match="already exists"):
         artifacts.publish_version(tiny_artifacts, tmp_path, "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1"]  # nothing replaced, nothing left behind
+
+
+# --------------------------------------------------------------------------- faults in syncing
+
+
+def test_a_memory_refusal_blocked_by_a_running_request_is_retried_once_it_ends(repository: Path) -> None:
+    probe = make_app(repository)
+    sizes = {mv.id: mv.memory_bytes for mv in repo_of(probe).versions()}
+    for mv in repo_of(probe).versions():
+        mv.engine.close()
+    room = sizes["cyrillic@1"] + sizes["shakespeare@2"] * 3 // 2  # one shakespeare version at a time
+    app = make_app(repository, model_memory_mb=room / 2**20, model_versions=1, default_model="shakespeare")
+    repo = repo_of(app)
+    held = repo.acquire("shakespeare")  # a stream on version 2 while version 3 arrives
+    publish(repository / "shakespeare" / "2", repository, "shakespeare", 3)
+    assert repo.sync() == []  # version 2 is still in use: 3 would not fit beside it
+    assert repo.refusals()[str(repository / "shakespeare" / "3")].reason == "memory"
+    assert repo.sync() == []  # nothing freed: not tried again
+    repo.release(held)
+    assert "model shakespeare: version 3 serves" in repo.sync()  # the lease that blocked it has ended
+    assert [mv.id for mv in repo.versions("shakespeare")] == ["shakespeare@3"]
+
+
+def test_an_unreadable_repository_keeps_what_is_loaded(app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = repo_of(app)
+    before = [mv.id for mv in repo.versions()]
+
+    def stale(self: Path) -> Any:
+        raise OSError(116, "Stale file handle")
+
+    monkeypatch.setattr(Path, "iterdir", stale)
+    assert repo.sync() == []
+    repo.start_watching()  # a worker booting now starts with what is loaded instead of failing
+    assert [mv.id for mv in repo.versions()] == before
+    assert post(app.test_client(), "/v1/next-token", {"text": "a"})[0] == 200
+
+
+def test_workers_poll_at_the_same_moments(repository: Path) -> None:
+    repo = repo_of(make_app(repository, repository_poll_seconds=5))
+    assert repo.next_poll_after(1_000_001.2) == repo.next_poll_after(1_000_004.9) == 1_000_005.0
+    assert repo.next_poll_after(1_000_005.0) == 1_000_010.0
+
+
+def test_a_session_of_a_version_this_worker_has_not_loaded_yet_is_found(repository: Path, tiny_artifacts: Path) -> None:
+    """Two workers; one has loaded version 3 and made a session on it, the other has not looked yet: the
+    other looks at the repository before it answers 404."""
+    first = make_app(repository, default_model="shakespeare", session_secret="s")
+    second = make_app(repository, default_model="shakespeare", session_secret="s")
+    publish(tiny_artifacts, repository, "shakespeare", 3)
+    repo_of(first).sync()
+    status, body = post(
+        first.test_client(),
+        "/v1/generate",
+        {"model": "shakespeare", "prompt": "a", "max_tokens": 3, "seed": 1, "return_session": True},
+    )
+    assert status == 200 and body["model"] == "shakespeare@3"
+    handle = body["choices"][0]["session"]
+    status, body = post(
+        second.test_client(),
+        "/v1/generate",
+        {"model": "shakespeare", "prompt": "b", "max_tokens": 3, "seed": 1, "session": handle},
+    )
+    assert status == 200 and body["model"] == "shakespeare@3"
+
+
+def test_an_unloaded_versions_series_leave_the_metrics(app: Flask, repository: Path) -> None:
+    client = app.test_client()
+    assert post(client, "/v1/next-token", {"model": "cyrillic", "text": "a"})[0] == 200
+    assert 'model="cyrillic@1"' in client.get("/metrics").get_data(as_text=True)
+    shutil.rmtree(repository / "cyrillic")
+    repo_of(app).sync()
+    assert 'model="cyrillic@1"' not in client.get("/metrics").get_data(as_text=True)
+
+
+def test_a_failing_after_request_hook_does_not_leak_a_streams_lease(
+    repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fails(response: Any) -> Any:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(service.app, "_drain_request_body", fails)  # one of the app's own hooks fails
+    app = make_app(repository)
+    app.config.update(TESTING=False, PROPAGATE_EXCEPTIONS=False)
+    response = app.test_client().post("/v1/generate", json={"prompt": "a", "max_tokens": 5, "stream": True})
+    assert response.status_code == 500
+    response.close()
+    assert [mv.leases for mv in repo_of(app).versions()] == [0, 0, 0]

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +21,7 @@ from benchmarks.servers import metric_total
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from service.engine import Engine, EngineOptions
 from service.prefix_cache import CHECKPOINT, PrefixCache, PrefixKeys
-from service.shared_cache import WAYS, SharedStates
+from service.shared_cache import OWNER_LOCK, WAYS, SharedStates, detach_all, owned_folder
 from tests.conftest import gunicorn_server
 
 PROMPT = ("KING. " + "Now is the winter of our discontent made glorious summer by this sun of York. " * 12)[:900]
@@ -96,3 +102,135 @@ def test_two_gunicorn_workers_share_their_prompts(tiny_artifacts: Path) -> None:
         assert shared_hits >= 1, "every request landed on one worker"
         assert len(answers) == 1
         assert metric_total(text, "charlm_prefix_cache_misses_total") == 1  # only the very first
+
+
+# --------------------------------------------------------------------------- faults: space, torn writes, users
+
+
+@contextmanager
+def small_tmpfs(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (as a container's small /dev/shm is); skipped where this process may not mount."""
+    mount = tmp_path / "shm"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_table_reserves_its_pages_and_takes_only_what_the_filesystem_has(
+    models: LoadedModels, tmp_path: Path
+) -> None:
+    with small_tmpfs(tmp_path, "1m") as shm:
+        first = SharedStates(shm / "a.states", 16 << 20, shapes(models))  # asks for 16 MiB of 1 MiB
+        assert 0 < first.nbytes <= 1 << 20 and first.reserved_bytes == first.nbytes
+        assert os.stat(shm / "a.states").st_blocks * 512 >= first.nbytes  # allocated now, not at a write
+        second = SharedStates(shm / "b.states", 16 << 20, shapes(models))  # nothing left: off, never a SIGBUS
+        assert second.nbytes == 0 and not (shm / "b.states").exists()
+        key = PrefixKeys([1, 2, 3]).key(3)
+        second.put(key, torch.ones(second.floats))
+        assert second.get(key) is None
+        for i in range(first.sets * WAYS):  # every page of the full table written
+            first.put(PrefixKeys([i, i + 1, i + 2]).key(3), torch.full((first.floats,), float(i)))
+        assert first.entries() > 0
+        first.close()
+        second.close()
+        assert list(shm.iterdir()) == []  # the last user removed its file: the pages are free again
+
+
+def test_a_worker_killed_mid_write_leaves_a_miss_not_another_prompts_state(
+    models: LoadedModels, tmp_path: Path
+) -> None:
+    layout = shapes(models)
+    floats = sum(s.numel() for s in layout)
+    table = SharedStates(tmp_path / "states", WAYS * (32 + 4 * floats), layout)  # one set: a put replaces a slot
+    old_keys = [PrefixKeys([i, i + 1, i + 2]).key(3) for i in range(WAYS)]
+    for number, key in enumerate(old_keys):
+        table.put(key, torch.full((floats,), float(number)))
+    new_key = PrefixKeys([7, 7, 7]).key(3)
+    child = os.fork()
+    if child == 0:  # a worker killed by SIGKILL halfway through writing the floats of its store
+        try:
+
+            def half_then_die(shared: Any, offset: int, values: torch.Tensor) -> None:
+                shared.floats_at(offset)[: floats // 2].copy_(values[: floats // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            SharedStates._write = staticmethod(half_then_die)  # type: ignore[method-assign, assignment]
+            SharedStates(tmp_path / "states", WAYS * (32 + 4 * floats), layout).put(
+                new_key, torch.full((floats,), -1.0)
+            )
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert table.get(new_key) is None  # never served
+    for number, key in enumerate(old_keys):  # the slot it took now holds nothing: every other key is intact
+        found = table.get(key)
+        assert found is None or torch.equal(found, torch.full((floats,), float(number)))
+    assert sum(table.get(key) is None for key in old_keys) == 1
+
+
+def test_a_corrupted_slot_is_a_miss(models: LoadedModels, tmp_path: Path) -> None:
+    table = SharedStates(tmp_path / "states", 1 << 20, shapes(models))
+    key = PrefixKeys([1, 2, 3]).key(3)
+    table.put(key, torch.ones(table.floats))
+    with open(tmp_path / "states", "r+b") as raw:  # flip one float's bytes in place, its key left as it was
+        data = raw.read()
+        offset = data.index(key[1]) + 32
+        raw.seek(offset)
+        raw.write(b"\x00\x00\x80\x7f")
+    assert table.get(key) is None and table.torn == 1
+
+
+def test_engines_of_one_process_share_one_table_and_the_last_user_removes_it(
+    models: LoadedModels, tmp_path: Path
+) -> None:
+    path = tmp_path / "states"
+    first, second = (SharedStates(path, 1 << 20, shapes(models)) for _ in range(2))
+    assert first._table is second._table  # one descriptor, so one set of locks, per process and file
+    key = PrefixKeys([1, 2, 3]).key(3)
+    first.put(key, torch.ones(first.floats))
+    first.close()  # a reload of identical files retires the old engine while the new one serves
+    assert path.exists()
+    found = second.get(key)
+    assert found is not None and torch.equal(found, torch.ones(first.floats))
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # another worker, using the table until told to stop
+        try:
+            os.close(write)
+            assert second.get(key) is not None  # its own descriptor, opened after the fork
+            os.read(read, 1)
+            second.close()
+        finally:
+            os._exit(0)
+    os.close(read)
+    time.sleep(0.2)
+    second.close()
+    assert path.exists()  # the other worker still maps it: not unlinked under it
+    os.write(write, b"x")
+    os.waitpid(child, 0)
+    assert not path.exists()  # its last user removed it
+
+
+def test_the_master_lets_go_of_its_tables_and_uses_them_again_on_demand(models: LoadedModels, tmp_path: Path) -> None:
+    table = SharedStates(tmp_path / "states", 1 << 20, shapes(models))
+    key = PrefixKeys([1, 2, 3]).key(3)
+    table.put(key, torch.ones(table.floats))
+    detach_all()
+    assert table._table.map is None and (tmp_path / "states").exists()  # the file stays for the workers
+    assert table.get(key) is not None  # mapped again by whoever uses it
+
+
+def test_leftovers_of_dead_servers_are_removed_and_running_servers_kept(tmp_path: Path) -> None:
+    dead = tmp_path / "charlm-states-dead"
+    dead.mkdir()
+    (dead / OWNER_LOCK).touch()
+    (dead / "m@1.states").write_bytes(b"x" * 100)
+    live = Path(owned_folder("charlm-states-", str(tmp_path)))  # held by this process, as by a running master
+    again = Path(owned_folder("charlm-states-", str(tmp_path)))
+    assert not dead.exists()
+    assert live.exists() and again.exists() and live != again

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import closing
 from typing import Any
@@ -10,7 +9,16 @@ from typing import Any
 from flask import Blueprint, Response
 
 from service.engine import AdaptationUnavailable, ClassifierUnavailable, GenerationRequest
-from service.helpers import ApiError, open_session, parse, registry, respond, seal_session, settings, use_model
+from service.helpers import (
+    ApiError,
+    open_session,
+    parse,
+    registry,
+    request_deadline,
+    respond,
+    seal_session,
+    use_model,
+)
 from service.metrics import CHARS_SCORED, CLASSIFIED
 from service.openapi import documented
 from service.repository import ModelVersion, parse_model
@@ -61,7 +69,7 @@ def next_token() -> Response:
 def generate() -> Response:
     req = parse(GenerateRequest)
     params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p)
-    deadline = time.monotonic() + settings().request_deadline_seconds
+    deadline = request_deadline()
     mv = use_model(req.model)
     session = None
     if req.session is not None:
@@ -110,7 +118,7 @@ def generate_chunks(mv: ModelVersion, gen: GenerationRequest) -> Iterator[dict[s
 @documented("Log-probability of each text, optionally per character", ScoreResponse, ScoreRequest)
 def score() -> Response:
     req = parse(ScoreRequest)
-    deadline = time.monotonic() + settings().request_deadline_seconds
+    deadline = request_deadline()
     mv = use_model(req.model)
     try:
         results = mv.engine.score(req.texts, req.include_tokens, adapt=req.adapt, deadline=deadline)

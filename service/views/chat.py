@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from flask import Blueprint, Response
 
 from service.chat import chat_chunks, complete_chat, scene
-from service.helpers import ApiError, parse, respond, settings, use_model
+from service.helpers import ApiError, parse, request_deadline, respond, settings, use_model
 from service.openapi import documented
 from service.schemas import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
 from service.streaming import sse_response
@@ -41,7 +40,7 @@ def chat_completions() -> Response:
     mv = use_model(req.model)
     if req.user:
         log.info("chat completion requested by user %r", req.user)
-    deadline = time.monotonic() + config.request_deadline_seconds
+    deadline = request_deadline()
     max_tokens = req.reply_tokens(config.max_tokens)
     if req.stream:
         return sse_response(chat_chunks(mv.engine, mv.id, req, prompt, max_tokens, deadline))

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from flask import Blueprint, Response
 
-from service.helpers import parse, respond, settings, use_model
+from service.helpers import parse, request_deadline, respond, use_model
 from service.openai_compat import complete, stream_chunks
 from service.openapi import documented
 from service.schemas import CompletionRequest, CompletionResponse
@@ -29,7 +28,7 @@ def completions() -> Response:
     mv = use_model(req.model)
     if req.user:
         log.info("completion requested by user %r", req.user)
-    deadline = time.monotonic() + settings().request_deadline_seconds
+    deadline = request_deadline()
     if req.stream:
         return sse_response(stream_chunks(mv.engine, mv.id, req, deadline))
     return respond(complete(mv.engine, mv.id, req, deadline), exclude_none=False)  # OpenAI sends "logprobs": null

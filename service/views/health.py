@@ -21,7 +21,9 @@ def healthz() -> Response:
 @bp.get("/metrics")
 @documented("Prometheus metrics, summed over the workers", content_type="text/plain")
 def metrics() -> Response:
-    body, content_type = render()
+    repository = registry().repository
+    loaded = {mv.id for mv in repository.versions()}
+    body, content_type = render(repository.unloaded_ids - loaded)
     return Response(body, content_type=content_type)
 
 
