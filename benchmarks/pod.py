@@ -320,9 +320,14 @@ def setup_namespace(spec: PodSpec, image: Image) -> tuple[Path, Path]:
         run("mount", "-o", "remount,bind,ro", str(venv))
         run("mount", "-o", "remount,ro", str(POD_ROOT))
         run("mount", "-o", "remount,bind,ro", "/")
-    for path, size in {**spec.empty_dirs, "/dev/shm": DEV_SHM_BYTES}.items():
+    for path, size in {"/dev/shm": DEV_SHM_BYTES, **spec.empty_dirs}.items():  # an emptyDir there has its size
         run("mount", "-t", "tmpfs", "-o", f"size={size},mode=1777", "tmpfs", path)
     return app, venv
+
+
+def files_in(folders: dict[str, int], log_path: Path) -> dict[str, list[str]]:
+    """What each emptyDir holds, this runner's own log left out."""
+    return {path: sorted(str(p.relative_to(path)) for p in Path(path).rglob("*") if p != log_path) for path in folders}
 
 
 class Sampler(threading.Thread):
@@ -442,9 +447,7 @@ def run_pod(kustomization: Path, seconds: float | None) -> dict[str, Any]:
                 sampler.join()
                 for name in ("rss", "pss", "master_rss", "worker_rss", "unreclaimable"):
                     report[f"peak_{name}_mib"] = round(getattr(sampler, f"peak_{name}"), 1)
-            report["files_in_empty_dirs"] = {
-                path: sorted(str(p.relative_to(path)) for p in Path(path).rglob("*")) for path in spec.empty_dirs
-            }
+            report["files_in_empty_dirs"] = files_in(spec.empty_dirs, log_path)
             stopping = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             try:
@@ -456,9 +459,7 @@ def run_pod(kustomization: Path, seconds: float | None) -> dict[str, Any]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            report["files_left_in_empty_dirs"] = {
-                path: sorted(str(p.relative_to(path)) for p in Path(path).rglob("*")) for path in spec.empty_dirs
-            }
+            report["files_left_in_empty_dirs"] = files_in(spec.empty_dirs, log_path)
             report["cgroup"] = cgroup.stats() if cgroup else {}
             report["log_tail"] = log_path.read_text()[-4000:]
     finally:

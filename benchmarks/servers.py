@@ -73,7 +73,10 @@ def wait_until_up(proc: GunicornProcess, base: str, path: str = "/readyz", limit
 
 
 def stop(proc: GunicornProcess) -> str:
-    """SIGTERM (a graceful stop), then SIGKILL if it takes longer than 30 s; returns everything it logged."""
+    """SIGTERM (a graceful stop), then SIGKILL if it takes longer than 30 s; returns everything it logged
+    (nothing when it was stopped before)."""
+    if proc.log.closed:
+        return ""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:

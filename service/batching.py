@@ -331,10 +331,10 @@ class _Row:
             return "stop"
         if self.produced >= self.request.max_tokens:
             return "length"
+        if lifecycle.draining(now):  # first: a request started after SIGTERM has the drain deadline as its own
+            return "shutdown"
         if self.request.expired(now):
             return "deadline"
-        if lifecycle.draining(now):
-            return "shutdown"
         return None
 
 
@@ -380,9 +380,9 @@ class DecodeBatch:
         now = time.monotonic()
         for job in jobs:
             req = job.request
-            late = (
-                "deadline" if req is not None and req.expired(now) else "shutdown" if lifecycle.draining(now) else None
-            )
+            late = "deadline" if req is not None and req.expired(now) else None
+            if lifecycle.draining(now):
+                late = "shutdown"
             if not job.cancelled and req is not None and late is not None:
                 # It waited for room past its deadline (or the server's): it ends as documented, with nothing
                 # generated.
@@ -604,7 +604,6 @@ class Scheduler:
         self._waiting: list[Job] = []
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._batch: DecodeBatch | None = None  # the running thread's, for failing its jobs should it die
         self._stopping = False
         self.steps = 0  # decode steps run, for tests and the benchmark
         self.max_batch_seen = 0
@@ -701,26 +700,26 @@ class Scheduler:
 
     def _loop(self) -> None:
         idle_wait = self.IDLE_SECONDS if torch.get_num_threads() > 1 else None
+        own: list[DecodeBatch] = []  # this thread's batch, once made
         try:
-            self._serve(idle_wait)
+            self._serve(idle_wait, own)
         except BaseException as exc:  # the thread itself is dying: nothing it held may wait for ever
             log.critical("the decode scheduler thread died; failing its requests and those waiting")
             with self._wakeup:
                 waiting, self._waiting = self._waiting, []
                 if self._thread is threading.current_thread():
                     self._thread = None
-            held = self._batch.held_jobs() if self._batch is not None else []
-            fail_jobs(exc, [*held, *waiting])
+            fail_jobs(exc, [*(own[0].held_jobs() if own else []), *waiting])
             raise
 
-    def _serve(self, idle_wait: float | None) -> None:
+    def _serve(self, idle_wait: float | None, own: list[DecodeBatch]) -> None:
         batch: DecodeBatch | None = None
-        self._batch = None
         while True:
             jobs: list[Job] = []
             try:
                 if batch is None:
-                    self._batch = batch = self.make_batch()
+                    batch = self.make_batch()
+                    own.append(batch)
                 with self._wakeup:
                     while not self._waiting and not batch.busy:
                         if self._stopping:

@@ -26,7 +26,6 @@ from service.metrics import (
     MODEL_REQUESTS,
     PREFILL_BATCH_PROMPTS,
     PREFIX_CACHE_BYTES,
-    PREFIX_CACHE_SHARED_BYTES,
     PREFIX_CACHE_SHARED_HITS,
     SESSIONS_ISSUED,
     SESSIONS_RESUMED,
@@ -77,9 +76,7 @@ class ModelRegistry:
             shared = SharedStates(folder / name, size, (state, state, torch.Size([models.vocab.size])))
         except OSError as exc:  # a folder gone or read-only: the version serves without the shared level
             log.error("shared prefix cache for %s is off: %s", model_id, exc)
-            PREFIX_CACHE_SHARED_BYTES.labels(model=model_id).set(0)
             return None
-        PREFIX_CACHE_SHARED_BYTES.labels(model=model_id).set(shared.reserved_bytes)
         return shared
 
     def _build_engine(self, models: LoadedModels, model_id: str) -> Engine:
@@ -186,7 +183,7 @@ def open_session(handle: str, mv: ModelVersion, pinned: bool) -> tuple[ModelVers
     request pins a version; any other handle gets 404."""
     repository = registry().repository
     found = _session_on(handle, mv, pinned)
-    if found is None and repository.sync_for_unknown():  # made by a version this worker has not loaded yet?
+    if found is None and not pinned and repository.sync_for_unknown():  # made by a version not loaded here yet?
         found = _session_on(handle, mv, pinned)
     if found is None:
         raise ApiError(

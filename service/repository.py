@@ -158,6 +158,7 @@ class ModelRepository:
         self._lock = threading.Lock()  # the tables and the leases
         self._sync_lock = threading.Lock()  # one sync at a time
         self._last_unknown_sync = 0.0
+        self._unknown_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         # Versions this process unloaded: /metrics leaves out their series (service.metrics.render).
         self.unloaded_ids: set[str] = set()
@@ -166,6 +167,7 @@ class ModelRepository:
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()
+        self._unknown_lock = threading.Lock()
         self._watcher = None
 
     # ------------------------------------------------------------------ what is on disk
@@ -374,8 +376,7 @@ class ModelRepository:
         mv.engine.close()
         if not any(other.id == mv.id for other in self.versions()):  # not replaced by a reload of its folder
             for gauge in (MODEL_MEMORY_BYTES, MODEL_LOAD_SECONDS, PREFIX_CACHE_SHARED_BYTES):
-                gauge.labels(model=mv.id).set(0)  # the value other processes' /metrics would read
-                gauge.remove(mv.id)
+                gauge.labels(model=mv.id).set(0)  # multiprocess files keep a series: /metrics leaves it out
             self.unloaded_ids.add(mv.id)
         log.info("unloaded model %s", mv.id)
 
@@ -465,20 +466,30 @@ class ModelRepository:
 
     def sync_for_unknown(self) -> bool:
         """A request names something this worker has not loaded (a session made by a version another worker
-        loaded first): look at the repository now, at most once a second; whether anything changed."""
-        now = time.monotonic()
-        if now - self._last_unknown_sync < 1.0:
-            return False
-        self._last_unknown_sync = now
-        return bool(self.sync())
+        loaded first): bring the loaded versions up to date now, then the caller looks again. A sync already
+        running (the watcher's) is waited for rather than repeated; otherwise at most one a second, so that
+        made-up handles cannot keep a worker syncing. Whether the caller should look again."""
+        with self._unknown_lock:
+            now = time.monotonic()
+            if now - self._last_unknown_sync < 1.0 and not self._sync_lock.locked():
+                return False
+            self._last_unknown_sync = now
+        self.sync()
+        return True
+
+    def _due_at(self) -> float:
+        """The time.monotonic() of the next poll: aimed at the wall clock's next multiple, waited for on the
+        monotonic clock (a wall clock stepped back does not hold polling up)."""
+        now = time.time()
+        return time.monotonic() + self.next_poll_after(now) - now
 
     def _watch(self, seen: int) -> None:
         poll = self.settings.repository_poll_seconds
-        next_poll = self.next_poll_after(time.time()) if poll > 0 else 0.0
+        next_poll = self._due_at() if poll > 0 else 0.0
         while True:
             time.sleep(WATCH_TICK_SECONDS)
             hup = self.sighup.value
-            due = poll > 0 and time.time() >= next_poll
+            due = poll > 0 and time.monotonic() >= next_poll
             if hup == seen and not due:
                 continue
             try:
@@ -486,7 +497,7 @@ class ModelRepository:
             except Exception:  # the watcher must outlive a surprise; the serving versions are untouched
                 log.exception("model repository sync failed")
             seen = hup
-            next_poll = self.next_poll_after(time.time()) if poll > 0 else 0.0
+            next_poll = self._due_at() if poll > 0 else 0.0
 
     # ------------------------------------------------------------------ metadata
 
@@ -507,6 +518,8 @@ class ModelRepository:
 def _set_gauges(mv: ModelVersion) -> None:
     MODEL_MEMORY_BYTES.labels(model=mv.id).set(mv.memory_bytes)
     MODEL_LOAD_SECONDS.labels(model=mv.id).set(mv.load_seconds)
+    shared = mv.engine.prefix_cache.shared if mv.engine.prefix_cache is not None else None
+    PREFIX_CACHE_SHARED_BYTES.labels(model=mv.id).set(0 if shared is None else shared.nbytes)
 
 
 def describe_version(mv: ModelVersion, serving: bool, default: bool) -> dict[str, Any]:

@@ -55,8 +55,10 @@ META = struct.Struct("<16sIIQ")  # digest, prefix length (0: the slot is empty),
 Key = tuple[int, bytes]  # (ids in the prefix, BLAKE2b digest of those ids), as PrefixKeys makes them
 USERS_BYTE = 1 << 62  # every process holding a table read-locks this byte (past any table's end)
 FLOCK = struct.Struct("hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
+TABLE_SUFFIX = ".states"  # a table's file name ends so (service.helpers names them)
+SCRATCH_SUFFIX = ".new"  # a table being made
+CREATE_LOCK = ".create.lock"  # flock'ed by the process making a table in the folder
 OWNER_LOCK = "owner.lock"  # in a server's folder: flock'ed by its master (and so its workers) while it runs
-UNOWNED_GRACE_SECONDS = 60.0  # a folder without an owner lock this old is a leftover, not one being made
 
 
 def _ofd_lock(fd: int, kind: int, start: int, length: int, wait: bool = True) -> bool:
@@ -81,31 +83,42 @@ def reservable_bytes(folder: Path) -> int:
 
 class _Table:
     """One process's open table: its descriptor, mapping and thread lock, shared by every engine of the
-    process that uses the file."""
+    process that uses the file. `lock` guards the mapping itself too: a table is only mapped, unmapped or
+    read under it, so no thread can touch a mapping that another is closing."""
 
     def __init__(self, path: Path, slot_bytes: int, requested_bytes: int) -> None:
         self.path, self.slot_bytes, self.requested_bytes = path, slot_bytes, requested_bytes
         self.users = 0  # SharedStates of this process using it
         self.lock = threading.Lock()
         self.fd = -1
-        self.map: Any = None  # the mmap.mmap while open (Any: struct's pack_into takes it as a buffer)
+        self.map: Any = None  # the mmap.mmap while mapped (Any: struct's pack_into takes it as a buffer)
         self.bytes = torch.empty(0, dtype=torch.uint8)
         self.sets = 0
-        self.nbytes = 0  # 0 while the level is off in this process
-        self.open()
+        self.nbytes = 0  # 0 while not mapped in this process
+        self.off = False  # no room for it when it was made: the level stays off for this table's life
+        with self.lock:
+            self._open()
 
     # ------------------------------------------------------------------ opening, sizing, closing
 
-    def open(self) -> None:
-        """Map the file (making it if nobody has); the level is off here where no table fits."""
+    def _open(self) -> None:
+        """Map the file (making it if nobody has); the level is off where no table fits. Under `lock`."""
+        try:
+            self._open_or_create()
+        except OSError as exc:  # the folder gone, a link refused: this version serves without the level
+            log.error("shared prefix cache %s is off: %s", self.path.name, exc)
+            self.off = True
+
+    def _open_or_create(self) -> None:
         for _ in range(5):  # the file may be removed between our open and our lock by its last user
             try:
                 fd = os.open(self.path, os.O_RDWR)
             except FileNotFoundError:
                 fd = self._create()
                 if fd < 0:
+                    self.off = True
                     return
-            _ofd_lock(fd, fcntl.F_RDLCK, USERS_BYTE, 1)
+            _ofd_lock(fd, fcntl.F_RDLCK, USERS_BYTE, 1)  # a user now (a creator's write lock becomes this)
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -113,100 +126,104 @@ class _Table:
             if not same:
                 os.close(fd)
                 continue
-            size = os.fstat(fd).st_size
-            self.sets = size // (WAYS * self.slot_bytes)
-            self.nbytes = self.sets * WAYS * self.slot_bytes
-            if self.nbytes == 0:
+            self.sets = os.fstat(fd).st_size // (WAYS * self.slot_bytes)
+            if self.sets == 0:
                 os.close(fd)
+                self.off = True
                 return
             self.fd = fd
+            self.nbytes = self.sets * WAYS * self.slot_bytes
             self.map = mmap.mmap(fd, self.nbytes)
             self.bytes = torch.frombuffer(self.map, dtype=torch.uint8)
             return
-        log.warning("shared prefix cache %s: could not open the table; the shared level is off", self.path.name)
+        raise OSError(errno.EAGAIN, "the table was removed each time it was opened")
 
     def _create(self) -> int:
-        """A new table file of reserved pages, put in place whole (or another process's, made meanwhile);
-        -1 where not even one set fits in what the filesystem has free."""
+        """A new table file of reserved pages, put in place whole, or the one another process made first;
+        -1 where not even one set fits. One process of the server creates at a time (an flock on the
+        folder's CREATE_LOCK), and a table takes at most half of what is free, so that the version rolled
+        out next finds room too."""
         set_bytes = WAYS * self.slot_bytes
         wanted = self.requested_bytes // set_bytes * set_bytes
-        size = min(wanted, reservable_bytes(self.path.parent) // set_bytes * set_bytes)
-        fd, scratch = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".new", dir=self.path.parent)
+        guard = os.open(self.path.parent / CREATE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            while size >= set_bytes:
-                try:
-                    os.posix_fallocate(fd, 0, size)  # reserved now: no page can fail to appear at a write
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    os.ftruncate(fd, 0)
-                    size = size // 2 // set_bytes * set_bytes  # someone took space meanwhile: ask for less
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            with contextlib.suppress(FileNotFoundError):
+                return os.open(self.path, os.O_RDWR)  # made by another worker while we waited
+            size = min(wanted, reservable_bytes(self.path.parent) // 2 // set_bytes * set_bytes)
             if size < set_bytes:
                 log.warning(
-                    "shared prefix cache %s: %s has room for no table of %d bytes; the shared level is off",
+                    "shared prefix cache %s: %s has room for no table of %d bytes; the shared level is off "
+                    "for this version",
                     self.path.name,
                     self.path.parent,
                     set_bytes,
                 )
-                os.close(fd)
                 return -1
             if size < wanted:
                 log.warning(
-                    "shared prefix cache %s: %.1f MiB reserved of the %.1f MiB asked for (the filesystem's free "
-                    "space); raise the size of %s",
+                    "shared prefix cache %s: %.1f MiB reserved of the %.1f MiB asked for (half the "
+                    "filesystem's free space); raise the size of %s",
                     self.path.name,
                     size / 2**20,
                     wanted / 2**20,
                     self.path.parent,
                 )
-            try:
-                os.link(scratch, self.path)  # whole or not at all; another process's table wins a race
-            except FileExistsError:
-                os.close(fd)
-                fd = os.open(self.path, os.O_RDWR)
+            return self._reserve(size)
+        finally:
+            os.close(guard)  # the flock goes with it
+
+    def _reserve(self, size: int) -> int:
+        """The table's file, `size` bytes reserved, written as a scratch file and linked into place whole.
+        The scratch is write-locked while it is made, so a sweep knows a dead creator's from a live one's."""
+        fd, scratch = tempfile.mkstemp(prefix=self.path.name + ".", suffix=SCRATCH_SUFFIX, dir=self.path.parent)
+        try:
+            _ofd_lock(fd, fcntl.F_WRLCK, USERS_BYTE, 1)
+            os.posix_fallocate(fd, 0, size)  # reserved now: no page can fail to appear at a write
+            os.link(scratch, self.path)
             return fd
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            os.close(fd)
             raise
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(scratch)
 
-    def detach(self) -> None:
-        """Drop this process's descriptor and mapping (the file stays); `open` maps it again."""
+    def _unmap(self) -> None:
+        """Drop this process's mapping and descriptor (the file stays). Under `lock`: no view of the
+        mapping outlives a locked section, so none is left when it goes."""
+        self.bytes = torch.empty(0, dtype=torch.uint8)
         if self.map is not None:
-            self.bytes = torch.empty(0, dtype=torch.uint8)
-            with contextlib.suppress(BufferError):  # a tensor view still alive: the mapping goes with it
-                self.map.close()
+            self.map.close()
             self.map = None
         if self.fd >= 0:
             os.close(self.fd)  # our locks go with the description
             self.fd = -1
         self.nbytes = self.sets = 0
 
+    def detach(self) -> None:
+        with self.lock:
+            self._unmap()
+
+    def ensure_mapped(self) -> None:
+        """Map it again after `detach` (the gunicorn master's tables, used again after all)."""
+        with self.lock:
+            if self.map is None and not self.off:
+                self._open()
+
     def close(self) -> None:
-        """Detach; and remove the file when no other process holds it (its last user removes it)."""
-        if self.fd >= 0 and _ofd_lock(self.fd, fcntl.F_WRLCK, USERS_BYTE, 1, wait=False):
-            with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                    self.path.unlink()
-        self.detach()
+        """Unmap; and remove the file when no other process holds it (its last user removes it)."""
+        with self.lock:
+            self._unmap()
+        remove_unused(self.path.parent, self.path)
 
     def after_fork(self) -> None:
         """In a forked child: the inherited descriptor shares the parent's locks, so open a new one."""
         self.lock = threading.Lock()
-        if self.map is not None:
-            self.bytes = torch.empty(0, dtype=torch.uint8)
-            with contextlib.suppress(BufferError):
-                self.map.close()
-            self.map = None
-        if self.fd >= 0:
-            os.close(self.fd)  # the parent's description, and its locks, live on in the parent
-            self.fd = -1
-        if self.users > 0:
-            self.open()
+        with self.lock:
+            self._unmap()  # the parent's description, and its locks, live on in the parent
+            if self.users > 0 and not self.off:
+                self._open()
 
     # ------------------------------------------------------------------ slots
 
@@ -221,20 +238,50 @@ class _Table:
         return self.bytes[offset + META.size : offset + self.slot_bytes].view(torch.float32)
 
     def crc_at(self, offset: int) -> int:
-        assert self.map is not None
         with memoryview(self.map) as view:
             return zlib.crc32(view[offset + META.size : offset + self.slot_bytes])
 
     @contextlib.contextmanager
-    def locked_set(self, index: int) -> Iterator[None]:
-        """Hold one set against this process's other threads and against every other descriptor."""
-        start, length = index * WAYS * self.slot_bytes, WAYS * self.slot_bytes
+    def locked_set(self, key: Key) -> Iterator[int | None]:
+        """The key's set, held against this process's other threads and every other descriptor; None where
+        the table is not mapped (off, or closed meanwhile)."""
         with self.lock:
+            if self.map is None:
+                yield None
+                return
+            index = self.set_of(key)
+            start, length = index * WAYS * self.slot_bytes, WAYS * self.slot_bytes
             _ofd_lock(self.fd, fcntl.F_WRLCK, start, length)
             try:
-                yield
+                yield index
             finally:
                 _ofd_lock(self.fd, fcntl.F_UNLCK, start, length)
+
+
+def remove_unused(folder: Path, *also: Path) -> list[Path]:
+    """Remove the tables and scratch files in `folder` that no process holds: each user read-locks a table
+    (and its creator write-locks a scratch file), so one whose write lock is granted to a fresh descriptor
+    has none, whether its last user closed it (two closing at once each see the other's lock) or was
+    killed."""
+    removed: list[Path] = []
+    try:
+        names = {p for p in folder.iterdir() if p.name.endswith((TABLE_SUFFIX, SCRATCH_SUFFIX))} | set(also)
+    except OSError:
+        return removed
+    for path in names:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            if _ofd_lock(fd, fcntl.F_WRLCK, USERS_BYTE, 1, wait=False) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 _OPEN: dict[Path, _Table] = {}  # this process's open tables, one per file
@@ -263,9 +310,9 @@ class SharedStates:
     """One engine's handle on a table; engines of one process that name the same file share its `_Table`."""
 
     def __init__(self, path: Path, max_bytes: int, shapes: tuple[torch.Size, torch.Size, torch.Size]) -> None:
-        """Map (making it if no worker has yet) the table at `path`: at most `max_bytes`, and no more than the
-        filesystem has free, each entry a state of `shapes` (h, c, logits) in float32. Every process opening
-        one path passes the same shapes."""
+        """Map (making it if no worker has yet) the table at `path`: at most `max_bytes`, and no more than half
+        what the filesystem has free, each entry a state of `shapes` (h, c, logits) in float32. Every process
+        opening one path passes the same shapes."""
         self.path = path
         self.shapes = shapes
         self.floats = sum(shape.numel() for shape in shapes)
@@ -278,7 +325,7 @@ class SharedStates:
                 table = _OPEN[path] = _Table(path, self.slot_bytes, max_bytes)
             table.users += 1
         self._table = table
-        self.reserved_bytes = table.nbytes  # what it held when made: the memory it counts against
+        self.reserved_bytes = table.nbytes  # what the table holds: the memory it counts against
 
     @property
     def sets(self) -> int:
@@ -290,13 +337,11 @@ class SharedStates:
 
     def _usable(self) -> _Table | None:
         table = self._table
-        if self.closed:
+        if self.closed or table.off:
             return None
-        if table.map is None and table.users > 0:  # detached (the master) or off: look again
-            with _OPEN_LOCK:
-                if table.map is None:
-                    table.open()
-        return table if table.map is not None else None
+        if table.map is None:  # detached (the master's): map it again
+            table.ensure_mapped()
+        return table
 
     def get(self, key: Key) -> torch.Tensor | None:
         """A copy of the entry's floats, or None."""
@@ -304,9 +349,8 @@ class SharedStates:
         if table is None:
             return None
         length, digest = key
-        index = table.set_of(key)
-        with table.locked_set(index):
-            for offset in table.slots(index):
+        with table.locked_set(key) as index:
+            for offset in table.slots(index) if index is not None else ():
                 held_digest, held_length, crc, _ = META.unpack_from(table.map, offset)
                 if held_length == length and held_digest == digest:
                     if table.crc_at(offset) != crc:  # torn by a writer that died mid-store
@@ -326,13 +370,17 @@ class SharedStates:
         if table is None:
             return
         length, digest = key
-        index = table.set_of(key)
-        with table.locked_set(index):
+        with table.locked_set(key) as index:
+            if index is None:
+                return
             victim, oldest = None, None
             for offset in table.slots(index):
-                held_digest, held_length, _, stamp = META.unpack_from(table.map, offset)
+                held_digest, held_length, crc, stamp = META.unpack_from(table.map, offset)
                 if held_length == length and held_digest == digest:
-                    return  # a worker stored it first: the same state
+                    if table.crc_at(offset) == crc:
+                        return  # a worker stored it first: the same state
+                    victim = offset  # torn: store it afresh
+                    break
                 if held_length == 0:
                     victim, oldest = offset, -1
                     break
@@ -340,17 +388,16 @@ class SharedStates:
                     victim, oldest = offset, stamp
             assert victim is not None
             values = floats.reshape(-1).to(torch.float32).contiguous()
-            META.pack_into(table.map, victim, b"", 0, 0, 0)  # empty while written
+            META.pack_into(table.map, victim, b"", 0, 0, 0)  # empty while its floats are written
             self._write(table, victim, values)
-            crc = table.crc_at(victim)
-            META.pack_into(table.map, victim, digest, length, crc, time.monotonic_ns())
+            META.pack_into(table.map, victim, digest, length, table.crc_at(victim), time.monotonic_ns())
 
     @staticmethod
     def _write(table: _Table, offset: int, values: torch.Tensor) -> None:
         table.floats_at(offset).copy_(values)
 
     def close(self) -> None:
-        """This engine is done with the table (its version unloaded); the process's last user detaches it,
+        """This engine is done with the table (its version unloaded); the process's last user unmaps it,
         and the server's last user removes the file."""
         if self.closed:
             return
@@ -358,19 +405,25 @@ class SharedStates:
         with _OPEN_LOCK:
             table = self._table
             table.users -= 1
-            if table.users == 0:
-                table.close()
-                if _OPEN.get(self.path) is table:
-                    del _OPEN[self.path]
+            if table.users > 0:
+                return
+            if _OPEN.get(self.path) is table:
+                del _OPEN[self.path]
+        table.close()
 
     def entries(self) -> int:
         """Slots holding an entry (a scan of the table, for tests and metrics)."""
         table = self._usable()
         if table is None:
             return 0
-        return sum(
-            META.unpack_from(table.map, offset)[1] > 0 for index in range(table.sets) for offset in table.slots(index)
-        )
+        with table.lock:
+            if table.map is None:
+                return 0
+            return sum(
+                META.unpack_from(table.map, offset)[1] > 0
+                for index in range(table.sets)
+                for offset in table.slots(index)
+            )
 
 
 # ---------------------------------------------------------------------- a server's folders
@@ -383,30 +436,27 @@ def owned_folder(prefix: str, base: str | None) -> str:
     are removed first."""
     parent = Path(base or tempfile.gettempdir())
     remove_leftovers(prefix, parent)
-    making = Path(tempfile.mkdtemp(prefix="." + prefix, dir=parent))  # not a leftover's name until it is owned
-    fd = os.open(making / OWNER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    making = Path(tempfile.mkdtemp(prefix="." + prefix, dir=parent))
+    fd = os.open(making / (OWNER_LOCK + ".new"), os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)  # held for the life of the server (kept open on purpose, never closed)
+    os.rename(making / (OWNER_LOCK + ".new"), making / OWNER_LOCK)  # a sweep sees it only once it is held
     folder = parent / making.name[1:]
     os.rename(making, folder)
     return str(folder)
 
 
 def remove_leftovers(prefix: str, parent: Path) -> list[Path]:
-    """Remove the folders `prefix*` in `parent` that no running server owns; returns them."""
+    """Remove the folders `prefix*` in `parent` (and `.prefix*`, a start that was killed before its folder
+    was named) whose OWNER_LOCK no running server holds; returns them. A folder without one is left alone:
+    it was not made by `owned_folder`."""
     removed: list[Path] = []
     try:
-        candidates = [p for p in parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+        candidates = [p for p in parent.iterdir() if p.name.lstrip(".").startswith(prefix) and p.is_dir()]
     except OSError:
         return removed
     for folder in candidates:
         try:
             fd = os.open(folder / OWNER_LOCK, os.O_RDWR)
-        except FileNotFoundError:
-            with contextlib.suppress(OSError):
-                if time.time() - folder.stat().st_mtime > UNOWNED_GRACE_SECONDS:
-                    shutil.rmtree(folder, ignore_errors=True)
-                    removed.append(folder)
-            continue
         except OSError:
             continue
         try:

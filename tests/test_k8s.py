@@ -198,9 +198,18 @@ def test_security_context(docs: list[dict[str, Any]]) -> None:
     uid, _, gid = image_config().user.partition(":")
     assert (security["runAsUser"], security["runAsGroup"]) == (int(uid), int(gid or uid))
     # gunicorn.conf.py makes the Prometheus multiprocess folder with tempfile's default, /tmp, and
-    # gunicorn its heartbeat files there too: the only writable mount.
+    # gunicorn its heartbeat files there too; the shared prefix cache's tables go in /dev/shm, an
+    # in-memory emptyDir of a size the settings call for: the only writable mounts.
     mounts = {mount["mountPath"] for mount in container(docs)["volumeMounts"] if not mount.get("readOnly")}
-    assert mounts == {"/tmp"}
+    assert mounts == {"/tmp", "/dev/shm"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (shm,) = [m for m in container(docs)["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    empty_dir = volumes[shm["name"]]["emptyDir"]
+    env = env_values(docs)
+    models = 2 if "MODEL_REPOSITORY" in env else 1  # the repository overlay is sized for two models
+    tables = models * int(env.get("MODEL_VERSIONS", "2")) + 2  # the loaded versions, one rolled out, one spare
+    assert empty_dir["medium"] == "Memory"
+    assert quantity(empty_dir["sizeLimit"]) >= tables * float(env["SHARED_PREFIX_CACHE_MB"]) * 2**20
     assert "PROMETHEUS_MULTIPROC_DIR" not in env_values(docs) and "TMPDIR" not in env_values(docs)
     assert pod["automountServiceAccountToken"] is False
 
@@ -265,7 +274,8 @@ def test_a_pod_runs_as_the_deployment_says(name: str) -> None:
     assert report["api_status"] == {"with_key": 200, "without_key": 401}
     # The Prometheus folder was made in the emptyDir (on a read-only root), and removed at exit.
     assert any(path.startswith("charlm-metrics-") for path in report["files_in_empty_dirs"]["/tmp"])
-    assert report["files_left_in_empty_dirs"] == {"/tmp": []}
+    assert any(path.endswith(".states") for path in report["files_in_empty_dirs"]["/dev/shm"])
+    assert report["files_left_in_empty_dirs"] == {"/tmp": [], "/dev/shm": []}
     assert report["exit_code"] == 0, report["log_tail"]
     assert report["cgroup"].get("oom_kills") in (0, None), "killed at the memory limit"
 

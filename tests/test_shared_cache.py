@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,7 @@ from benchmarks.servers import metric_total
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from service.engine import Engine, EngineOptions
 from service.prefix_cache import CHECKPOINT, PrefixCache, PrefixKeys
-from service.shared_cache import OWNER_LOCK, WAYS, SharedStates, detach_all, owned_folder
+from service.shared_cache import CREATE_LOCK, OWNER_LOCK, WAYS, SharedStates, detach_all, owned_folder
 from tests.conftest import gunicorn_server
 
 PROMPT = ("KING. " + "Now is the winter of our discontent made glorious summer by this sun of York. " * 12)[:900]
@@ -124,20 +123,25 @@ def test_a_table_reserves_its_pages_and_takes_only_what_the_filesystem_has(
     models: LoadedModels, tmp_path: Path
 ) -> None:
     with small_tmpfs(tmp_path, "1m") as shm:
-        first = SharedStates(shm / "a.states", 16 << 20, shapes(models))  # asks for 16 MiB of 1 MiB
-        assert 0 < first.nbytes <= 1 << 20 and first.reserved_bytes == first.nbytes
-        assert os.stat(shm / "a.states").st_blocks * 512 >= first.nbytes  # allocated now, not at a write
-        second = SharedStates(shm / "b.states", 16 << 20, shapes(models))  # nothing left: off, never a SIGBUS
-        assert second.nbytes == 0 and not (shm / "b.states").exists()
+        first = SharedStates(shm / "0.states", 16 << 20, shapes(models))  # asks for 16 MiB of 1 MiB
+        assert 0 < first.nbytes <= 1 << 19 and first.reserved_bytes == first.nbytes  # half the free space
+        assert os.stat(shm / "0.states").st_blocks * 512 >= first.nbytes  # allocated now, not at a write
+        tables = [first]
+        while tables[-1].nbytes > 0:  # each version after takes half of what is left, until none fits
+            assert len(tables) < 32
+            tables.append(SharedStates(shm / f"{len(tables)}.states", 16 << 20, shapes(models)))
+        off = tables[-1]
+        assert not off.path.exists() and off.reserved_bytes == 0
         key = PrefixKeys([1, 2, 3]).key(3)
-        second.put(key, torch.ones(second.floats))
-        assert second.get(key) is None
-        for i in range(first.sets * WAYS):  # every page of the full table written
-            first.put(PrefixKeys([i, i + 1, i + 2]).key(3), torch.full((first.floats,), float(i)))
-        assert first.entries() > 0
-        first.close()
-        second.close()
-        assert list(shm.iterdir()) == []  # the last user removed its file: the pages are free again
+        off.put(key, torch.ones(off.floats))  # off: a no-op, never a SIGBUS
+        assert off.get(key) is None
+        for table in tables[:-1]:  # pages all over every table written
+            for i in range(table.sets * WAYS):
+                table.put(PrefixKeys([i, i + 1, i + 2]).key(3), torch.full((table.floats,), float(i)))
+            assert table.entries() > table.sets * WAYS // 2
+        for table in tables:
+            table.close()
+        assert [p.name for p in shm.iterdir()] == [CREATE_LOCK]  # the last users removed the tables
 
 
 def test_a_worker_killed_mid_write_leaves_a_miss_not_another_prompts_state(
@@ -171,6 +175,7 @@ def test_a_worker_killed_mid_write_leaves_a_miss_not_another_prompts_state(
         found = table.get(key)
         assert found is None or torch.equal(found, torch.full((floats,), float(number)))
     assert sum(table.get(key) is None for key in old_keys) == 1
+    table.close()
 
 
 def test_a_corrupted_slot_is_a_miss(models: LoadedModels, tmp_path: Path) -> None:
@@ -183,6 +188,9 @@ def test_a_corrupted_slot_is_a_miss(models: LoadedModels, tmp_path: Path) -> Non
         raw.seek(offset)
         raw.write(b"\x00\x00\x80\x7f")
     assert table.get(key) is None and table.torn == 1
+    table.put(key, torch.ones(table.floats))  # a torn entry is stored afresh, not taken for the same state
+    assert table.get(key) is not None
+    table.close()
 
 
 def test_engines_of_one_process_share_one_table_and_the_last_user_removes_it(
@@ -197,23 +205,27 @@ def test_engines_of_one_process_share_one_table_and_the_last_user_removes_it(
     assert path.exists()
     found = second.get(key)
     assert found is not None and torch.equal(found, torch.ones(first.floats))
-    read, write = os.pipe()
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
     child = os.fork()
     if child == 0:  # another worker, using the table until told to stop
+        ok = False
         try:
-            os.close(write)
-            assert second.get(key) is not None  # its own descriptor, opened after the fork
-            os.read(read, 1)
+            ok = second.get(key) is not None  # its own descriptor, opened after the fork
+            os.write(ready_w, b"x")
+            os.read(go_r, 1)
             second.close()
         finally:
-            os._exit(0)
-    os.close(read)
-    time.sleep(0.2)
+            os._exit(0 if ok else 1)
+    assert os.read(ready_r, 1) == b"x"
     second.close()
     assert path.exists()  # the other worker still maps it: not unlinked under it
-    os.write(write, b"x")
-    os.waitpid(child, 0)
+    os.write(go_w, b"x")
+    _, status = os.waitpid(child, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     assert not path.exists()  # its last user removed it
+    for fd in (ready_r, ready_w, go_r, go_w):
+        os.close(fd)
 
 
 def test_the_master_lets_go_of_its_tables_and_uses_them_again_on_demand(models: LoadedModels, tmp_path: Path) -> None:
@@ -223,6 +235,7 @@ def test_the_master_lets_go_of_its_tables_and_uses_them_again_on_demand(models: 
     detach_all()
     assert table._table.map is None and (tmp_path / "states").exists()  # the file stays for the workers
     assert table.get(key) is not None  # mapped again by whoever uses it
+    table.close()
 
 
 def test_leftovers_of_dead_servers_are_removed_and_running_servers_kept(tmp_path: Path) -> None:
