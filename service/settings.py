@@ -162,3 +162,17 @@ class Settings(BaseSettings):
 
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]
+
+    max_header_bytes: int = Field(
+        32 << 10,
+        ge=1024,
+        le=1 << 20,
+        description="a request's line and header fields together, as its worker's event loop reads them; larger "
+        "gets 431 (a request line or one field over gunicorn's limits gets 414 or 431 first)",
+    )
+    max_buffered_bytes: int = Field(
+        64 << 20,
+        ge=1024,
+        description="per worker: request body bytes held for requests still arriving (a Content-Length counts "
+        "in full at once); a request that would go over gets 503 with Retry-After",
+    )

@@ -1,15 +1,15 @@
-"""The gunicorn worker class: gunicorn's threaded worker, reading every request whole in its event loop
-before a request thread sees it, answering overload at once, refusing new work promptly on SIGTERM and
-spreading connections evenly over the workers."""
+"""The gunicorn worker class: gunicorn's threaded worker, reading and parsing every request whole in its
+event loop before a request thread sees it, answering overload at once, refusing new work promptly on
+SIGTERM and spreading connections evenly over the workers."""
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
 import selectors
 import socket
-import struct
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -17,8 +17,8 @@ from typing import Any
 
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
-from service.framing import CRLF_TEXT as CRLF
-from service.framing import Limits, PendingRequest, Verdict
+from service import lifecycle
+from service.framing import Limits, PendingRequest, Refused
 from service.schemas import ErrorResponse
 from service.settings import Settings
 
@@ -33,12 +33,23 @@ DEFER_POLL_SECONDS = 0.01  # how often a worker that leaves connections to its p
 # time, each waiting up to DEFER_POLL_SECONDS for the peer to look again.
 BALANCE_TOLERANCE = 16
 
+CRLF = "\r\n"
 READ_SIZE = 1 << 16  # bytes read from a client per readiness event
 SWEEP_SECONDS = 0.25  # how often the loop looks for requests past their deadline
 LINGER_SECONDS = 5.0  # after an error answer that closes, unread request bytes are drained this long at most
 LINGER_MAX_BYTES = 64 << 20  # ... and up to this much, so that the client reads the answer, not a reset
-PROBE_THREADS = 2  # threads that serve only the probes and /metrics, so they never queue behind model work
-PROBE_PATHS = frozenset({b"/healthz", b"/readyz", b"/metrics"})
+# /healthz and /readyz (the kubelet's probes) and /metrics (the scraper) have threads of their own, so that
+# neither waits behind model work, and probes do not wait behind a flood of /metrics either. Each pool's
+# queue is bounded; beyond it the loop answers 503 and closes. A probe answers in about a millisecond and a
+# refused one is a failed probe, so its bound is far above what the kubelet sends yet keeps the longest wait
+# well within a probe's 1 s timeout; scrapers come every few seconds and retry.
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+PROBE_THREADS = {"health": 2, "metrics": 1}
+PROBE_MAX_WAITING = {"health": 256, "metrics": 8}
+# accept() failing for want of descriptors or memory: the loop stops accepting this long, then tries again
+# (the connections wait in the listen queue), instead of the worker exiting.
+ACCEPT_PAUSE_SECONDS = 0.5
+ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 _table: Any = None  # shared memory (multiprocessing.RawArray), created by the master before it forks
 
@@ -69,14 +80,15 @@ def release_slot(worker: Any) -> None:
         _table[slot * FIELDS + PID] = 0
 
 
-def _error_answer(status: int, reason: str, message: str, type_: str, code: str, *, close: bool = True,
-                  head_only: bool = False, headers: str = "") -> bytes:  # fmt: skip
+def _error_answer(status: int, reason: str, message: str, type_: str, code: str, *, head_only: bool = False,
+                  headers: str = "") -> bytes:  # fmt: skip
     """A whole HTTP answer carrying the API's error envelope (the app's ErrorResponse), for the answers
-    the event loop and gunicorn's parser give without the app; `headers`: extra lines, each ending CRLF."""
+    the event loop gives without the app, each closing the connection; `headers`: extra lines, each
+    ending CRLF."""
     body = json.dumps(ErrorResponse.of(message, type_, code=code)).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        f"{headers}{'Connection: close' + CRLF if close else ''}\r\n"
+        f"{headers}Connection: close\r\n\r\n"
     )
     return head.encode() + (b"" if head_only else body)
 
@@ -105,21 +117,24 @@ class _CapturedAnswer:
 class GracefulThreadWorker(ThreadWorker):
     """gthread, with four changes.
 
-    Requests are read whole in the event loop. Stock gthread hands a connection to a request thread as
-    soon as its first byte arrives, and the thread then blocks reading the rest: a few dozen clients
-    that send headers and trickle a body held every thread, probes included. Here the loop reads each
-    request (headers, then the body its Content-Length or chunked encoding announces) into memory, with
-    a total deadline for the headers and another for the body (408, then close); only a complete
-    request reaches a thread. A slow client costs a socket and its buffer.
+    Requests are read and parsed whole in the event loop. Stock gthread hands a connection to a request
+    thread as soon as its first byte arrives, and the thread then blocks reading the rest: a few dozen
+    clients that send headers and trickle a body held every thread, probes included. Here the loop feeds
+    each request's bytes to h11 as they arrive (service/framing.py), with a total deadline for the head
+    and another for the body (408, then close); only a parsed request with its complete body reaches a
+    thread, which never reads the socket. A slow client costs a socket and its buffer, and the bodies
+    being read share a budget per worker (MAX_BUFFERED_BYTES). Every answer the loop gives itself (400,
+    408, 413, 414, 417, 431, 503, ...) closes the connection, so nothing of a refused request is ever read
+    as the next one.
 
     Overload is answered at once. Complete requests beyond the threads wait in the pool's queue; once
     MAX_WAITING_REQUESTS of them wait, a new one gets 503 with Retry-After from the loop instead of
-    waiting without end. /healthz, /readyz and /metrics run on threads of their own, so a probe never
-    waits behind model work. A response write (a piece of a stream, or a whole answer) not sent within
-    WRITE_TIMEOUT_SECONDS (a client that stopped reading) closes the connection, which frees the thread
-    and cancels the generation. Connections are closed without blocking the loop (gthread's graceful
-    close waited up to 2 s in it for each client that did not close its end), and what gunicorn's parser
-    refuses is answered in the API's JSON error envelope.
+    waiting without end. /healthz and /readyz run on threads of their own, /metrics on another, each
+    with a short queue, so a probe never waits behind model work or a flood of scrapes. A response write
+    (a piece of a stream, or a whole answer) not sent within WRITE_TIMEOUT_SECONDS (a client that stopped
+    reading) closes the connection, which frees the thread and cancels the generation. Connections are
+    closed without blocking the loop (gthread's graceful close waited up to 2 s in it for each client that
+    did not close its end).
 
     On SIGTERM the stock worker stops polling its listening sockets but keeps them open until its
     in-flight requests finish, so the kernel goes on queueing new connections that nobody will answer:
@@ -135,36 +150,48 @@ class GracefulThreadWorker(ThreadWorker):
     """
 
     connection_slot: int | None = None
+    accept_paused_until = 0.0  # accept() failed for want of resources: not accepting until then
+    accept_failing = False  # ... and it has not succeeded since (logged once per such spell)
 
     def init_process(self) -> None:
         if _table is not None and self.connection_slot is not None:
             _table[self.connection_slot * FIELDS + PID] = os.getpid()
         settings = Settings()
-        # gunicorn's parser refuses header blocks beyond these limits; the loop stops reading there too.
-        header_bytes = (
-            self.cfg.limit_request_line + 2 + self.cfg.limit_request_fields * (self.cfg.limit_request_field_size + 2)
-        )
         self.limits = Limits(
-            max_header_bytes=header_bytes + 2,
+            max_header_bytes=settings.max_header_bytes,
+            max_request_line=self.cfg.limit_request_line or 8190,  # gunicorn's meaning of 0: its maximum
+            max_field_bytes=self.cfg.limit_request_field_size or 8190,
+            max_fields=self.cfg.limit_request_fields or 32768,
             max_body_bytes=settings.max_body_bytes,
-            max_line_bytes=self.cfg.limit_request_field_size,
         )
+        self.max_buffered = settings.max_buffered_bytes
         self.header_timeout = settings.header_timeout_seconds
         self.body_timeout = settings.body_timeout_seconds
         self.write_timeout = settings.write_timeout_seconds
-        # SO_RCVTIMEO for dispatched sockets (a struct timeval): the body deadline.
-        self.read_timeout = struct.pack("ll", int(self.body_timeout), int(self.body_timeout % 1 * 1e6))
         self.max_waiting = settings.max_waiting_requests
         self.reading: dict[TConn, PendingRequest] = {}
+        self.reserved: dict[TConn, int] = {}  # body bytes held for each connection being read
+        self.buffered = 0  # their sum, within max_buffered
         self.lingering: dict[TConn, tuple[float, int]] = {}  # closing connections: deadline, bytes drained
-        self.admitted = 0  # requests handed to the request threads and not yet finished
+        self.admitted = 0  # model requests handed to the request threads and not yet finished
+        self.probes_admitted = dict.fromkeys(PROBE_THREADS, 0)  # the same, per probe pool
+        self.read_failures = 0
         self.next_sweep = 0.0
-        self.probe_pool = ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="probe")
+        self.probe_pools = {
+            kind: ThreadPoolExecutor(max_workers=threads, thread_name_prefix=kind)
+            for kind, threads in PROBE_THREADS.items()
+        }
         # Imported here, after gunicorn.conf.py has set PROMETHEUS_MULTIPROC_DIR.
         from service import metrics
 
         self.metrics = metrics
         super().init_process()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """SIGTERM: set the drain deadline (service.lifecycle), by which the generations still running end
+        with finish_reason "shutdown", a margin before gunicorn stops this worker; then gunicorn's own stop."""
+        lifecycle.begin_shutdown(self.cfg.graceful_timeout)
+        super().handle_exit(sig, frame)
 
     def set_accept_enabled(self, enabled: bool) -> None:
         super().set_accept_enabled(enabled)
@@ -174,31 +201,48 @@ class GracefulThreadWorker(ThreadWorker):
             if _table is not None and self.connection_slot is not None:
                 _table[self.connection_slot * FIELDS + HEARTBEAT] = 0.0  # peers stop leaving connections to it
 
+    def accept(self, listener: socket.socket) -> None:
+        """Every connection waiting in the listen queue, up to the cap, rather than gthread's one per loop
+        turn: under a burst, a loop turn can wait milliseconds for the GIL, and a probe queued behind
+        hundreds of connections would wait that long for each of them. Out of descriptors or memory, it
+        stops accepting for a while rather than let the error end the worker."""
+        while self.nr_conns < self.worker_connections:
+            before = self.nr_conns
+            try:
+                super().accept(listener)
+            except OSError as exc:
+                if exc.errno not in ACCEPT_RESOURCE_ERRORS:
+                    raise
+                self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
+                if not self.accept_failing:
+                    self.accept_failing = True
+                    self.log.warning(
+                        "accept failed (%s) with %d connections open: accepting again in %g s, and so on until "
+                        "it succeeds", os.strerror(exc.errno or 0), self.nr_conns, ACCEPT_PAUSE_SECONDS,
+                    )  # fmt: skip
+                return
+            if self.nr_conns == before:  # nothing more to accept (EAGAIN)
+                return
+            self.accept_failing = False
+
     # ------------------------------------------------------------------ reading requests in the loop
 
     def enqueue_req(self, conn: TConn) -> None:
         """Called for a new connection, a kept-alive one that became readable, and one whose previous
         request was followed by pipelined bytes: read its next request here before any thread sees it."""
-        if self.cfg.is_ssl:  # TLS is terminated in front of the service; encrypted bytes cannot be framed here
+        if self.cfg.is_ssl:  # TLS is terminated in front of the service; encrypted bytes cannot be parsed here
             super().enqueue_req(conn)
             return
-        pipelined = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
+        pipelined = getattr(conn, "pipelined", b"")
+        conn.pipelined = b""
         conn.sock.setblocking(False)
-        pending = self._start_reading(conn)
+        self.reading[conn] = PendingRequest(self.limits, time.monotonic(), self.cfg, conn.client)
+        self.reserved[conn] = 0
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
         if pipelined:
-            self._advance(conn, pending, pipelined)
+            self._advance(conn, pipelined)
         else:  # the request has often arrived already: read it now rather than a loop turn later
             self._on_readable(conn, conn.sock)
-
-    def accept(self, listener: socket.socket) -> None:
-        """Every connection waiting in the listen queue, up to the cap, rather than gthread's one per loop
-        turn: under a burst, a loop turn can wait milliseconds for the GIL, and a probe queued behind
-        hundreds of connections would wait that long for each of them."""
-        while self.nr_conns < self.worker_connections:
-            before = self.nr_conns
-            super().accept(listener)
-            if self.nr_conns == before:  # nothing more to accept (EAGAIN)
-                return
 
     @staticmethod
     def _receive(conn: TConn) -> bytes | None:
@@ -217,85 +261,95 @@ class GracefulThreadWorker(ThreadWorker):
             self._stop_reading(conn)
             self._close(conn)
             return
-        self._advance(conn, self.reading[conn], data)
+        self._advance(conn, data)
 
-    def _advance(self, conn: TConn, pending: PendingRequest, data: bytes) -> None:
-        while True:  # a loop, not recursion: a client may pipeline many requests that each get a 503
-            verdict = pending.feed(data, time.monotonic())
-            if verdict is Verdict.NEED_MORE:
-                if pending.expects_continue and pending.in_body and not pending.continue_sent:
-                    pending.continue_sent = True
-                    self._send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
-                return
+    def _advance(self, conn: TConn, data: bytes) -> None:
+        """Feed what arrived to the connection's parser; refuse, wait for more, or hand the request over."""
+        pending = self.reading[conn]
+        try:
+            complete = pending.feed(data, time.monotonic())
+            within_budget = self._reserve(conn, max(pending.announced or 0, pending.body_bytes))
+        except Refused as refusal:
             self._stop_reading(conn)
-            if verdict is Verdict.HEADERS_TOO_LARGE:
-                self.metrics.REQUESTS_REFUSED.labels("headers_too_large").inc()
-                message = f"request headers larger than {self.limits.max_header_bytes} bytes"
-                self._answer_and_close(conn, 431, "Request Header Fields Too Large", message, "headers_too_large")
-                return
-            if verdict is Verdict.BODY_TOO_LARGE:
-                self.metrics.REQUESTS_REFUSED.labels("body_too_large").inc()
-                message = f"request body larger than {self.limits.max_body_bytes} bytes"
-                self._answer_and_close(conn, 413, "Content Too Large", message, "request_too_large")
-                return
-            pipelined = self._dispatch(conn, pending)
-            if not pipelined:
-                return
-            pending = self._start_reading(conn)
-            data = pipelined
+            self.metrics.REQUESTS_REFUSED.labels(refusal.label).inc()
+            self._answer_and_close(conn, refusal.status, refusal.reason, refusal.message, refusal.code)
+            return
+        except Exception as exc:  # a fault of this code, not the client's: the worker must live on
+            self.read_failures += 1
+            if self.read_failures == 1:
+                self.log.exception("reading a request from %s failed; answered 400", conn.client)
+            else:
+                self.log.warning("reading a request from %s failed (%r); answered 400", conn.client, exc)
+            self._stop_reading(conn)
+            self.metrics.REQUESTS_REFUSED.labels("unreadable").inc()
+            self._answer_and_close(conn, 400, "Bad Request", "the request could not be read", "bad_request")
+            return
+        if not within_budget:
+            self._stop_reading(conn)
+            self.metrics.REQUESTS_REFUSED.labels("buffers_full").inc()
+            message = f"the server holds {self.buffered >> 20} MiB of request bodies; retry in a second"
+            self._answer_busy(conn, message, head_only=pending.request is not None and pending.request.method == "HEAD")
+            return
+        if not complete:
+            if pending.wants_continue:
+                pending.continue_sent = True
+                self._send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+            return
+        self._stop_reading(conn)
+        self._dispatch(conn, pending)
 
-    def _start_reading(self, conn: TConn) -> PendingRequest:
-        self.reading[conn] = pending = PendingRequest(self.limits, time.monotonic())
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
-        return pending
+    def _reserve(self, conn: TConn, size: int) -> bool:
+        """Hold `size` bytes of the budget for the body `conn` is sending (its Content-Length at once, a
+        chunked body as it grows); whether it fits."""
+        held = self.reserved[conn]
+        if size > held:
+            if self.buffered - held + size > self.max_buffered:
+                return False
+            self.buffered += size - held
+            self.reserved[conn] = size
+        return True
 
     def _stop_reading(self, conn: TConn) -> None:
         del self.reading[conn]
+        self.buffered -= self.reserved.pop(conn)
         self.poller.unregister(conn.sock)
 
-    def _dispatch(self, conn: TConn, pending: PendingRequest) -> bytes:
-        """Hand a complete request to a thread, or answer 503 when too many already wait for one; what
-        the client pipelined behind a refused request, to be read next (b"" when there is none)."""
-        probe = pending.method in (b"GET", b"HEAD") and pending.path in PROBE_PATHS
-        if not probe and self.admitted >= self.cfg.threads + self.max_waiting:
-            self.metrics.REQUESTS_REFUSED.labels("overloaded").inc()
-            return self._answer_overloaded(conn, pending)
-        if conn.parser is None:
-            conn.init()  # plain HTTP/1.x: makes the parser, reads nothing
-        conn.data_ready = True  # gthread's handle() must not wait for more bytes
-        # The request is all here; should gunicorn's parser still want bytes from the socket (a framing
-        # this module read differently), the kernel gives up after the body deadline, not never.
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self.read_timeout)
-        conn.parser.unreader.unread(pending.request_bytes() + pending.leftover())
-        if not probe:
+    def _dispatch(self, conn: TConn, pending: PendingRequest) -> None:
+        """Hand a complete request to a thread of its pool, or answer 503 and close when too many already
+        wait for one."""
+        request = pending.request
+        assert request is not None
+        kind = None
+        if request.method in ("GET", "HEAD"):
+            kind = "health" if request.path in HEALTH_PATHS else "metrics" if request.path == "/metrics" else None
+        if kind is None:
+            if self.admitted >= self.cfg.threads + self.max_waiting:
+                self.metrics.REQUESTS_REFUSED.labels("overloaded").inc()
+                waiting = self.admitted - self.cfg.threads
+                message = f"the server is busy ({waiting} requests are waiting for it); retry in a second"
+                self._answer_busy(conn, message, head_only=request.method == "HEAD")
+                return
             self.admitted += 1
-        future = (self.probe_pool if probe else self.tpool).submit(self.handle, conn)
-        future.add_done_callback(lambda done: self.method_queue.defer(self._finished, conn, done, probe))
-        return b""
+            pool = self.tpool
+        else:
+            if self.probes_admitted[kind] >= PROBE_THREADS[kind] + PROBE_MAX_WAITING[kind]:
+                self.metrics.REQUESTS_REFUSED.labels("probes_waiting").inc()
+                message = f"too many {request.path} requests are waiting; retry in a second"
+                self._answer_busy(conn, message, head_only=request.method == "HEAD")
+                return
+            self.probes_admitted[kind] += 1
+            pool = self.probe_pools[kind]
+        conn.parsed_request = request
+        conn.pipelined = pending.leftover()
+        future = pool.submit(self.handle, conn)
+        future.add_done_callback(lambda done: self.method_queue.defer(self._finished, conn, done, kind))
 
-    def _finished(self, conn: TConn, future: Future[Any], probe: bool) -> None:
-        if not probe:
+    def _finished(self, conn: TConn, future: Future[Any], kind: str | None) -> None:
+        if kind is None:
             self.admitted -= 1
+        else:
+            self.probes_admitted[kind] -= 1
         self.finish_request(conn, future)
-
-    def _answer_overloaded(self, conn: TConn, pending: PendingRequest) -> bytes:
-        waiting = self.admitted - self.cfg.threads
-        message = f"the server is busy ({waiting} requests are waiting for it); retry in a second"
-        close = pending.wants_close or len(self.keepalived_conns) >= self.max_keepalived or not self.alive
-        answer = _error_answer(
-            503, "Service Unavailable", message, "service_unavailable", "overloaded",
-            close=close, head_only=pending.method == b"HEAD", headers="Retry-After: 1" + CRLF,
-        )  # fmt: skip
-        if not self._send(conn, answer):
-            self._close(conn)
-            return b""
-        if close:
-            self._close_lingering(conn)
-            return b""
-        if leftover := pending.leftover():  # a pipelined request: read it like any other
-            return leftover
-        self._keep_alive(conn)
-        return b""
 
     # ------------------------------------------------------------------ answers written by the loop
 
@@ -305,6 +359,17 @@ class GracefulThreadWorker(ThreadWorker):
             return conn.sock.send(data) == len(data)
         except OSError:
             return False
+
+    def _answer_busy(self, conn: TConn, message: str, head_only: bool) -> None:
+        """503 with Retry-After, then a lingering close: what the client pipelined behind is not read."""
+        answer = _error_answer(
+            503, "Service Unavailable", message, "service_unavailable", "overloaded",
+            head_only=head_only, headers="Retry-After: 1" + CRLF,
+        )  # fmt: skip
+        if self._send(conn, answer):
+            self._close_lingering(conn)
+        else:
+            self._close(conn)
 
     def _answer_and_close(self, conn: TConn, status: int, reason: str, message: str, code: str) -> None:
         """An error answer, then a lingering close: what the client still sends is read and dropped for
@@ -326,8 +391,8 @@ class GracefulThreadWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_lingering_readable, conn))
 
     def finish_request(self, conn: TConn, fs: Future[Any]) -> None:
-        """gthread's, in the loop's thread when a request thread is done: keep the connection alive, or
-        close it without blocking the loop."""
+        """gthread's, in the loop's thread when a request thread is done: read the next request (pipelined
+        already, or on a kept-alive connection), or close without blocking the loop."""
         if self.cfg.is_ssl:
             super().finish_request(conn, fs)
             return
@@ -336,8 +401,9 @@ class GracefulThreadWorker(ThreadWorker):
         except Exception:
             keep_alive = False
         if not keep_alive:
+            conn.pipelined = b""
             self._close_lingering(conn)
-        elif conn.parser.unreader.buf.getvalue():  # the client pipelined its next request
+        elif conn.pipelined:  # the client pipelined its next request
             self.enqueue_req(conn)
         else:
             try:
@@ -381,7 +447,7 @@ class GracefulThreadWorker(ThreadWorker):
             return
         self.next_sweep = now + SWEEP_SECONDS
         for conn, pending in list(self.reading.items()):
-            if not pending.buffer.strip():  # nothing sent yet (or blank lines only)
+            if not pending.has_started:  # nothing sent yet (or empty lines only)
                 if now - pending.started > self.header_timeout or not self.alive:
                     # No answer: a client that has not sent a request would take one for the answer to its next.
                     self._stop_reading(conn)
@@ -406,6 +472,25 @@ class GracefulThreadWorker(ThreadWorker):
 
     # ------------------------------------------------------------------ in the request thread
 
+    def handle(self, conn: TConn) -> bool:
+        """gthread's, for a request the loop has parsed with its whole body: nothing is read from the socket
+        here, and gunicorn's parser is not used (TLS connections keep gthread's own)."""
+        if self.cfg.is_ssl:
+            return bool(super().handle(conn))
+        req, conn.parsed_request = conn.parsed_request, None
+        try:
+            return self.handle_request(req, conn)
+        except StopIteration as exc:
+            self.log.debug("Closing connection. %s", exc)
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self.log.debug("Ignoring %s", errno.errorcode[exc.errno])
+            else:
+                self.log.exception("Socket error processing request.")
+        except Exception as exc:
+            self.handle_error(req, conn.sock, conn.client, exc)
+        return False
+
     def handle_request(self, req: Any, conn: TConn) -> bool:
         """gthread's, with a bound on every write: a write not sent within WRITE_TIMEOUT_SECONDS (a client
         that stopped reading) loses the connection instead of holding this thread."""
@@ -420,8 +505,8 @@ class GracefulThreadWorker(ThreadWorker):
             raise StopIteration from None
 
     def handle_error(self, req: Any, client: socket.socket, addr: Any, exc: BaseException) -> None:
-        """gunicorn's answer to a request its parser refused (a malformed request line, a header over its
-        limits, a bad chunk), in the API's JSON error envelope instead of gunicorn's HTML page."""
+        """gunicorn's answer to what escaped a request (and, over TLS, to what its parser refused), in the
+        API's JSON error envelope instead of gunicorn's HTML page."""
         page = _CapturedAnswer()
         super().handle_error(req, page, addr, exc)
         status, _, reason = page.status_line().partition(" ")
@@ -441,7 +526,7 @@ class GracefulThreadWorker(ThreadWorker):
     # gthread's loop accepts while `nr_conns < worker_connections`, re-evaluated at every turn.
     @property  # type: ignore[override]
     def worker_connections(self) -> int:
-        if self._leave_to_peer():
+        if self._leave_to_peer() or time.monotonic() < self.accept_paused_until:
             return self.nr_conns  # stop accepting for now
         return self._worker_connections
 
@@ -476,4 +561,5 @@ class GracefulThreadWorker(ThreadWorker):
         try:
             super().run()
         finally:
-            self.probe_pool.shutdown(wait=False)
+            for pool in self.probe_pools.values():
+                pool.shutdown(wait=False)
