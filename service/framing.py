@@ -57,7 +57,7 @@ CHUNK_LINE = re.compile(
 # data and its CRLF.
 CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,20})(;[^\r\n]*)?\r\n")
 NEXT_CHUNK_HEAD = re.compile(rb"\r\n([0-9A-Fa-f]{1,20})(;[^\r\n]*)?\r\n")
-TRAILER_FIELD = re.compile(rb"(%s):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*" % _TOKEN)  # RFC 9110 5.1, 5.5
+TOKEN = re.compile(_TOKEN)
 MAX_TRAILERS = 100
 # RFC 9110 6.5.1: fields that frame, route or authenticate a message have no place in trailers.
 FORBIDDEN_TRAILERS = frozenset(
@@ -87,6 +87,12 @@ class Refused(Exception):
         self.reason, self.code, self.label = ANSWERS[self.status]
 
 
+# Chunked framing may add this much to a body, and this many bytes per byte of payload (1-byte chunks need 5,
+# so do extensions of a few bytes): beyond, 413. It bounds the work a body costs, not only its payload.
+FRAMING_ALLOWANCE, FRAMING_PER_BYTE = 64 << 10, 8
+MAX_RUN_SIZES = 4  # chunk sizes of one body read in runs; the others chunk by chunk
+
+
 @functools.lru_cache(maxsize=64)
 def _same_chunks(digits: bytes, size: int) -> re.Pattern[bytes]:
     """A run of whole chunks of `size` bytes, each after the CRLF that ends the one before."""
@@ -104,14 +110,24 @@ class BodyReader:
     def __init__(self, length: int | None, max_body: int, max_line: int, max_trailers: int, sink: io.BytesIO) -> None:
         self.max_body, self.max_line, self.max_trailers, self.sink = max_body, max_line, max_trailers, sink
         self.received = 0  # payload bytes so far
+        self.wire = 0  # bytes fed, framing included (with what follows the body, at its end)
         self.chunked = length is None
         self.state = self.SIZE if self.chunked else self.DATA
         self.left = 0 if length is None else length  # of the current chunk, or of the whole body
         self.trailer_bytes = 0
         self.trailers: list[tuple[bytes, bytes]] = []
         self._buffer = bytearray()  # framing not yet read: a partial line, or a chunk's CRLF
+        self._run_sizes: set[tuple[bytes, int]] = set()  # chunk sizes read in runs, at most MAX_RUN_SIZES
 
     def feed(self, data: bytes | bytearray) -> bytes | None:
+        self.wire += len(data)
+        after = self._feed(data)
+        framing = self.wire - self.received - (len(after) if after is not None else 0)
+        if self.chunked and framing > FRAMING_ALLOWANCE + FRAMING_PER_BYTE * self.received:
+            raise Refused(413, "the chunked framing is far larger than the body it carries")
+        return after
+
+    def _feed(self, data: bytes | bytearray) -> bytes | None:
         if self._buffer:
             self._buffer += data
             data, self._buffer = self._buffer, bytearray()
@@ -150,6 +166,8 @@ class BodyReader:
                         raise Refused(431, "a chunk-size or trailer line longer than allowed")
                     self._buffer += view[pos:end]
                     return None
+                if line_end - pos > self.max_line:
+                    raise Refused(431, "a chunk-size or trailer line longer than allowed")
                 line = bytes(view[pos:line_end])
                 pos = line_end + 2
                 if self.state == self.TRAILERS:
@@ -183,8 +201,9 @@ class BodyReader:
             append(view[start:stop])
             room -= size
             pos = stop
-            # Clients send chunks of one size: the run of chunks just like this one, in one regex match.
-            if (run := _same_chunks(digits, size).match(data, pos, end)) is not None:
+            # Clients send chunks of one size: the run of chunks just like this one, in one regex match (a
+            # pattern per size, so at most MAX_RUN_SIZES of them for one body: no compiling per chunk).
+            if (run := self._run_of(digits, size, data, pos, end)) is not None:
                 unit = len(digits) + size + 4
                 count = min((run.end() - pos) // unit, room // size)
                 skip = len(digits) + 4
@@ -203,16 +222,25 @@ class BodyReader:
             self.received = received
         return pos
 
+    def _run_of(self, digits: bytes, size: int, data: bytes | bytearray, pos: int, end: int) -> re.Match[bytes] | None:
+        key = (digits, size)
+        if key not in self._run_sizes:
+            if len(self._run_sizes) >= MAX_RUN_SIZES:
+                return None
+            self._run_sizes.add(key)
+        return _same_chunks(digits, size).match(data, pos, end)
+
     def _trailer(self, line: bytes) -> None:
         self.trailer_bytes += len(line) + 2
         if self.trailer_bytes > self.max_trailers or len(self.trailers) >= MAX_TRAILERS:
             raise Refused(431, "trailers larger than allowed")
-        if not (match := TRAILER_FIELD.fullmatch(line)):
+        name, colon, value = line.partition(b":")  # RFC 9110 5.1: a token, ':', a value without controls
+        if not colon or not TOKEN.fullmatch(name) or CONTROL.search(value):
             raise Refused(400, f"illegal trailer field: {line[:40]!r}")
-        name = match[1].lower()
+        name = name.lower()
         if name in FORBIDDEN_TRAILERS:
             raise Refused(400, f"{name.decode()} is not allowed in trailers")
-        self.trailers.append((name, match[2]))
+        self.trailers.append((name, value.strip(b" \t")))
 
 
 class WSGIRequest(HeaderPolicy):
@@ -333,8 +361,6 @@ class PendingRequest:
             skip = len(LEADING_EMPTY_LINES.match(head)[0])  # type: ignore[index]
             del head[:skip]
             old = max(0, old - skip)
-        if BARE_LF.search(head, old):
-            raise Refused(400, "a line of the request head ends in LF without CR")
         if self._line_end < 0:
             self._line_end = head.find(b"\r\n", max(0, old - 1))
             if self._line_end > limits.max_request_line or (
@@ -342,6 +368,8 @@ class PendingRequest:
             ):
                 raise Refused(414, f"request line longer than {limits.max_request_line} bytes")
         end = head.find(b"\r\n\r\n", max(0, old - 3))
+        if BARE_LF.search(head, max(0, old - 1), len(head) if end < 0 else end + 4):  # the head's bytes only
+            raise Refused(400, "a line of the request head ends in LF without CR")
         if end < 0:
             if len(head) > limits.max_header_bytes:
                 raise Refused(431, f"request head larger than {limits.max_header_bytes} bytes")

@@ -3,6 +3,7 @@ thread, fed byte by byte or in one piece, its limits, and each refusal."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -186,7 +187,7 @@ def test_only_the_payload_of_a_chunked_body_is_buffered() -> None:
     limits = Limits(max_header_bytes=1000, max_request_line=100, max_field_bytes=300, max_fields=10,
                     max_body_bytes=100_000)  # fmt: skip
     request = pending(limits)
-    chunk = b"1;" + b"e" * 290 + b"\r\na\r\n"
+    chunk = b"1;" + b"e" * 40 + b"\r\na\r\n"  # 47 bytes of framing a byte: within the allowance
     assert not request.feed(CHUNKED, now=0.0)
     for _ in range(1000):
         assert not request.feed(chunk, now=0.0)
@@ -197,3 +198,36 @@ def test_only_the_payload_of_a_chunked_body_is_buffered() -> None:
 def test_a_chunk_larger_than_any_body_allowed_is_refused_before_its_data() -> None:
     assert refusal(CHUNKED + b"65\r\n") == 413
     assert refusal(CHUNKED + b"10000000000000000\r\n") == 413  # 17 hex digits
+
+
+def test_a_body_with_newlines_that_arrives_with_its_head_is_accepted() -> None:
+    """Bare LF is refused in the head only: a pretty-printed JSON body sent in the same write is no head."""
+    raw = POST + b'Content-Length: 11\r\n\r\n{\n"a": 1\n}\n' + b"GET /healthz HTTP/1.1\r\n\nx"
+    request = pending()
+    assert request.feed(raw, now=0.0)
+    assert request.request is not None and request.request.body.read() == b'{\n"a": 1\n}\n'
+
+
+def test_a_long_trailer_of_spaces_is_refused_at_once() -> None:
+    """No regular expression backtracks over a trailer: a line of spaces and a NUL costs microseconds."""
+    limits = Limits(max_header_bytes=32768, max_request_line=4094, max_field_bytes=8190, max_fields=100,
+                    max_body_bytes=100)  # fmt: skip
+    started = time.perf_counter()
+    assert refusal(CHUNKED + b"0\r\nX:" + b" " * 8000 + b"\x00\r\n\r\n", limits) == 400
+    assert time.perf_counter() - started < 1.0  # fed whole and byte by byte: linear, not cubic
+
+
+def test_a_line_over_the_limit_is_refused_however_it_arrives() -> None:
+    assert refusal(CHUNKED + b"5;" + b"e" * 400 + b"\r\nhello\r\n0\r\n\r\n") == 431  # fed whole, then bytewise
+
+
+def test_chunked_framing_is_bounded_by_the_payload_it_carries() -> None:
+    limits = Limits(max_header_bytes=1000, max_request_line=100, max_field_bytes=8190, max_fields=10,
+                    max_body_bytes=1 << 20)  # fmt: skip
+    one_byte = CHUNKED + b"".join(b"1\r\n%c\r\n" % c for c in b"x" * 20_000) + b"0\r\n\r\n"
+    request = pending(limits)
+    assert request.feed(one_byte, now=0.0)  # 1-byte chunks: 5 bytes of framing a byte, allowed
+    padded = CHUNKED + b"".join(b"1;" + b"e" * 8000 + b"\r\nx\r\n" for _ in range(20)) + b"0\r\n\r\n"
+    with pytest.raises(Refused) as refused:
+        pending(limits).feed(padded, now=0.0)
+    assert refused.value.status == 413  # 8 KB of extension a byte: refused
