@@ -415,17 +415,18 @@ def overload(seconds: float, levels: tuple[int, ...] = OVERLOAD_LEVELS, **env: s
     }
 
 
-def waiting_trial(seconds: float, values: list[int]) -> int:
-    """The overload levels once per MAX_WAITING_REQUESTS value: overload_waiting.json and .md."""
-    trials = {str(value): overload(seconds, MAX_WAITING_REQUESTS=str(value)) for value in values}
+def waiting_trial(seconds: float, values: list[float]) -> int:
+    """The overload levels once per QUEUE_WAIT_SECONDS value: overload_waiting.json and .md."""
+    trials = {f"{value:g}": overload(seconds, QUEUE_WAIT_SECONDS=f"{value:g}") for value in values}
     lines = [
-        "# Overload by MAX_WAITING_REQUESTS",
+        "# Overload by QUEUE_WAIT_SECONDS",
         "",
-        f"`python -m benchmarks.slow_clients --waiting {' '.join(map(str, values))} --overload-seconds {seconds:g}`, "
+        f"`python -m benchmarks.slow_clients --waiting {' '.join(f'{v:g}' for v in values)} "
+        f"--overload-seconds {seconds:g}`, "
         f"{utc_now()}, on {machine()} ({cpu_name()}). Closed-loop next-token clients, a 503 waits its "
         "Retry-After; 2 workers of 32 threads.",
         "",
-        "| MAX_WAITING_REQUESTS | clients | answers | 200/s | p50 ms (200) | p99 ms (200) |",
+        "| QUEUE_WAIT_SECONDS | clients | answers | 200/s | p50 ms (200) | p99 ms (200) |",
         "|---|---|---|---|---|---|",
     ]
     for value, trial in trials.items():
@@ -436,7 +437,8 @@ def waiting_trial(seconds: float, values: list[int]) -> int:
     lines.append("")
     for value, trial in trials.items():
         lines.append(
-            f"- {value} waiting: saturation at {trial['saturation_clients']} clients; p99 at {max(OVERLOAD_LEVELS)} "
+            f"- {value} s of waiting: saturation at {trial['saturation_clients']} clients; "
+            f"p99 at {max(OVERLOAD_LEVELS)} "
             f"clients {trial['p99_ratio']:.2f} x that at saturation; workers unchanged: {trial['workers_unchanged']}."
         )
     write_report(REPO / "benchmarks", "overload_waiting", {"trials": trials}, "\n".join(lines) + "\n")
@@ -505,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                         "baseline (or of this checkout), as a buffering proxy")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for the reports")
     parser.add_argument(
-        "--waiting", type=int, nargs="+", help="only the overload part, once per MAX_WAITING_REQUESTS value given"
+        "--waiting", type=float, nargs="+", help="only the overload part, once per QUEUE_WAIT_SECONDS value given"
     )
     parser.add_argument("--attack", choices=["headers", "body", "idle", "burst"], help="only run this attack")
     parser.add_argument("--port", type=int, help="with --attack: the server's port on 127.0.0.1")

@@ -228,10 +228,10 @@ def settings() -> Settings:
     return registry().settings
 
 
-def request_deadline() -> float:
-    """When the current request's generation must end: REQUEST_DEADLINE_SECONDS from now, sooner while the
-    server is stopping (service.lifecycle)."""
-    return lifecycle.request_deadline(settings().request_deadline_seconds)
+def request_deadline(timeout: float | None = None) -> float:
+    """When the current request's generation must end: REQUEST_DEADLINE_SECONDS from now, its own `timeout`
+    from its arrival, or sooner while the server is stopping (service.lifecycle)."""
+    return lifecycle.request_deadline(settings().request_deadline_seconds, timeout)
 
 
 def parse(model: type[BaseModel]) -> Any:

@@ -10,6 +10,7 @@ only starts after it gets 503.
 
 from __future__ import annotations
 
+import threading
 import time
 
 _drain_deadline: float | None = None  # time.monotonic(); None while the process serves normally
@@ -39,10 +40,26 @@ def draining(now: float) -> bool:
     return _drain_deadline is not None and now >= _drain_deadline
 
 
-def request_deadline(seconds: float, now: float | None = None) -> float:
-    """A request's deadline: `seconds` from now, or the drain deadline where that comes first."""
+_request = threading.local()  # the current request's arrival, set by the worker for its thread
+
+
+def set_arrival(arrived: float | None) -> None:
+    """When the request this thread serves was complete at the server (time.monotonic()), before it waited
+    for a thread; None when not known (the app without the worker)."""
+    _request.arrived = arrived
+
+
+def arrival() -> float | None:
+    return getattr(_request, "arrived", None)
+
+
+def request_deadline(seconds: float, timeout: float | None = None, now: float | None = None) -> float:
+    """A request's deadline: `seconds` from now, its own `timeout` from its arrival, or the drain deadline,
+    whichever comes first."""
     start = time.monotonic() if now is None else now
     own = start + seconds
+    if timeout is not None:
+        own = min(own, (arrival() or start) + timeout)
     return own if _drain_deadline is None else min(own, _drain_deadline)
 
 

@@ -21,8 +21,28 @@ SEED_MAX = (1 << 63) - 1
 FinishReason = Literal["length", "stop", "deadline", "shutdown"]
 
 
+Priority = Literal["interactive", "batch"]
+
+
 class RequestModel(BaseModel):
+    """Fields every /v1 request takes besides its own: how long it may take, and how urgent it is."""
+
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="seconds this request may take from its arrival: it is not admitted (503) where it would "
+        "wait longer for the model, leaves the queue with 504 `timeout` if it is still waiting then, and a "
+        'generation still running then ends with finish_reason "deadline"',
+    )
+    priority: Priority = Field(
+        "interactive",
+        description="interactive requests waiting for the model are served before batch ones (first come, first "
+        "served within each); a batch request is admitted only while its wait behind everything queued is "
+        "within the server's budget",
+    )
 
 
 MODEL_DOC = (

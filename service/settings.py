@@ -146,10 +146,13 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1000, ge=1, description="per worker: open connections; more wait in the listen queue, unaccepted"
     )
-    max_waiting_requests: int = Field(
-        8,
+    queue_wait_seconds: float = Field(
+        1.0,
         ge=0,
-        description="per worker: complete requests that may wait for a free request thread; more get 503 at once",
+        le=600,
+        description="per worker: a model request that finds every request thread busy waits in the event loop "
+        "(costing no thread) if its expected wait, from the queue ahead of it and the rate the worker has "
+        "been answering at, is within this; otherwise 503 at once with Retry-After. 0: never wait",
     )
     session_ttl_seconds: float = Field(3600.0, gt=0, description="a session handle expires this long after issue")
     session_secret: str = Field(

@@ -4,21 +4,26 @@ SIGTERM and spreading connections evenly over the workers."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
+import heapq
 import json
+import math
 import multiprocessing
 import os
 import selectors
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from service import lifecycle
-from service.framing import Limits, PendingRequest, Refused
+from service.framing import Limits, PendingRequest, Refused, WSGIRequest
 from service.schemas import ErrorResponse
 from service.settings import Settings
 
@@ -50,6 +55,79 @@ PROBE_MAX_WAITING = {"health": 256, "metrics": 8}
 # (the connections wait in the listen queue), instead of the worker exiting.
 ACCEPT_PAUSE_SECONDS = 0.5
 ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+COLD_QUEUE = 64  # requests that may wait before a rate is measured (at least; 4 per thread where more)
+MAX_RETRY_AFTER = 30.0  # seconds: the most a 503's Retry-After says
+MAX_QUEUED = 4096  # model requests one worker holds waiting at most, whatever the wait estimate says
+THROUGHPUT_WINDOW_SECONDS = 2.0  # the answering rate is measured over the completions this recent
+PRIORITIES = {"interactive": 0, "batch": 1}  # the order the queue serves them in
+OPTIONS_PEEK_BYTES = 64 << 10  # bodies up to this size are looked at for `priority` and `timeout`
+
+
+@dataclass(eq=False)
+class Queued:
+    """A complete model request waiting in the loop for a request thread."""
+
+    conn: TConn
+    request: WSGIRequest
+    leftover: bytes  # what the client pipelined behind it
+    arrived: float  # time.monotonic() when it was complete
+    deadline: float | None  # its own timeout, from its arrival
+    size: int = 0  # its body's bytes, counted in the worker's buffer budget while it waits
+    gone: bool = False  # the client closed the connection meanwhile
+    watched: bool = True  # registered with the poller for the client going away
+
+
+class Throughput:
+    """How fast this worker has been answering model requests: completions per second over the last
+    THROUGHPUT_WINDOW_SECONDS, and so how long a request with `n` ahead of it can expect to wait."""
+
+    def __init__(self, cold_queue: int) -> None:
+        self.cold_queue = cold_queue  # until a rate is measured, this many may wait whatever the budget
+        self.done: collections.deque[float] = collections.deque(maxlen=4096)
+
+    def record(self, now: float) -> None:
+        self.done.append(now)
+
+    def rate(self, now: float) -> float | None:
+        while self.done and now - self.done[0] > THROUGHPUT_WINDOW_SECONDS:
+            self.done.popleft()
+        if len(self.done) < 8:
+            return None  # too few answers to tell (a burst on an idle worker)
+        return len(self.done) / max(now - self.done[0], 0.05)
+
+    def expected_wait(self, position: int, now: float) -> float:
+        """Seconds until the request at `position` in the queue gets a thread; before a rate is measured,
+        none up to `cold_queue` requests and unbounded beyond (so that a burst on an idle worker neither
+        waits without bound nor is refused for want of a measurement)."""
+        rate = self.rate(now)
+        if rate is None:
+            return 0.0 if position <= self.cold_queue else math.inf
+        return position / rate
+
+
+def request_options(request: WSGIRequest) -> tuple[int, float | None]:
+    """A model request's priority rank and timeout, read from its JSON body where it names them; anything
+    unreadable counts as not given (the app's validation answers it)."""
+    body = request.body
+    if body.getbuffer().nbytes > OPTIONS_PEEK_BYTES:
+        return PRIORITIES["interactive"], None
+    raw = body.getvalue()
+    if b'"priority"' not in raw and b'"timeout"' not in raw:
+        return PRIORITIES["interactive"], None
+    try:
+        fields = json.loads(raw)
+    except ValueError:
+        return PRIORITIES["interactive"], None
+    if not isinstance(fields, dict):
+        return PRIORITIES["interactive"], None
+    priority = fields.get("priority")
+    rank = PRIORITIES.get(priority, PRIORITIES["interactive"]) if isinstance(priority, str) else 0
+    timeout = fields.get("timeout")
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 < timeout <= 3600:
+        return rank, float(timeout)
+    return rank, None
+
 
 _table: Any = None  # shared memory (multiprocessing.RawArray), created by the master before it forks
 
@@ -127,14 +205,17 @@ class GracefulThreadWorker(ThreadWorker):
     408, 413, 414, 417, 431, 503, ...) closes the connection, so nothing of a refused request is ever read
     as the next one.
 
-    Overload is answered at once. Complete requests beyond the threads wait in the pool's queue; once
-    MAX_WAITING_REQUESTS of them wait, a new one gets 503 with Retry-After from the loop instead of
-    waiting without end. /healthz and /readyz run on threads of their own, /metrics on another, each
-    with a short queue, so a probe never waits behind model work or a flood of scrapes. A response write
-    (a piece of a stream, or a whole answer) not sent within WRITE_TIMEOUT_SECONDS (a client that stopped
-    reading) closes the connection, which frees the thread and cancels the generation. Connections are
-    closed without blocking the loop (gthread's graceful close waited up to 2 s in it for each client that
-    did not close its end).
+    Overload is answered at once. A complete model request that finds every request thread busy waits
+    in the loop's queue, which costs no thread, if the wait it can expect (the requests ahead of it over
+    the rate the worker has been answering at) is within QUEUE_WAIT_SECONDS and its own `timeout`;
+    otherwise it gets 503 with a Retry-After from that estimate at once. Interactive requests are served
+    before batch ones; one still queued at its timeout gets 504 from the loop, without computing.
+    /healthz and /readyz run on threads of their own, /metrics on another, each with a short queue, so
+    a probe never waits behind model work or a flood of scrapes. A response write (a piece of a stream,
+    or a whole answer) not sent within WRITE_TIMEOUT_SECONDS (a client that stopped reading) closes the
+    connection, which frees the thread and cancels the generation. Connections are closed without
+    blocking the loop (gthread's graceful close waited up to 2 s in it for each client that did not close
+    its end).
 
     On SIGTERM the stock worker stops polling its listening sockets but keeps them open until its
     in-flight requests finish, so the kernel goes on queueing new connections that nobody will answer:
@@ -168,7 +249,11 @@ class GracefulThreadWorker(ThreadWorker):
         self.header_timeout = settings.header_timeout_seconds
         self.body_timeout = settings.body_timeout_seconds
         self.write_timeout = settings.write_timeout_seconds
-        self.max_waiting = settings.max_waiting_requests
+        self.queue_wait = settings.queue_wait_seconds
+        self.queue: list[tuple[int, int, Queued]] = []  # model requests waiting for a thread: a heap
+        self.queued_seq = 0
+        self.throughput = Throughput(cold_queue=max(4 * self.cfg.threads, COLD_QUEUE))
+        self.queued_bytes = 0  # bodies of the queued requests, within max_buffered with those being read
         self.reading: dict[TConn, PendingRequest] = {}
         self.reserved: dict[TConn, int] = {}  # body bytes held for each connection being read
         self.buffered = 0  # their sum, within max_buffered
@@ -268,7 +353,7 @@ class GracefulThreadWorker(ThreadWorker):
         pending = self.reading[conn]
         try:
             complete = pending.feed(data, time.monotonic())
-            within_budget = self._reserve(conn, max(pending.announced or 0, pending.body_bytes))
+            within_budget = self._reserve(conn, pending.body_bytes)  # what is held, not what is announced
         except Refused as refusal:
             self._stop_reading(conn)
             self.metrics.REQUESTS_REFUSED.labels(refusal.label).inc()
@@ -296,14 +381,21 @@ class GracefulThreadWorker(ThreadWorker):
                 self._send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
             return
         self._stop_reading(conn)
-        self._dispatch(conn, pending)
+        try:
+            self._dispatch(conn, pending)
+        except Exception:  # a fault of this code: the request fails, the worker lives on
+            self.log.exception("dispatching a request from %s failed", conn.client)
+            with contextlib.suppress(OSError):
+                self._send(conn, _error_answer(500, "Internal Server Error", "internal server error",
+                                               "server_error", "internal_error"))  # fmt: skip
+            self._close(conn)
 
     def _reserve(self, conn: TConn, size: int) -> bool:
         """Hold `size` bytes of the budget for the body `conn` is sending (its Content-Length at once, a
         chunked body as it grows); whether it fits."""
         held = self.reserved[conn]
         if size > held:
-            if self.buffered - held + size > self.max_buffered:
+            if self.buffered - held + size + self.queued_bytes > self.max_buffered:
                 return False
             self.buffered += size - held
             self.reserved[conn] = size
@@ -320,17 +412,11 @@ class GracefulThreadWorker(ThreadWorker):
         request = pending.request
         assert request is not None
         kind = None
-        if request.method in ("GET", "HEAD"):
+        if request.method in ("GET", "HEAD") and not pending.body_bytes:  # a probe with a body is no probe
             kind = "health" if request.path in HEALTH_PATHS else "metrics" if request.path == "/metrics" else None
         if kind is None:
-            if self.admitted >= self.cfg.threads + self.max_waiting:
-                self.metrics.REQUESTS_REFUSED.labels("overloaded").inc()
-                waiting = self.admitted - self.cfg.threads
-                message = f"the server is busy ({waiting} requests are waiting for it); retry in a second"
-                self._answer_busy(conn, message, head_only=request.method == "HEAD")
-                return
-            self.admitted += 1
-            pool = self.tpool
+            self._admit(conn, pending, request)
+            return
         else:
             if self.probes_admitted[kind] >= PROBE_THREADS[kind] + PROBE_MAX_WAITING[kind]:
                 self.metrics.REQUESTS_REFUSED.labels("probes_waiting").inc()
@@ -347,9 +433,133 @@ class GracefulThreadWorker(ThreadWorker):
     def _finished(self, conn: TConn, future: Future[Any], kind: str | None) -> None:
         if kind is None:
             self.admitted -= 1
+            self.throughput.record(time.monotonic())
         else:
             self.probes_admitted[kind] -= 1
         self.finish_request(conn, future)
+        if kind is None:
+            self._serve_queue()
+
+    # ------------------------------------------------------------------ model requests: admission
+
+    def _admit(self, conn: TConn, pending: PendingRequest, request: WSGIRequest) -> None:
+        """A thread now if one is free and nobody waits; else a place in the queue (held by the loop, costing
+        no thread) if the wait it can expect is within its budget; else 503 with Retry-After at once."""
+        now = time.monotonic()
+        priority, timeout = request_options(request)
+        arrived = pending.headers_done_at or now
+        if self.admitted < self.cfg.threads and not self.queue and not lifecycle.draining(now):
+            self._submit_model_request(conn, request, pending.leftover(), arrived)
+            return
+        ahead = sum(1 for rank, _, _ in self.queue if rank <= priority)
+        budget = self.queue_wait if timeout is None else min(self.queue_wait, timeout)
+        wait = self.throughput.expected_wait(ahead + 1, now)
+        size = request.body.getbuffer().nbytes
+        if self.buffered + self.queued_bytes + size > self.max_buffered:
+            self.metrics.REQUESTS_REFUSED.labels("buffers_full").inc()
+            message = f"the server holds {(self.buffered + self.queued_bytes) >> 20} MiB of requests; retry"
+            self._answer_busy(conn, message, head_only=request.method == "HEAD")
+            return
+        if budget <= 0 or wait > budget or len(self.queue) >= MAX_QUEUED:
+            self.metrics.REQUESTS_REFUSED.labels("overloaded").inc()
+            retry = min(wait, MAX_RETRY_AFTER)
+            message = (
+                f"the server is busy: {len(self.queue)} requests are waiting, more than the {budget:g} s this one "
+                f"may wait; retry in {math.ceil(max(retry, 1.0))} s"
+            )
+            self._answer_busy(conn, message, head_only=request.method == "HEAD", retry_after=retry)
+            return
+        self.queued_seq += 1
+        entry = Queued(conn, request, pending.leftover(), arrived, None if timeout is None else arrived + timeout)
+        heapq.heappush(self.queue, (priority, self.queued_seq, entry))
+        self.queued_bytes += size
+        entry.size = size
+        self._hold(conn, entry)
+
+    def _hold(self, conn: TConn, entry: Queued) -> None:
+        """While it waits, the connection is watched only for the client going away."""
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_queued_readable, entry))
+
+    def _on_queued_readable(self, entry: Queued, _sock: socket.socket) -> None:
+        """A queued request's client sent more (pipelined, kept for later) or closed: a closed one leaves."""
+        try:
+            data = entry.conn.sock.recv(READ_SIZE, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:  # pipelined bytes wait in the kernel for their turn; stop watching until then
+            self.poller.unregister(entry.conn.sock)
+            entry.watched = False
+            return
+        entry.gone = True
+        self.queued_bytes -= entry.size
+        self.poller.unregister(entry.conn.sock)
+        entry.watched = False
+        self._close(entry.conn)
+
+    def _serve_queue(self) -> None:
+        """Give free threads to the queue's first requests, answering those past their time from the loop."""
+        now = time.monotonic()
+        while self.queue and (self.admitted < self.cfg.threads or lifecycle.draining(now)):
+            _, _, entry = heapq.heappop(self.queue)
+            if entry.gone:
+                continue
+            self.queued_bytes -= entry.size
+            if entry.watched:
+                self.poller.unregister(entry.conn.sock)
+                entry.watched = False
+            if self._expire(entry, now):
+                continue
+            self._submit_model_request(entry.conn, entry.request, entry.leftover, entry.arrived)
+
+    def _expire(self, entry: Queued, now: float) -> bool:
+        """Answer a queued request that can no longer be served in time; whether it was."""
+        if lifecycle.draining(now):
+            self.metrics.REQUESTS_REFUSED.labels("shutting_down").inc()
+            self._answer_busy(entry.conn, "the server is shutting down; retry", entry.request.method == "HEAD",
+                              code="shutting_down")  # fmt: skip
+            return True
+        if entry.deadline is not None and now >= entry.deadline:
+            self.metrics.REQUESTS_REFUSED.labels("timeout").inc()
+            message = f"the request waited {now - entry.arrived:.2f} s for the model, past its timeout"
+            answer = _error_answer(504, "Gateway Timeout", message, "timeout", "timeout",
+                                   head_only=entry.request.method == "HEAD")  # fmt: skip
+            if self._send(entry.conn, answer):
+                self._close_lingering(entry.conn)
+            else:
+                self._close(entry.conn)
+            return True
+        return False
+
+    def _expire_queued(self, now: float) -> None:
+        """The sweep: queued requests past their timeout (or the drain deadline) leave the queue now."""
+        if not self.queue:
+            return
+        kept = []
+        for item in self.queue:
+            entry = item[2]
+            if entry.gone:
+                continue
+            if (entry.deadline is not None and now >= entry.deadline) or lifecycle.draining(now):
+                self.queued_bytes -= entry.size
+                if entry.watched:
+                    self.poller.unregister(entry.conn.sock)
+                    entry.watched = False
+                self._expire(entry, now)
+                continue
+            kept.append(item)
+        if len(kept) != len(self.queue):
+            heapq.heapify(kept)
+            self.queue = kept
+
+    def _submit_model_request(self, conn: TConn, request: WSGIRequest, leftover: bytes, arrived: float) -> None:
+        self.admitted += 1
+        request.arrived = arrived
+        conn.parsed_request = request
+        conn.pipelined = leftover
+        future = self.tpool.submit(self.handle, conn)
+        future.add_done_callback(lambda done: self.method_queue.defer(self._finished, conn, done, None))
 
     # ------------------------------------------------------------------ answers written by the loop
 
@@ -360,16 +570,28 @@ class GracefulThreadWorker(ThreadWorker):
         except OSError:
             return False
 
-    def _answer_busy(self, conn: TConn, message: str, head_only: bool) -> None:
-        """503 with Retry-After, then a lingering close: what the client pipelined behind is not read."""
+    def _answer_busy(self, conn: TConn, message: str, head_only: bool, retry_after: float = 1.0,
+                     code: str = "overloaded") -> None:  # fmt: skip
+        """503 with Retry-After (whole seconds, at least 1), then a close (lingering where the client sent
+        more): what the client pipelined behind is not read."""
         answer = _error_answer(
-            503, "Service Unavailable", message, "service_unavailable", "overloaded",
-            head_only=head_only, headers="Retry-After: 1" + CRLF,
+            503, "Service Unavailable", message, "service_unavailable", code,
+            head_only=head_only, headers=f"Retry-After: {math.ceil(max(retry_after, 1.0))}" + CRLF,
         )  # fmt: skip
-        if self._send(conn, answer):
-            self._close_lingering(conn)
+        if not self._send(conn, answer) or self._nothing_unread(conn):
+            self._close(conn)  # nothing unread: the close sends FIN, not a reset, so no lingering is needed
         else:
-            self._close(conn)
+            self._close_lingering(conn)
+
+    @staticmethod
+    def _nothing_unread(conn: TConn) -> bool:
+        """Whether the client has sent nothing the loop has not read (shedding is then cheap: no lingering)."""
+        try:
+            return not conn.sock.recv(1, socket.MSG_PEEK)  # b"": the client closed its end
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return True
 
     def _answer_and_close(self, conn: TConn, status: int, reason: str, message: str, code: str) -> None:
         """An error answer, then a lingering close: what the client still sends is read and dropped for
@@ -467,8 +689,9 @@ class GracefulThreadWorker(ThreadWorker):
         for conn, (deadline, _) in list(self.lingering.items()):
             if now > deadline:
                 self._end_lingering(conn)
+        self._expire_queued(now)
         self.metrics.OPEN_CONNECTIONS.set(self.nr_conns)
-        self.metrics.REQUESTS_WAITING.set(max(0, self.admitted - self.cfg.threads))
+        self.metrics.REQUESTS_WAITING.set(len(self.queue))
 
     # ------------------------------------------------------------------ in the request thread
 
@@ -478,6 +701,7 @@ class GracefulThreadWorker(ThreadWorker):
         if self.cfg.is_ssl:
             return bool(super().handle(conn))
         req, conn.parsed_request = conn.parsed_request, None
+        lifecycle.set_arrival(getattr(req, "arrived", None))
         try:
             return self.handle_request(req, conn)
         except StopIteration as exc:

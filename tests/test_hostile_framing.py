@@ -61,9 +61,10 @@ def server(tiny_artifacts: Path) -> Iterator[Watched]:
 
 @pytest.fixture(scope="module")
 def overloaded(tiny_artifacts: Path) -> Iterator[Watched]:
-    """One worker whose only request thread a stalled stream holds, with no waiting places: the loop
-    answers every model request with 503. Its body budget holds two 1 MiB bodies, not three."""
-    env = {"WORKERS": "1", "THREADS": "1", "MAX_WAITING_REQUESTS": "0", "WRITE_TIMEOUT_SECONDS": "120",
+    """One worker whose only request thread a stalled stream holds, with no waiting allowed
+    (QUEUE_WAIT_SECONDS 0): the loop answers every model request with 503. Its body budget holds two
+    1 MiB bodies, not three."""
+    env = {"WORKERS": "1", "THREADS": "1", "QUEUE_WAIT_SECONDS": "0", "WRITE_TIMEOUT_SECONDS": "120",
            "MAX_TOTAL_TOKENS": "32000", "MAX_BUFFERED_BYTES": str(5 << 19)}  # fmt: skip
     with gunicorn_process(tiny_artifacts, **env) as (proc, base):
         watched = Watched(proc, base, 1)
@@ -210,14 +211,15 @@ def test_the_overload_answer_closes_and_reads_nothing_behind_it(overloaded: Watc
 
 
 def test_the_body_budget_answers_503_and_is_given_back(overloaded: Watched) -> None:
-    """Two connections announcing 1 MiB each hold the budget; a third is refused at once with 503, and
-    the budget comes back when they go away."""
+    """Two connections that have sent all but a byte of 1 MiB bodies hold the budget (bytes held count, not
+    bytes announced); a third body is refused with 503 once it would go over, and the budget comes back
+    when they go away."""
     head = b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     holders = [socket.create_connection(("127.0.0.1", overloaded.port), timeout=5) for _ in range(2)]
     for sock in holders:
-        sock.sendall(head % (1 << 20))
-    time.sleep(0.3)
-    status, answer_head, error = refused_once(overloaded.port, head % (1 << 20))
+        sock.sendall(head % (1 << 20) + b" " * ((1 << 20) - 1))
+    time.sleep(0.5)
+    status, answer_head, error = refused_once(overloaded.port, head % (1 << 20) + b" " * (1 << 20))
     assert status == 503 and b"Retry-After: 1" in answer_head and error["code"] == "overloaded"
     for sock in holders:
         sock.close()

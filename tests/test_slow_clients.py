@@ -131,10 +131,10 @@ def test_many_idle_keep_alive_connections(server: Server) -> None:
 
 
 def test_an_overload_burst_is_answered_at_once_with_503_and_retry_after(tiny_artifacts: Path) -> None:
-    """With 4 threads and 4 waiting places per worker, 400 next-token and 100 generate requests at once:
+    """With 4 threads per worker and half a second of waiting allowed, 400 next-token and 100 generate requests at once:
     each gets 200, or 503 with the error envelope; the probes still answer within a second, and a
     well-behaved client's next-token is answered within a second too (200, or 503: come back later)."""
-    env = {"WORKERS": "2", "THREADS": "4", "MAX_WAITING_REQUESTS": "4"}
+    env = {"WORKERS": "2", "THREADS": "4", "QUEUE_WAIT_SECONDS": "0.5"}
     with gunicorn_process(tiny_artifacts, **env) as (proc, base):
         server = Server(proc, base)
         stream = StreamInFlight(base)
@@ -169,10 +169,10 @@ HUGE_STREAM = {"model": "char-lstm", "prompt": ["KING."] * 8, "max_tokens": 1000
 
 
 def test_a_stalled_reader_loses_its_connection_at_the_write_timeout(tiny_artifacts: Path) -> None:
-    """One worker with one request thread and no waiting places: while a stalled reader holds the thread,
+    """One worker with one request thread and no waiting allowed: while a stalled reader holds the thread,
     other requests get 503 with Retry-After at once and probes still answer; at WRITE_TIMEOUT_SECONDS
     the stalled connection is closed, and the thread serves again."""
-    env = {"WORKERS": "1", "THREADS": "1", "MAX_WAITING_REQUESTS": "0", "WRITE_TIMEOUT_SECONDS": "3",
+    env = {"WORKERS": "1", "THREADS": "1", "QUEUE_WAIT_SECONDS": "0", "WRITE_TIMEOUT_SECONDS": "3",
            "MAX_TOTAL_TOKENS": "32000"}  # fmt: skip
     with gunicorn_process(tiny_artifacts, **env) as (_, base):
         stalled = slow_reader(int(base.rsplit(":", 1)[1]), "/v1/completions", HUGE_STREAM)

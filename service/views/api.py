@@ -69,7 +69,7 @@ def next_token() -> Response:
 def generate() -> Response:
     req = parse(GenerateRequest)
     params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p)
-    deadline = request_deadline()
+    deadline = request_deadline(req.timeout)
     mv = use_model(req.model)
     session = None
     if req.session is not None:
@@ -118,7 +118,7 @@ def generate_chunks(mv: ModelVersion, gen: GenerationRequest) -> Iterator[dict[s
 @documented("Log-probability of each text, optionally per character", ScoreResponse, ScoreRequest)
 def score() -> Response:
     req = parse(ScoreRequest)
-    deadline = request_deadline()
+    deadline = request_deadline(req.timeout)
     mv = use_model(req.model)
     try:
         results = mv.engine.score(req.texts, req.include_tokens, adapt=req.adapt, deadline=deadline)

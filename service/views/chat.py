@@ -40,7 +40,7 @@ def chat_completions() -> Response:
     mv = use_model(req.model)
     if req.user:
         log.info("chat completion requested by user %r", req.user)
-    deadline = request_deadline()
+    deadline = request_deadline(req.timeout)
     max_tokens = req.reply_tokens(config.max_tokens)
     if req.stream:
         return sse_response(chat_chunks(mv.engine, mv.id, req, prompt, max_tokens, deadline))

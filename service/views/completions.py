@@ -28,7 +28,7 @@ def completions() -> Response:
     mv = use_model(req.model)
     if req.user:
         log.info("completion requested by user %r", req.user)
-    deadline = request_deadline()
+    deadline = request_deadline(req.timeout)
     if req.stream:
         return sse_response(stream_chunks(mv.engine, mv.id, req, deadline))
     return respond(complete(mv.engine, mv.id, req, deadline), exclude_none=False)  # OpenAI sends "logprobs": null
