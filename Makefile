@@ -34,7 +34,7 @@ test: $(VENV)/.test-installed
 train: $(VENV)/.test-installed
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m training.run
 
-## bench: serving, weight-precision, matmul, connection-balance, session-handle, slow-client, rollout and reference-server benchmarks (about 30 minutes; write benchmarks/*.json and *.md)
+## bench: serving, weight-precision, matmul, connection-balance, session-handle, slow-client, rollout, chunked-body, reference-server and concurrency benchmarks (about 40 minutes; write benchmarks/*.json and *.md; concurrency needs Debian's wrk)
 bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks.serve
 	$(BIN)/python -m benchmarks.precision
@@ -46,3 +46,5 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks.rollout
 	$(BIN)/python -m benchmarks.rollout --sighup
 	$(BIN)/python -m benchmarks.reference
+	$(BIN)/python -m benchmarks.chunked
+	$(BIN)/python -m benchmarks.concurrency

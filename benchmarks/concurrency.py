@@ -297,7 +297,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Aggregate {gen['chars_per_s']:.0f} characters/s against a bound of {gen['bound_chars_per_s']:.0f} "
         f"(2 cores x 64 / one batch-64 decode step of {gen['step_ms']:.2f} ms): {gen['ratio']:.2f} x.",
         "",
-        "![goodput and p99 against clients](../docs/plots/concurrency.png)",
+        "The plot of goodput and p99 against clients is docs/plots/concurrency.png, on the performance page.",
         "",
     ]
     return "\n".join(lines)
