@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import ctypes
+import ctypes.util
+import functools
+import gc
 import logging
 import math
 import mmap
@@ -59,6 +63,28 @@ log = logging.getLogger("service.repository")
 SINGLE_MODEL = "char-lstm"  # the name of the model in ARTIFACTS_DIR when there is no repository
 VERSION_SEPARATOR = "@"  # NAME@VERSION pins a version
 WATCH_TICK_SECONDS = 0.2  # how often a worker's watcher looks for a SIGHUP
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+def give_back_freed_memory() -> bool:
+    """Free an unloaded version's objects now and hand the pages they held back to the system.
+
+    An engine and its scheduler refer to each other, so only the cycle collector frees them; and glibc
+    keeps freed heap pages below the top of its arenas mapped, so without malloc_trim a worker's RSS would
+    grow by part of a version at every rollout. Whether the pages could be handed back."""
+    gc.collect()
+    trim = _malloc_trim()
+    return trim is not None and trim(0) == 1
+
 
 Fingerprint = tuple[tuple[str, int, int], ...]  # (path, size, mtime) of every file in a version folder
 
@@ -162,6 +188,7 @@ class ModelRepository:
         self._watcher: threading.Thread | None = None
         # Versions this process unloaded: /metrics leaves out their series (service.metrics.render).
         self.unloaded_ids: set[str] = set()
+        self._memory_to_give_back = False  # a version was unloaded since the last give_back_freed_memory
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
@@ -210,7 +237,8 @@ class ModelRepository:
                     log.exception("syncing model %s failed; its loaded versions are unchanged", name)
             for line in changes:
                 log.info("%s", line)
-            return changes
+        self.give_back_unloaded()
+        return changes
 
     def _sync_model(self, name: str, folders: list[tuple[int, Path]]) -> list[str]:
         """Choose the model's newest `MODEL_VERSIONS` loadable versions, loading what is new beside the
@@ -374,6 +402,7 @@ class ModelRepository:
 
     def _unload(self, mv: ModelVersion) -> None:
         mv.engine.close()
+        self._memory_to_give_back = True
         if not any(other.id == mv.id for other in self.versions()):  # not replaced by a reload of its folder
             for gauge in (MODEL_MEMORY_BYTES, MODEL_LOAD_SECONDS, PREFIX_CACHE_SHARED_BYTES):
                 gauge.labels(model=mv.id).set(0)  # multiprocess files keep a series: /metrics leaves it out
@@ -428,6 +457,13 @@ class ModelRepository:
                 self._draining.discard(mv)
         if unload:
             self._unload(mv)
+
+    def give_back_unloaded(self) -> None:
+        """After an unload, once no table refers to the version: its memory back to the system (the watcher
+        calls this every tick, for versions whose last request ended between syncs)."""
+        if self._memory_to_give_back:
+            self._memory_to_give_back = False
+            give_back_freed_memory()
 
     def versions(self, name: str | None = None) -> list[ModelVersion]:
         """Loaded versions (of one model, or all), by name, newest first."""
@@ -488,6 +524,7 @@ class ModelRepository:
         next_poll = self._due_at() if poll > 0 else 0.0
         while True:
             time.sleep(WATCH_TICK_SECONDS)
+            self.give_back_unloaded()
             hup = self.sighup.value
             due = poll > 0 and time.monotonic() >= next_poll
             if hup == seen and not due:

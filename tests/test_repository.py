@@ -19,6 +19,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 import service.app
+import service.repository
 from benchmarks.servers import metric_total
 from seqmodels import artifacts
 from seqmodels.artifacts import LM_DIR, MANIFEST, WEIGHTS_FILE, ArtifactError
@@ -288,6 +289,35 @@ def test_unloaded_versions_are_freed(app: Flask, repository: Path) -> None:
     assert "model cyrillic@1 retired (its folder is gone); unloaded" in repo.sync()
     gc.collect()
     assert engine() is None  # nothing (fork hooks, schedulers, caches) keeps the weights alive
+
+
+def test_an_unloaded_version_goes_back_to_the_system(
+    app: Flask, repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sync that unloads a version collects it (engine and scheduler refer to each other) and trims
+    the C heap, without the caller collecting; a version drained by its last request, at the watcher's
+    next tick. glibc keeps freed pages below its arenas' tops otherwise: RSS grew at every rollout."""
+    trims: list[int] = []
+    monkeypatch.setattr(service.repository, "_malloc_trim", lambda: trims.append)
+    repo = repo_of(app)
+    engine = weakref.ref(repo.serving("cyrillic").engine)  # type: ignore[union-attr]
+    shutil.rmtree(repository / "cyrillic")
+    assert "model cyrillic@1 retired (its folder is gone); unloaded" in repo.sync()
+    assert engine() is None and trims == [0]
+
+    held = repo.acquire("shakespeare@2")
+    drained = weakref.ref(held.engine)
+    shutil.rmtree(repository / "shakespeare" / "2")
+    assert "model shakespeare@2 retired (its folder is gone); unloaded when its 1 running requests end" in repo.sync()
+    assert trims == [0]  # nothing unloaded by that sync
+    repo.release(held)
+    del held
+    repo.give_back_unloaded()  # what the watcher does every tick
+    assert drained() is None and trims == [0, 0]
+
+
+def test_the_c_heap_can_be_trimmed_here() -> None:
+    assert service.repository.give_back_freed_memory()  # glibc, as in the image
 
 
 def test_a_version_refused_for_memory_loads_once_memory_frees_up(repository: Path) -> None:
