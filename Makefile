@@ -21,11 +21,12 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 serve: $(VENV)/.serve-installed
 	$(BIN)/gunicorn -c gunicorn.conf.py
 
-## test: lint, format check, type-check, Dockerfile lint, the docs site and the pytest suite
+## test: lint, format check, type-check, the layers' import rule, Dockerfile lint, the docs site and the pytest suite
 test: $(VENV)/.test-installed
 	$(BIN)/ruff check seqmodels service training tests benchmarks gunicorn.conf.py docs/hooks
 	$(BIN)/ruff format --check seqmodels service training tests benchmarks gunicorn.conf.py docs/hooks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/hadolint Dockerfile
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/pytest

@@ -6,7 +6,7 @@ Starts the shipped server with one worker and the committed artifacts, then, `--
 `--requests` POST /v1/score requests on one keep-alive connection with a 1 MiB body (a short JSON
 request padded with spaces) framed by Content-Length, and as many with the same body in 100-byte
 chunks, and reads the worker's CPU time (user + system, psutil) before and after each run. Also times
-service.framing's parsing of either request fed in-process, 64 KiB at a time as the loop reads it.
+service.server.request_framing's parsing of either request fed in-process, 64 KiB at a time as the loop reads it.
 Prints the medians and the ratio, and writes chunked.json and chunked.md into `--out`.
 """
 
@@ -26,7 +26,7 @@ from gunicorn.config import Config
 
 from benchmarks.common import REPO, cpu_name, machine, utc_now, write_report
 from benchmarks.loadgen import Server
-from service.framing import Limits, PendingRequest
+from service.server.request_framing import Limits, PendingRequest
 
 BODY = json.dumps({"texts": ["To be, or not to be"]}).encode().ljust(1 << 20)
 CHUNK = 100
@@ -38,7 +38,7 @@ REQUESTS = {
     + b"".join(b"%x\r\n%s\r\n" % (len(BODY[i : i + CHUNK]), BODY[i : i + CHUNK]) for i in range(0, len(BODY), CHUNK))
     + b"0\r\n\r\n",
 }
-READ_SIZE = 1 << 16  # as service.worker reads
+READ_SIZE = 1 << 16  # as service.server.worker reads
 
 
 def answer(sock: socket.socket) -> int:
@@ -76,7 +76,7 @@ def served(port: int, worker: psutil.Process, raw: bytes, requests: int) -> floa
 
 
 def parsed(raw: bytes) -> float:
-    """Seconds service.framing takes to read `raw`, fed as the loop reads it."""
+    """Seconds service.server.request_framing takes to read `raw`, fed as the loop reads it."""
     limits = Limits(max_header_bytes=32 << 10, max_request_line=4094, max_field_bytes=8190, max_fields=100,
                     max_body_bytes=1 << 20)  # fmt: skip
     pending = PendingRequest(limits, 0.0, Config(), ("127.0.0.1", 0))
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({report['cpu']}). One worker, the committed artifacts, loopback: POST /v1/score with a 1 MiB body "
         f"(a short request padded with spaces), {args.requests} requests per round on one keep-alive connection, "
         f"{args.rounds} rounds, medians. Worker CPU: user + system time of the worker process per request, the "
-        "app's scoring included; parse: service.framing reading the request in-process, 64 KiB at a time.",
+        "app's scoring included; parse: service.server.request_framing reading the request in-process, 64 KiB "
+        "at a time.",
         "",
         "| body | bytes on the wire | worker CPU ms per request | parse ms |",
         "|---|---|---|---|",

@@ -43,7 +43,7 @@ import torch
 from benchmarks.common import ARTIFACTS, REPO, cpu_name, machine, utc_now, window, write_report
 from benchmarks.servers import GunicornProcess, free_port, start_checkout, start_gunicorn, stop, wait_until_up
 from seqmodels.artifacts import load_artifacts
-from service.kernels import FusedStep, choose_precision
+from service.engine.lstm_kernels import FusedStep, choose_precision
 
 LEVELS = (1, 64, 256, 1024)
 SERVERS = ("service", "LitServe (bf16, batch 64)")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import timed, utc_now, write_report
-from service.kernels import PackedLinear
+from service.engine.lstm_kernels import PackedLinear
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = (1, 2, 4, 8, 16, 32)

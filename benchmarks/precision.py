@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.common import cpu_name, timed, utc_now, write_report
 from seqmodels.artifacts import LoadedModels, load_artifacts
-from service.kernels import FusedStep, PackedLinear
+from service.engine.lstm_kernels import FusedStep, PackedLinear
 from training.corpus import load_plays
 from training.run import EVAL_SEGMENT, held_out_text
 

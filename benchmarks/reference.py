@@ -39,7 +39,7 @@ from benchmarks.common import ARTIFACTS, REPO, cpu_name, machine, percentile, un
 from benchmarks.loadgen import exchange, next_token_clients
 from benchmarks.servers import GunicornProcess, free_port, start_gunicorn, stop, wait_until_up
 from seqmodels.artifacts import load_artifacts
-from service.kernels import FusedStep, choose_precision
+from service.engine.lstm_kernels import FusedStep, choose_precision
 
 LEVELS = (1, 8, 64)
 ONE_WORKER = "service, PRECISION=auto, 1 worker x 2 torch threads"

@@ -36,9 +36,11 @@ from benchmarks.loadgen import Result, Scenario, Server, measure, running
 from benchmarks.serve_cache import cache_suite
 from benchmarks.serve_prefill import prefill_suite
 from seqmodels.artifacts import load_artifacts
-from service.batching import DecodeBatch, GenerationRequest, Job
-from service.engine import Engine, EngineOptions
-from service.sampling import SamplingParams
+from service.engine.decode_batch import DecodeBatch
+from service.engine.engine import Engine, EngineOptions
+from service.engine.jobs import Job
+from service.engine.sampling import SamplingParams
+from service.engine.types import GenerationRequest
 
 # --------------------------------------------------------------------------- the scenarios
 

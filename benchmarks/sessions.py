@@ -19,8 +19,8 @@ import torch
 from benchmarks.common import ARTIFACTS, timed, write_report
 from benchmarks.precision import test_text
 from seqmodels.artifacts import load_artifacts
-from service.batching import SessionState
-from service.sessions import SessionCodec, principal_of
+from service.engine.types import SessionState
+from service.models.sessions import SessionCodec, principal_of
 
 
 def main(argv: list[str] | None = None) -> int:

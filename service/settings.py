@@ -12,6 +12,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
+    # The server (gunicorn.conf.py reads these once, in the master).
+    host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 in a container")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on")
+    workers: int = Field(2, ge=1, le=256, description="gunicorn worker processes; WORKERS x TORCH_THREADS = CPUs")
+    threads: int = Field(32, ge=1, le=4096, description="per worker: request threads (requests computing at once)")
+    timeout: int = Field(60, ge=1, description="a worker whose event loop is silent this long is restarted")
+    graceful_timeout: int = Field(
+        30, ge=1, description="on SIGTERM, running requests and streams get this long to end (finish_reason shutdown)"
+    )
+    balance_connections: bool = Field(
+        True, description="workers spread new connections evenly; false: whichever worker wakes first accepts"
+    )
+
+    # The models.
     artifacts_dir: Path = Field(
         Path("artifacts"),
         description="folder written by `python -m training.run`, served as the one model `char-lstm` "

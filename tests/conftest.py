@@ -17,7 +17,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from benchmarks.servers import GunicornProcess, start_gunicorn, stop
-from service.app import create_app
+from service.api.app import create_app
 from service.settings import Settings
 from training.corpus import load_plays
 from training.run import main as train_main

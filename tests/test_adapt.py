@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 
 from seqmodels.artifacts import load_artifacts
 from seqmodels.networks import AdaptConfig, CharLSTM, LMConfig
-from service.app import create_app
+from service.api.app import create_app
 from service.settings import Settings
 from tests.test_api import assert_error, post
 from training.lm import adapted_bpc

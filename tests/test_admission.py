@@ -21,7 +21,7 @@ import requests
 from flask import Flask
 
 from benchmarks.servers import metric_total
-from service.worker import Throughput, request_options
+from service.server.admission import Throughput, request_options
 from tests.conftest import gunicorn_server
 
 LONG_STREAM = {"prompt": "KING.", "max_tokens": 20_000, "stream": True, "seed": 1}

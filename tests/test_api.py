@@ -11,7 +11,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.repository import SINGLE_MODEL as LM_ID
+from service.models.repository import SINGLE_MODEL as LM_ID
 
 SERVED = f"{LM_ID}@1"  # the id responses give: the model and the version that answered
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from seqmodels.artifacts import FORMAT_VERSION, ArtifactError, load_artifacts, sha256_file
-from service.app import create_app
-from service.repository import RepositoryError
+from service.api.app import create_app
+from service.models.repository import RepositoryError
 from service.settings import Settings
 from tests.conftest import COMMITTED_ARTIFACTS
 

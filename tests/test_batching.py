@@ -17,11 +17,14 @@ from benchmarks.precision import heldout_bpc
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from seqmodels.networks import CharLSTM, LMConfig
 from service import lifecycle
-from service.batching import DecodeBatch, Delta, GenerationRequest, Scheduler, TokenScore, merge_deltas
-from service.engine import Engine, EngineOptions, Generation
-from service.kernels import FusedStep, PackedLinear
-from service.sampling import SamplingParams
-from service.streaming import sse_response
+from service.api.sse import sse_response
+from service.engine.decode_batch import DecodeBatch
+from service.engine.engine import Engine, EngineOptions, Generation
+from service.engine.jobs import merge_deltas
+from service.engine.lstm_kernels import FusedStep, PackedLinear
+from service.engine.sampling import SamplingParams
+from service.engine.scheduler import Scheduler
+from service.engine.types import Delta, GenerationRequest, TokenScore
 from training.corpus import load_plays
 from training.lm import evaluate_bpc
 from training.run import EVAL_SEGMENT
@@ -243,7 +246,7 @@ def test_the_stream_interval_waits_after_the_first_piece_and_keeps_the_text(
     """No real waiting: the reader's sleeps are recorded in order with the pieces it yields."""
     req = GenerationRequest("To be", 60, SamplingParams(temperature=1.0), seed=9)
     events: list[Any] = []
-    monkeypatch.setattr("service.batching.time.sleep", events.append)
+    monkeypatch.setattr("service.engine.scheduler.time.sleep", events.append)
     texts: dict[float, list[str]] = {}
     for interval in (0.0, 0.05):
         events.clear()

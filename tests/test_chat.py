@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from service.chat import scene
-from service.repository import SINGLE_MODEL
-from service.schemas import ChatMessage
+from service.api.openai.chat import scene
+from service.api.schemas.openai import ChatMessage
+from service.models.repository import SINGLE_MODEL
 
 MODEL = SINGLE_MODEL
 

@@ -12,7 +12,7 @@ from typing import Any
 import openai
 import pytest
 
-from service.repository import SINGLE_MODEL
+from service.models.repository import SINGLE_MODEL
 from tests.conftest import COMMITTED_ARTIFACTS, gunicorn_server
 
 KEY = "chat-key"

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from service.app import create_app
-from service.engine import StopMatcher, TokenScore
-from service.repository import SINGLE_MODEL as LM_ID
+from service.api.app import create_app
+from service.engine.stop_strings import StopMatcher
+from service.engine.types import TokenScore
+from service.models.repository import SINGLE_MODEL as LM_ID
 from service.settings import Settings
 from tests.test_api import assert_error, post
 

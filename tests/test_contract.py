@@ -10,8 +10,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from jsonschema import Draft202012Validator
 
-from service.openapi import openapi_path
-from service.repository import SINGLE_MODEL as LM_ID
+from service.api.openapi import openapi_path
+from service.models.repository import SINGLE_MODEL as LM_ID
 from tests.test_api import assert_error, post
 
 

@@ -1,4 +1,4 @@
-"""Requests as the worker's event loop reads them with h11 (service/framing.py): what it hands a request
+"""Requests as the worker's event loop reads them with h11 (service/server/request_framing.py): what it hands a request
 thread, fed byte by byte or in one piece, its limits, and each refusal."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from gunicorn.config import Config
 
-from service.framing import Limits, PendingRequest, Refused, WSGIRequest
+from service.server.request_framing import Limits, PendingRequest, Refused, WSGIRequest
 
 LIMITS = Limits(max_header_bytes=1000, max_request_line=100, max_field_bytes=300, max_fields=10, max_body_bytes=100)
 CFG = Config()

@@ -25,7 +25,7 @@ import h11
 import pytest
 
 from benchmarks.servers import GunicornProcess
-from service.worker import GracefulThreadWorker
+from service.server.worker import GracefulThreadWorker
 from tests.conftest import REPO, booted_workers, children, gunicorn_process
 from tests.test_slow_clients import HUGE_STREAM, NEXT_TOKEN, slow_reader, well_behaved
 

@@ -66,9 +66,11 @@ def gunicorn_config(env: dict[str, str], tmp_path: Path) -> dict[str, Any]:
 
 
 def gunicorn_conf_variables() -> set[str]:
-    """The environment variables gunicorn.conf.py reads: os.environ.get("X"), os.environ["X"], "X" in os.environ."""
+    """The environment variables gunicorn.conf.py and its hooks read: os.environ.get("X"), os.environ["X"] and
+    "X" in os.environ."""
     names = set()
-    for node in ast.walk(ast.parse((REPO / "gunicorn.conf.py").read_text())):
+    sources = [REPO / "gunicorn.conf.py", REPO / "service" / "server" / "hooks.py"]
+    for node in (n for source in sources for n in ast.walk(ast.parse(source.read_text()))):
         if isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.environ.get", "os.environ.setdefault"):
             arg = node.args[0]
         elif isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":

@@ -12,8 +12,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from benchmarks.servers import metric_total
-from service.app import create_app
-from service.observability import RequestIdFilter, json_formatter
+from service.api.app import create_app
+from service.api.observability import RequestIdFilter, json_formatter
 from service.settings import Settings
 
 

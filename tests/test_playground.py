@@ -30,7 +30,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from seqmodels.artifacts import publish_version
-from service.views.playground import PAGE_POLICY
+from service.api.routes.playground import PAGE_POLICY
 from tests.conftest import REPO, gunicorn_server
 from tests.test_openai_client import metric
 

@@ -12,10 +12,12 @@ import torch
 from flask.testing import FlaskClient
 
 from seqmodels.artifacts import LoadedModels, load_artifacts
-from service.batching import GenerationRequest, Job
-from service.engine import Engine, EngineOptions, Generation, TextScore
-from service.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
-from service.sampling import SamplingParams
+from service.engine.engine import Engine, EngineOptions, Generation
+from service.engine.jobs import Job
+from service.engine.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
+from service.engine.sampling import SamplingParams
+from service.engine.scoring import TextScore
+from service.engine.types import GenerationRequest
 from tests.test_batching import run_concurrently
 from tests.test_observability import metric_value as value
 

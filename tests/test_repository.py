@@ -18,13 +18,13 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-import service.app
-import service.repository
+import service.api.app
+import service.models.repository
 from benchmarks.servers import metric_total
 from seqmodels import artifacts
 from seqmodels.artifacts import LM_DIR, MANIFEST, WEIGHTS_FILE, ArtifactError
-from service.app import create_app
-from service.repository import ModelRepository, RepositoryError
+from service.api.app import create_app
+from service.models.repository import ModelRepository, RepositoryError
 from service.settings import Settings
 from training.publish import main as train_publish
 
@@ -213,10 +213,10 @@ def test_a_corrupt_version_is_refused_once_and_the_old_one_serves(
     weights = broken / LM_DIR / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     before = metric_total(client.get("/metrics").get_data(as_text=True), "charlm_model_versions_refused_total")
-    with caplog.at_level(logging.ERROR, logger="service.repository"):
+    with caplog.at_level(logging.ERROR, logger="service.models.repository"):
         assert repo.sync() == []
         assert repo.sync() == []  # unchanged files: not looked at again
-    refusals = [r.getMessage() for r in caplog.records if r.name == "service.repository"]
+    refusals = [r.getMessage() for r in caplog.records if r.name == "service.models.repository"]
     assert len(refusals) == 1 and "shakespeare@3" in refusals[0] and "SHA-256 mismatch" in refusals[0]
     assert "shakespeare@2 goes on serving" in refusals[0]
     after = metric_total(client.get("/metrics").get_data(as_text=True), "charlm_model_versions_refused_total")
@@ -298,7 +298,7 @@ def test_an_unloaded_version_goes_back_to_the_system(
     the C heap, without the caller collecting; a version drained by its last request, at the watcher's
     next tick. glibc keeps freed pages below its arenas' tops otherwise: RSS grew at every rollout."""
     trims: list[int] = []
-    monkeypatch.setattr(service.repository, "_malloc_trim", lambda: trims.append)
+    monkeypatch.setattr(service.models.repository, "_malloc_trim", lambda: trims.append)
     repo = repo_of(app)
     engine = weakref.ref(repo.serving("cyrillic").engine)  # type: ignore[union-attr]
     shutil.rmtree(repository / "cyrillic")
@@ -317,7 +317,7 @@ def test_an_unloaded_version_goes_back_to_the_system(
 
 
 def test_the_c_heap_can_be_trimmed_here() -> None:
-    assert service.repository.give_back_freed_memory()  # glibc, as in the image
+    assert service.models.repository.give_back_freed_memory()  # glibc, as in the image
 
 
 def test_a_version_refused_for_memory_loads_once_memory_frees_up(repository: Path) -> None:
@@ -422,7 +422,7 @@ def test_a_failing_after_request_hook_does_not_leak_a_streams_lease(
     def fails(response: Any) -> Any:
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(service.app, "_drain_request_body", fails)  # one of the app's own hooks fails
+    monkeypatch.setattr(service.api.app, "_drain_request_body", fails)  # one of the app's own hooks fails
     app = make_app(repository)
     app.config.update(TESTING=False, PROPAGATE_EXCEPTIONS=False)
     response = app.test_client().post("/v1/generate", json={"prompt": "a", "max_tokens": 5, "stream": True})

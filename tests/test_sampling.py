@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.sampling import SamplingParams, choose, make_generators
+from service.engine.sampling import SamplingParams, choose, make_generators
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, float("-inf"), -3.0])  # index 5 can never be drawn
 

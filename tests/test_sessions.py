@@ -14,11 +14,11 @@ import torch
 from flask.testing import FlaskClient
 
 from seqmodels.artifacts import load_artifacts
-from service.app import create_app
-from service.batching import GenerationRequest, SessionState
-from service.engine import Engine, EngineOptions
-from service.sampling import SamplingParams
-from service.sessions import SessionCodec, SessionError, principal_of
+from service.api.app import create_app
+from service.engine.engine import Engine, EngineOptions
+from service.engine.sampling import SamplingParams
+from service.engine.types import GenerationRequest, SessionState
+from service.models.sessions import SessionCodec, SessionError, principal_of
 from service.settings import Settings
 from tests.conftest import booted_workers, gunicorn_process
 

@@ -13,10 +13,10 @@ import torch
 from flask import Flask
 
 from seqmodels.artifacts import load_artifacts
-from service.app import create_app
-from service.batching import Scheduler
-from service.engine import Engine, EngineOptions
-from service.kernels import off_the_scheduler
+from service.api.app import create_app
+from service.engine.engine import Engine, EngineOptions
+from service.engine.lstm_kernels import off_the_scheduler
+from service.engine.scheduler import Scheduler
 from service.settings import Settings
 
 

@@ -1,0 +1,42 @@
+"""The answers the worker's event loop writes itself, without the app (400, 408, 413, 503, ...), in the
+API's JSON error envelope, each closing the connection."""
+
+from __future__ import annotations
+
+import json
+
+from service.api.schemas.common import ErrorResponse
+
+
+def error_answer(status: int, reason: str, message: str, type_: str, code: str, *, head_only: bool = False,
+                  headers: str = "") -> bytes:  # fmt: skip
+    """A whole HTTP answer carrying the API's error envelope (the app's ErrorResponse), for the answers
+    the event loop gives without the app, each closing the connection; `headers`: extra lines, each
+    ending CRLF."""
+    body = json.dumps(ErrorResponse.of(message, type_, code=code)).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"{headers}Connection: close\r\n\r\n"
+    )
+    return head.encode() + (b"" if head_only else body)
+
+
+class CapturedAnswer:
+    """Stands in for the client socket while gunicorn writes its error page, to learn its status line."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def gettimeout(self) -> float | None:
+        return None
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def sendall(self, data: bytes) -> None:
+        self.data += data
+
+    send = sendall
+
+    def status_line(self) -> str:
+        return self.data.split(b"\r\n", 1)[0].decode("latin-1").removeprefix("HTTP/1.1 ")

@@ -1,0 +1,318 @@
+"""The gunicorn worker class: gunicorn's threaded worker, reading and parsing every request whole in its
+event loop before a request thread sees it, answering overload at once, refusing new work promptly on
+SIGTERM and spreading connections evenly over the workers."""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+from gunicorn.workers.gthread import TConn
+
+from service import lifecycle
+from service.server import connection_balancing
+from service.server.admission import AdmissionQueue, Queued, request_options
+from service.server.loop_answers import error_answer
+from service.server.loop_reading import READ_SIZE, LoopReadingWorker
+from service.server.request_framing import Limits, PendingRequest, WSGIRequest
+from service.settings import Settings
+
+# /healthz and /readyz (the kubelet's probes) and /metrics (the scraper) have threads of their own, so that
+# neither waits behind model work, and probes do not wait behind a flood of /metrics either. Each pool's
+# queue is bounded; beyond it the loop answers 503 and closes. A probe answers in about a millisecond and a
+# refused one is a failed probe, so its bound is far above what the kubelet sends yet keeps the longest wait
+# well within a probe's 1 s timeout; scrapers come every few seconds and retry.
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+PROBE_THREADS = {"health": 2, "metrics": 1}
+PROBE_MAX_WAITING = {"health": 256, "metrics": 8}
+# accept() failing for want of descriptors or memory: the loop stops accepting this long, then tries again
+# (the connections wait in the listen queue), instead of the worker exiting.
+ACCEPT_PAUSE_SECONDS = 0.5
+ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class GracefulThreadWorker(LoopReadingWorker):
+    """gthread, with four changes.
+
+    Requests are read and parsed whole in the event loop. Stock gthread hands a connection to a request
+    thread as soon as its first byte arrives, and the thread then blocks reading the rest: a few dozen
+    clients that send headers and trickle a body held every thread, probes included. Here the loop feeds
+    each request's bytes to h11 as they arrive (service/server/request_framing.py), with a total deadline for the head
+    and another for the body (408, then close); only a parsed request with its complete body reaches a
+    thread, which never reads the socket. A slow client costs a socket and its buffer, and the bodies
+    being read share a budget per worker (MAX_BUFFERED_BYTES). Every answer the loop gives itself (400,
+    408, 413, 414, 417, 431, 503, ...) closes the connection, so nothing of a refused request is ever read
+    as the next one.
+
+    Overload is answered at once. A complete model request that finds every request thread busy waits
+    in the loop's queue, which costs no thread, if the wait it can expect (the requests ahead of it over
+    the rate the worker has been answering at) is within QUEUE_WAIT_SECONDS and its own `timeout`;
+    otherwise it gets 503 with a Retry-After from that estimate at once. Interactive requests are served
+    before batch ones; one still queued at its timeout gets 504 from the loop, without computing.
+    /healthz and /readyz run on threads of their own, /metrics on another, each with a short queue, so
+    a probe never waits behind model work or a flood of scrapes. A response write (a piece of a stream,
+    or a whole answer) not sent within WRITE_TIMEOUT_SECONDS (a client that stopped reading) closes the
+    connection, which frees the thread and cancels the generation. Connections are closed without
+    blocking the loop (gthread's graceful close waited up to 2 s in it for each client that did not close
+    its end).
+
+    On SIGTERM the stock worker stops polling its listening sockets but keeps them open until its
+    in-flight requests finish, so the kernel goes on queueing new connections that nobody will answer:
+    clients hang for up to the graceful timeout and are then reset. Closing the listeners as soon as the
+    worker stops accepting makes new connections fail at once (the master has already closed its copy),
+    which lets a client or load balancer retry elsewhere while streams in progress run to their end.
+
+    The workers share one listening socket, and whichever wakes first accepts: a burst of new
+    connections often all went to one worker (all 8 of a client's keep-alive connections, in 4 of
+    12 tries), which then did all the work of that client while the other core idled. Here a worker
+    publishes its open connections in shared memory and leaves new ones to a live peer that has
+    fewer, so that the kernel's queue is served by the least busy worker.
+    """
+
+    connection_slot: int | None = None
+    accept_paused_until = 0.0  # accept() failed for want of resources: not accepting until then
+    accept_failing = False  # ... and it has not succeeded since (logged once per such spell)
+
+    def init_process(self) -> None:
+        connection_balancing.set_pid(self.connection_slot, os.getpid())
+        settings = Settings()
+        self.limits = Limits(
+            max_header_bytes=settings.max_header_bytes,
+            max_request_line=self.cfg.limit_request_line or 8190,  # gunicorn's meaning of 0: its maximum
+            max_field_bytes=self.cfg.limit_request_field_size or 8190,
+            max_fields=self.cfg.limit_request_fields or 32768,
+            max_body_bytes=settings.max_body_bytes,
+        )
+        self.max_buffered = settings.max_buffered_bytes
+        self.header_timeout = settings.header_timeout_seconds
+        self.body_timeout = settings.body_timeout_seconds
+        self.write_timeout = settings.write_timeout_seconds
+        self.queue = AdmissionQueue(self.cfg.threads, settings.queue_wait_seconds)
+        self.reading: dict[TConn, PendingRequest] = {}
+        self.reserved: dict[TConn, int] = {}  # body bytes held for each connection being read
+        self.buffered = 0  # their sum, within max_buffered
+        self.lingering: dict[TConn, tuple[float, int]] = {}  # closing connections: deadline, bytes drained
+        self.admitted = 0  # model requests handed to the request threads and not yet finished
+        self.probes_admitted = dict.fromkeys(PROBE_THREADS, 0)  # the same, per probe pool
+        self.read_failures = 0
+        self.next_sweep = 0.0
+        self.probe_pools = {
+            kind: ThreadPoolExecutor(max_workers=threads, thread_name_prefix=kind)
+            for kind, threads in PROBE_THREADS.items()
+        }
+        # Imported here, after gunicorn.conf.py has set PROMETHEUS_MULTIPROC_DIR.
+        from service import metrics
+
+        self.metrics = metrics
+        super().init_process()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """SIGTERM: set the drain deadline (service.lifecycle), by which the generations still running end
+        with finish_reason "shutdown", a margin before gunicorn stops this worker; then gunicorn's own stop."""
+        lifecycle.begin_shutdown(self.cfg.graceful_timeout)
+        super().handle_exit(sig, frame)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        super().set_accept_enabled(enabled)
+        if not enabled and not self.alive:
+            for listener in self.sockets:
+                listener.close()
+            connection_balancing.mark_stopping(self.connection_slot)
+
+    def accept(self, listener: socket.socket) -> None:
+        """Every connection waiting in the listen queue, up to the cap, rather than gthread's one per loop
+        turn: under a burst, a loop turn can wait milliseconds for the GIL, and a probe queued behind
+        hundreds of connections would wait that long for each of them. Out of descriptors or memory, it
+        stops accepting for a while rather than let the error end the worker."""
+        while self.nr_conns < self.worker_connections:
+            before = self.nr_conns
+            try:
+                super().accept(listener)
+            except OSError as exc:
+                if exc.errno not in ACCEPT_RESOURCE_ERRORS:
+                    raise
+                self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
+                if not self.accept_failing:
+                    self.accept_failing = True
+                    self.log.warning(
+                        "accept failed (%s) with %d connections open: accepting again in %g s, and so on until "
+                        "it succeeds", os.strerror(exc.errno or 0), self.nr_conns, ACCEPT_PAUSE_SECONDS,
+                    )  # fmt: skip
+                return
+            if self.nr_conns == before:  # nothing more to accept (EAGAIN)
+                return
+            self.accept_failing = False
+
+    def _dispatch(self, conn: TConn, pending: PendingRequest) -> None:
+        """Hand a complete request to a thread of its pool, or answer 503 and close when too many already
+        wait for one."""
+        request = pending.request
+        assert request is not None
+        kind = None
+        if request.method in ("GET", "HEAD") and not pending.body_bytes:  # a probe with a body is no probe
+            kind = "health" if request.path in HEALTH_PATHS else "metrics" if request.path == "/metrics" else None
+        if kind is None:
+            self._admit(conn, pending, request)
+            return
+        else:
+            if self.probes_admitted[kind] >= PROBE_THREADS[kind] + PROBE_MAX_WAITING[kind]:
+                self.metrics.REQUESTS_REFUSED.labels("probes_waiting").inc()
+                message = f"too many {request.path} requests are waiting; retry in a second"
+                self._answer_busy(conn, message, head_only=request.method == "HEAD")
+                return
+            self.probes_admitted[kind] += 1
+            pool = self.probe_pools[kind]
+        conn.parsed_request = request
+        conn.pipelined = pending.leftover()
+        future = pool.submit(self.handle, conn)
+        future.add_done_callback(lambda done: self.method_queue.defer(self._finished, conn, done, kind))
+
+    def _finished(self, conn: TConn, future: Future[Any], kind: str | None) -> None:
+        if kind is None:
+            self.admitted -= 1
+            self.queue.throughput.record(time.monotonic())
+        else:
+            self.probes_admitted[kind] -= 1
+        self.finish_request(conn, future)
+        if kind is None:
+            self._serve_queue()
+
+    # ------------------------------------------------------------------ model requests: admission
+
+    def _admit(self, conn: TConn, pending: PendingRequest, request: WSGIRequest) -> None:
+        """A thread now if one is free and nobody waits; else a place in the queue (held by the loop, costing
+        no thread) if the wait it can expect is within its budget; else 503 with Retry-After at once."""
+        now = time.monotonic()
+        priority, timeout = request_options(request)
+        arrived = pending.headers_done_at or now
+        if self.admitted < self.cfg.threads and not self.queue and not lifecycle.draining(now):
+            self._submit_model_request(conn, request, pending.leftover(), arrived)
+            return
+        size = request.body.getbuffer().nbytes
+        if self.buffered + self.queue.bytes + size > self.max_buffered:
+            self.metrics.REQUESTS_REFUSED.labels("buffers_full").inc()
+            message = f"the server holds {(self.buffered + self.queue.bytes) >> 20} MiB of requests; retry"
+            self._answer_busy(conn, message, head_only=request.method == "HEAD")
+            return
+        refused = self.queue.refusal(priority, timeout, now)
+        if refused is not None:
+            self.metrics.REQUESTS_REFUSED.labels("overloaded").inc()
+            message, retry = refused
+            self._answer_busy(conn, message, head_only=request.method == "HEAD", retry_after=retry)
+            return
+        deadline = None if timeout is None else arrived + timeout
+        entry = Queued(conn, request, pending.leftover(), arrived, deadline, size=size)
+        self.queue.push(entry, priority)
+        self._hold(conn, entry)
+
+    def _hold(self, conn: TConn, entry: Queued) -> None:
+        """While it waits, the connection is watched only for the client going away."""
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_queued_readable, entry))
+
+    def _on_queued_readable(self, entry: Queued, _sock: socket.socket) -> None:
+        """A queued request's client sent more (pipelined, kept for later) or closed: a closed one leaves."""
+        try:
+            data = entry.conn.sock.recv(READ_SIZE, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:  # pipelined bytes wait in the kernel for their turn; stop watching until then
+            self.poller.unregister(entry.conn.sock)
+            entry.watched = False
+            return
+        self.queue.leave(entry)
+        self.poller.unregister(entry.conn.sock)
+        entry.watched = False
+        self._close(entry.conn)
+
+    def _serve_queue(self) -> None:
+        """Give free threads to the queue's first requests, answering those past their time from the loop."""
+        now = time.monotonic()
+        while self.queue and (self.admitted < self.cfg.threads or lifecycle.draining(now)):
+            entry = self.queue.pop()
+            if entry is None:
+                break
+            if entry.watched:
+                self.poller.unregister(entry.conn.sock)
+                entry.watched = False
+            if self._expire(entry, now):
+                continue
+            self._submit_model_request(entry.conn, entry.request, entry.leftover, entry.arrived)
+
+    def _expire(self, entry: Queued, now: float) -> bool:
+        """Answer a queued request that can no longer be served in time; whether it was."""
+        if lifecycle.draining(now):
+            self.metrics.REQUESTS_REFUSED.labels("shutting_down").inc()
+            self._answer_busy(entry.conn, "the server is shutting down; retry", entry.request.method == "HEAD",
+                              code="shutting_down")  # fmt: skip
+            return True
+        if entry.deadline is not None and now >= entry.deadline:
+            self.metrics.REQUESTS_REFUSED.labels("timeout").inc()
+            message = f"the request waited {now - entry.arrived:.2f} s for the model, past its timeout"
+            answer = error_answer(504, "Gateway Timeout", message, "timeout", "timeout",
+                                   head_only=entry.request.method == "HEAD")  # fmt: skip
+            if self._send(entry.conn, answer):
+                self._close_lingering(entry.conn)
+            else:
+                self._close(entry.conn)
+            return True
+        return False
+
+    def _expire_queued(self, now: float) -> None:
+        """The sweep: queued requests past their timeout (or the drain deadline) leave the queue now."""
+        for entry in self.queue.take_due(now, lifecycle.draining(now)):
+            if entry.watched:
+                self.poller.unregister(entry.conn.sock)
+                entry.watched = False
+            self._expire(entry, now)
+
+    def _submit_model_request(self, conn: TConn, request: WSGIRequest, leftover: bytes, arrived: float) -> None:
+        self.admitted += 1
+        request.arrived = arrived
+        conn.parsed_request = request
+        conn.pipelined = leftover
+        future = self.tpool.submit(self.handle, conn)
+        future.add_done_callback(lambda done: self.method_queue.defer(self._finished, conn, done, None))
+
+    def _sweep(self, now: float) -> None:
+        self._expire_queued(now)
+        self.metrics.OPEN_CONNECTIONS.set(self.nr_conns)
+        self.metrics.REQUESTS_WAITING.set(len(self.queue))
+
+    # ------------------------------------------------------------------ connection balancing
+
+    # gthread's loop accepts while `nr_conns < worker_connections`, re-evaluated at every turn.
+    @property  # type: ignore[override]
+    def worker_connections(self) -> int:
+        if self._leave_to_peer() or time.monotonic() < self.accept_paused_until:
+            return self.nr_conns  # stop accepting for now
+        return self._worker_connections
+
+    @worker_connections.setter
+    def worker_connections(self, value: int) -> None:
+        self._worker_connections = value
+
+    def _leave_to_peer(self) -> bool:
+        """Whether a live peer has fewer connections (service.server.connection_balancing)."""
+        return self.alive and connection_balancing.leave_to_peer(self.connection_slot, self.nr_conns)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        # A worker that is not accepting only wakes for its own connections' events, which may be
+        # seconds apart: while it leaves new connections to a peer it looks again every few ms.
+        if not self._accepting and self.alive:
+            timeout = min(timeout, connection_balancing.DEFER_POLL_SECONDS)
+        super().wait_for_and_dispatch_events(timeout)
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            for pool in self.probe_pools.values():
+                pool.shutdown(wait=False)
