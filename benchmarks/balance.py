@@ -21,7 +21,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from benchmarks.common import utc_now, window, write_report
+from benchmarks.common import RESULTS, utc_now, window, write_report
 from benchmarks.loadgen import Server
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tries", type=int, default=12)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--off", action="store_true", help="gunicorn's stock accepting (BALANCE_CONNECTIONS=0)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     os.environ["WORKERS"] = "2"
     os.environ["BALANCE_CONNECTIONS"] = "0" if args.off else "1"

@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 from gunicorn.config import Config
 
-from benchmarks.common import REPO, cpu_name, machine, utc_now, write_report
+from benchmarks.common import RESULTS, cpu_name, machine, utc_now, write_report
 from benchmarks.loadgen import Server
 from service.server.request_framing import Limits, PendingRequest
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=30, help="per body and round")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     cpu: dict[str, list[float]] = {name: [] for name in REQUESTS}
     parse: dict[str, list[float]] = {name: [] for name in REQUESTS}

@@ -4,7 +4,7 @@
 
 Each variant changes the MLP's training or feature settings; every row uses the same folds and passages
 (the training run's defaults, seed 1234), so the rows compare like with like. The variants run are
-merged into benchmarks/classifier_cv.json and .md (a row measured before and not run again stays).
+merged into benchmarks/results/classifier_cv.json and .md (a row measured before and not run again stays).
 
 "line shapes" tests whether verse and prose can be told apart: besides the n-grams, each passage
 gets a token per line for its first letter's case (verse lines start with a capital, wrapped prose
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import write_report
+from benchmarks.common import RESULTS, write_report
 from seqmodels.networks import ClassifierConfig, MLPClassifier, NgramBatch, ngram_counts
 from training import classifier
 from training.classifier import ClassifierTrainConfig, Passages, cross_validate, fit_and_predict_mlp
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     docs = load_plays()
     rows = []

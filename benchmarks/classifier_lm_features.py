@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import nn
 
-from benchmarks.common import write_report
+from benchmarks.common import RESULTS, write_report
 from seqmodels.artifacts import load_artifacts
 from seqmodels.networks import CharLSTM, ClassifierConfig, MLPClassifier, NgramBatch, Vocab
 from training.classifier import (
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     parser.add_argument("--seed", type=int, default=1234, help="the training run's seed: its split and passages")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     models = load_artifacts(args.artifacts)
     docs, split = split_or_chunk(load_plays(), args.seed)

@@ -17,6 +17,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"
+RESULTS = REPO / "benchmarks" / "results"  # the benchmarks' records, each a .md and a .json
 
 # --------------------------------------------------------------------------- texts
 

@@ -40,7 +40,7 @@ from typing import Any
 import aiohttp
 import torch
 
-from benchmarks.common import ARTIFACTS, REPO, cpu_name, machine, utc_now, window, write_report
+from benchmarks.common import ARTIFACTS, REPO, RESULTS, cpu_name, machine, utc_now, window, write_report
 from benchmarks.servers import GunicornProcess, free_port, start_checkout, start_gunicorn, stop, wait_until_up
 from seqmodels.artifacts import load_artifacts
 from service.engine.lstm_kernels import FusedStep, choose_precision
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
     parser.add_argument("--baseline", type=Path, help="another checkout of the service to run beside them")
     parser.add_argument("--skip-isolated", action="store_true", help="servers only: no encoder or stream figures")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is needed: apt-get install wrk", file=sys.stderr)

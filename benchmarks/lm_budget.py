@@ -27,7 +27,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import write_report
+from benchmarks.common import RESULTS, write_report
 
 TARGET_RATIO = 0.97  # the static target, as a multiple of PPMd's bits per character
 
@@ -73,7 +73,7 @@ def power_law_fit(minutes: list[float], bpc: list[float]) -> tuple[float, float,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="training output folders")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
         "--name", default="lm_budget", help="the budget fit's report, STEM.json and .md (one per set of settings)"
     )

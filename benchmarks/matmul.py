@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import timed, utc_now, write_report
+from benchmarks.common import RESULTS, timed, utc_now, write_report
 from service.engine.lstm_kernels import PackedLinear
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def microseconds(fn: Callable[[], Any]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)

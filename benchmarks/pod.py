@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_KUSTOMIZATION = REPO / "deploy" / "k8s" / "base"
 IMAGE_WORKDIR = "/app"  # the Dockerfile's WORKDIR, where its COPY puts gunicorn.conf.py and artifacts/
 DEV_SHM_BYTES = 64 << 20  # what Docker and containerd mount at /dev/shm by default
@@ -535,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kustomization", type=Path, default=DEFAULT_KUSTOMIZATION)
     parser.add_argument("--load", action="store_true", help="drive the serving scenarios and write pod.json/.md")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per scenario with --load")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.inside:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import cpu_name, timed, utc_now, write_report
+from benchmarks.common import RESULTS, cpu_name, timed, utc_now, write_report
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from service.engine.lstm_kernels import FusedStep, PackedLinear
 from training.corpus import load_plays
@@ -150,7 +150,7 @@ def int8_figures(models: LoadedModels, text: str, reference: torch.Tensor) -> di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     models = load_artifacts(args.artifacts)

@@ -35,7 +35,18 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import ARTIFACTS, REPO, cpu_name, machine, percentile, unique_tag, utc_now, window, write_report
+from benchmarks.common import (
+    ARTIFACTS,
+    REPO,
+    RESULTS,
+    cpu_name,
+    machine,
+    percentile,
+    unique_tag,
+    utc_now,
+    window,
+    write_report,
+)
 from benchmarks.loadgen import exchange, next_token_clients
 from benchmarks.servers import GunicornProcess, free_port, start_gunicorn, stop, wait_until_up
 from seqmodels.artifacts import load_artifacts
@@ -225,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.reference", description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=10.0, help="per level and server, per round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     servers: dict[str, tuple[GunicornProcess, str]] = {}
     try:

@@ -37,7 +37,18 @@ from typing import Any
 import aiohttp
 import psutil
 
-from benchmarks.common import ARTIFACTS, REPO, cpu_name, machine, percentile, unique_tag, utc_now, window, write_report
+from benchmarks.common import (
+    ARTIFACTS,
+    REPO,
+    RESULTS,
+    cpu_name,
+    machine,
+    percentile,
+    unique_tag,
+    utc_now,
+    window,
+    write_report,
+)
 from benchmarks.servers import GunicornProcess, start_checkout, stop, wait_until_up
 from seqmodels.artifacts import LM_DIR, WEIGHTS_FILE, next_version_dir, publish_version
 
@@ -318,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poll", type=float, default=1.0, help="REPOSITORY_POLL_SECONDS")
     p.add_argument("--sighup", action="store_true", help="no polling: a SIGHUP to the master after each one")
     p.add_argument("--artifacts", type=Path, default=ARTIFACTS, help="the artifact published as every version")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     report = run(args.artifacts, args.seconds, args.versions, args.poll, args.sighup)
     report |= {

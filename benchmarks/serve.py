@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import ARTIFACTS, PROMPT_100, REPO, machine, timed, utc_now, window, write_report
+from benchmarks.common import ARTIFACTS, PROMPT_100, RESULTS, machine, timed, utc_now, window, write_report
 from benchmarks.loadgen import Result, Scenario, Server, measure, running
 from benchmarks.serve_cache import cache_suite
 from benchmarks.serve_prefill import prefill_suite
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats", type=int, default=3, help="runs of each headline scenario, and rounds of the others"
     )
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for the reports")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the reports")
     parser.add_argument(
         "--precision", default="auto", choices=["auto", "float32", "bfloat16"], help="the servers' PRECISION"
     )

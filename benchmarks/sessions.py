@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import ARTIFACTS, timed, write_report
+from benchmarks.common import ARTIFACTS, RESULTS, timed, write_report
 from benchmarks.precision import test_text
 from seqmodels.artifacts import load_artifacts
 from service.engine.types import SessionState
@@ -26,7 +26,7 @@ from service.models.sessions import SessionCodec, principal_of
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2000)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     models = load_artifacts(ARTIFACTS)

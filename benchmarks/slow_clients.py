@@ -43,7 +43,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.common import ARTIFACTS, REPO, cpu_name, machine, percentile, utc_now, write_report
+from benchmarks.common import ARTIFACTS, REPO, RESULTS, cpu_name, machine, percentile, utc_now, write_report
 from benchmarks.loadgen import Load, exchange, next_token_clients
 from benchmarks.servers import free_port, start_checkout, stop
 
@@ -441,7 +441,7 @@ def waiting_trial(seconds: float, values: list[float]) -> int:
             f"p99 at {max(OVERLOAD_LEVELS)} "
             f"clients {trial['p99_ratio']:.2f} x that at saturation; workers unchanged: {trial['workers_unchanged']}."
         )
-    write_report(REPO / "benchmarks", "overload_waiting", {"trials": trials}, "\n".join(lines) + "\n")
+    write_report(RESULTS, "overload_waiting", {"trials": trials}, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, help="another checkout to run the slow-client part against too")
     parser.add_argument("--nginx", action="store_true", help="also run it through Debian's nginx in front of the "
                         "baseline (or of this checkout), as a buffering proxy")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks", help="folder for the reports")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the reports")
     parser.add_argument(
         "--waiting", type=float, nargs="+", help="only the overload part, once per QUEUE_WAIT_SECONDS value given"
     )

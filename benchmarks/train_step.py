@@ -5,7 +5,7 @@
 Times the phases of the real training step (`training.lm`: batch assembly, forward with AWD-LSTM
 dropouts, backward, clip + AdamW) for each batch x window and autocast setting, on this machine's
 CPU (or the GPU with --device cuda), and reports medians and characters per second. Writes
-benchmarks/train_step.json and .md. Run it on a quiet machine: nothing else should hold the cores.
+benchmarks/results/train_step.json and .md. Run it on a quiet machine: nothing else should hold the cores.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import write_report
+from benchmarks.common import RESULTS, write_report
 from seqmodels.networks import CharLSTM, LMConfig
 from training.lm import LMTrainConfig, make_optimizer, stream_batches
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", nargs="+", default=["64x128", "128x128", "32x256"], help="batch x window")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     rows = []

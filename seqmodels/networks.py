@@ -81,7 +81,7 @@ class LMConfig:
     num_layers: int = 2  # stacked LSTM layers
     # Regularization, training only (AWD-LSTM's set).
     # Half the lightest setting of an earlier sweep: validation bpc is still falling when the 48-minute budget
-    # ends, so the model underfits rather than overfits (benchmarks/lm_dropout.md, docs/experiments.md).
+    # ends, so the model underfits rather than overfits (benchmarks/results/lm_dropout.md, docs/experiments.md).
     dropout: float = 0.1  # locked dropout on the top layer's outputs, before the head
     input_dropout: float = 0.025  # locked dropout on the embedded inputs
     hidden_dropout: float = 0.075  # locked dropout between LSTM layers

@@ -17,6 +17,8 @@ from service.settings import Settings
 from tests.test_api import assert_error, post
 from training.lm import adapted_bpc
 
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
+
 TEXT = "What light through yonder window breaks? It is the east, and Juliet is the sun. " * 3
 
 

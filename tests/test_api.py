@@ -11,7 +11,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from service.api.model_cards import model_entries
 from service.models.repository import SINGLE_MODEL as LM_ID
+
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
 
 SERVED = f"{LM_ID}@1"  # the id responses give: the model and the version that answered
 
@@ -80,7 +83,7 @@ def test_models_created_is_the_manifests_utc_time_in_any_time_zone(app: Flask, m
     for zone in ("UTC", "America/New_York", "Asia/Kolkata"):
         monkeypatch.setenv("TZ", zone)
         time.tzset()
-        assert {card["created"] for card in repository.describe()} == {expected}
+        assert {card["created"] for card in model_entries(repository)} == {expected}
     monkeypatch.undo()
     time.tzset()
 

@@ -10,9 +10,11 @@ import pytest
 
 from seqmodels.artifacts import FORMAT_VERSION, ArtifactError, load_artifacts, sha256_file
 from service.api.app import create_app
-from service.models.repository import RepositoryError
+from service.models.versions import RepositoryError
 from service.settings import Settings
 from tests.conftest import COMMITTED_ARTIFACTS
+
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
 
 
 @pytest.fixture()

@@ -29,6 +29,8 @@ from training.corpus import load_plays
 from training.lm import evaluate_bpc
 from training.run import EVAL_SEGMENT
 
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
+
 
 @pytest.fixture(scope="module")
 def models(tiny_artifacts: Path) -> LoadedModels:

@@ -18,6 +18,8 @@ from service.settings import Settings
 CAPS = Settings(
     max_tokens=8, max_n=2, max_total_tokens=20, max_top_k=3, max_texts=3, max_text_chars=40, max_adapt_chars=30
 )
+
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
 ABSENT = object()
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

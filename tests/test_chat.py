@@ -13,6 +13,8 @@ from service.api.openai.chat import scene
 from service.api.schemas.openai import ChatMessage
 from service.models.repository import SINGLE_MODEL
 
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
+
 MODEL = SINGLE_MODEL
 
 

@@ -15,6 +15,8 @@ from service.models.repository import SINGLE_MODEL as LM_ID
 from service.settings import Settings
 from tests.test_api import assert_error, post
 
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
+
 
 def completion(client: FlaskClient, **body: Any) -> dict[str, Any]:
     status, payload = post(client, "/v1/completions", {"model": LM_ID, **body})

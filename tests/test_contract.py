@@ -14,6 +14,8 @@ from service.api.openapi import openapi_path
 from service.models.repository import SINGLE_MODEL as LM_ID
 from tests.test_api import assert_error, post
 
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
+
 
 @pytest.fixture(scope="module")
 def spec(app: Flask) -> dict[str, Any]:

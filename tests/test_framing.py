@@ -11,6 +11,8 @@ from gunicorn.config import Config
 
 from service.server.request_framing import Limits, PendingRequest, Refused, WSGIRequest
 
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
+
 LIMITS = Limits(max_header_bytes=1000, max_request_line=100, max_field_bytes=300, max_fields=10, max_body_bytes=100)
 CFG = Config()
 PEER = ("127.0.0.1", 40000)

@@ -171,8 +171,8 @@ def test_workers_and_threads_fit_the_cpu_limit(docs: list[dict[str, Any]], tmp_p
 
 
 def test_memory_limit_covers_the_measured_pod(docs: list[dict[str, Any]]) -> None:
-    """benchmarks/pod.json is what `python -m benchmarks.pod --load` measured for one pod under load."""
-    measured = json.loads((REPO / "benchmarks/pod.json").read_text())
+    """benchmarks/results/pod.json is what `python -m benchmarks.pod --load` measured for one pod under load."""
+    measured = json.loads((REPO / "benchmarks/results/pod.json").read_text())
     limit_mib = quantity(container(docs)["resources"]["limits"]["memory"]) / 2**20
     assert limit_mib >= 1.25 * measured["cgroup"]["memory_peak_mib"]
     assert limit_mib >= 1.25 * measured["peak_pss_mib"]

@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
+
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 

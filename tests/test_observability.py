@@ -16,6 +16,8 @@ from service.api.app import create_app
 from service.api.observability import RequestIdFilter, json_formatter
 from service.settings import Settings
 
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
+
 
 def test_request_id_is_echoed_or_generated(client: FlaskClient) -> None:
     assert client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"] == "abc-123"

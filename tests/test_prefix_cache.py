@@ -21,6 +21,8 @@ from service.engine.types import GenerationRequest
 from tests.test_batching import run_concurrently
 from tests.test_observability import metric_value as value
 
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
+
 # Three prompts share a prefix longer than two checkpoints; one extends another.
 SHARED = ("KING. " + "Now is the winter of our discontent made glorious summer by this sun of York. " * 8)[:600]
 PROMPTS = [SHARED + "ROMEO. Hark", SHARED + "JULIET. Ay me", SHARED + "ROMEO. Hark, what light", "short one"]

@@ -20,13 +20,17 @@ from flask.testing import FlaskClient
 
 import service.api.app
 import service.models.repository
+import service.models.versions
 from benchmarks.servers import metric_total
 from seqmodels import artifacts
 from seqmodels.artifacts import LM_DIR, MANIFEST, WEIGHTS_FILE, ArtifactError
 from service.api.app import create_app
-from service.models.repository import ModelRepository, RepositoryError
+from service.models.repository import ModelRepository
+from service.models.versions import RepositoryError
 from service.settings import Settings
 from training.publish import main as train_publish
+
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
 
 CYRILLIC = re.compile(r"[\u0400-\u04ff]")
 LATIN = re.compile(r"[A-Za-z]")
@@ -298,7 +302,7 @@ def test_an_unloaded_version_goes_back_to_the_system(
     the C heap, without the caller collecting; a version drained by its last request, at the watcher's
     next tick. glibc keeps freed pages below its arenas' tops otherwise: RSS grew at every rollout."""
     trims: list[int] = []
-    monkeypatch.setattr(service.models.repository, "_malloc_trim", lambda: trims.append)
+    monkeypatch.setattr(service.models.versions, "_malloc_trim", lambda: trims.append)
     repo = repo_of(app)
     engine = weakref.ref(repo.serving("cyrillic").engine)  # type: ignore[union-attr]
     shutil.rmtree(repository / "cyrillic")
@@ -317,7 +321,7 @@ def test_an_unloaded_version_goes_back_to_the_system(
 
 
 def test_the_c_heap_can_be_trimmed_here() -> None:
-    assert service.models.repository.give_back_freed_memory()  # glibc, as in the image
+    assert service.models.versions.give_back_freed_memory()  # glibc, as in the image
 
 
 def test_a_version_refused_for_memory_loads_once_memory_frees_up(repository: Path) -> None:

@@ -7,6 +7,8 @@ import torch
 
 from service.engine.sampling import SamplingParams, choose, make_generators
 
+pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
+
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, float("-inf"), -3.0])  # index 5 can never be drawn
 
 

@@ -1,5 +1,5 @@
 """MkDocs hooks for the documentation site (mkdocs.yml): the configuration table is generated from the
-service's Settings, and the benchmark records in benchmarks/*.md become pages under records/, so that the
+service's Settings, and the benchmark records in benchmarks/results/*.md become pages under records/, so that the
 experiments page links them and `mkdocs build --strict` checks those links."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def settings_table() -> str:
 def records_index() -> str:
     """A line per benchmark record: its page, and the first line that says what it measured."""
     rows = ["| record | what it holds |", "|---|---|"]
-    for path in sorted((REPO / "benchmarks").glob("*.md")):
+    for path in sorted((REPO / "benchmarks" / "results").glob("*.md")):
         text = path.read_text(encoding="utf-8")
         first = next((line.strip("# ").strip() for line in text.splitlines() if line.strip()), "")
         first = re.sub(r"\s+", " ", first).replace("|", "\\|")
@@ -44,7 +44,7 @@ def records_index() -> str:
 
 
 def on_files(files: Files, config: Any) -> Files:
-    for path in sorted((REPO / "benchmarks").glob("*.md")):
+    for path in sorted((REPO / "benchmarks" / "results").glob("*.md")):
         files.append(File.generated(config, f"records/{path.name}", content=path.read_text(encoding="utf-8")))
     return files
 

@@ -12,15 +12,11 @@ from pydantic import BaseModel, ValidationError
 
 from service import lifecycle
 from service.api.errors import ApiError
-from service.engine.engine import SessionState
-from service.metrics import (
-    MODEL_REQUESTS,
-    SESSIONS_ISSUED,
-    SESSIONS_RESUMED,
-)
-from service.models.repository import ModelNotFound, ModelVersion
+from service.engine.types import SessionState
+from service.metrics import MODEL_REQUESTS, SESSIONS_ISSUED, SESSIONS_RESUMED
 from service.models.runtime import ModelRuntime
 from service.models.sessions import SessionError, principal_of
+from service.models.versions import ModelNotFound, ModelVersion
 from service.settings import Settings
 
 
@@ -96,7 +92,8 @@ def _session_on(handle: str, mv: ModelVersion, pinned: bool) -> tuple[ModelVersi
     candidates = [mv] if pinned else [mv, *(other for other in repository.versions(mv.name) if other is not mv)]
     for candidate in candidates:
         try:
-            state = candidate.extras["sessions"].open(handle, principal())
+            assert candidate.sessions is not None  # set when it loaded (ModelRuntime)
+            state = candidate.sessions.open(handle, principal())
         except SessionError as exc:
             if exc.code == "session_not_found":
                 continue
@@ -114,7 +111,8 @@ def seal_session(mv: ModelVersion, state: SessionState | None) -> str | None:
     if state is None:
         return None
     SESSIONS_ISSUED.labels(model=mv.id).inc()
-    sealed: str = mv.extras["sessions"].seal(state, principal())
+    assert mv.sessions is not None
+    sealed: str = mv.sessions.seal(state, principal())
     return sealed
 
 
@@ -142,11 +140,20 @@ def parse(model: type[BaseModel]) -> Any:
             "invalid_request_error",
             code="unsupported_media_type",
         )
+    return validated(model, request.get_data(cache=False))
+
+
+def validated(model: type[BaseModel], data: bytes | dict[str, Any], where: str = "") -> Any:
+    """`data` (JSON bytes, or an object already parsed) as `model`, checked against the app's caps; a failure
+    is a 400 naming the field (under `where`, for an object nested in the body)."""
     try:
-        return model.model_validate_json(request.get_data(cache=False), context={"settings": settings()})
+        context = {"settings": settings()}
+        if isinstance(data, bytes):
+            return model.model_validate_json(data, context=context)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
+        param = ".".join(str(part) for part in (*([where] if where else []), *first["loc"])) or None
         detail = first["msg"].removeprefix("Value error, ")
         message = detail if param is None else f"{param}: {detail}"
         if len(exc.errors()) > 1:

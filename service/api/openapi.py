@@ -25,9 +25,12 @@ def documented(
     request: type[BaseModel] | None = None,
     stream_chunk: type[BaseModel] | None = None,
     content_type: str = "application/json",
+    errors: dict[int, str] | None = None,
+    error_model: type[BaseModel] = ErrorResponse,
 ) -> Callable[[F], F]:
-    """Attach the OpenAPI facts of a view: its request and response models, and the model of each
-    server-sent event's data when it can stream."""
+    """Attach the OpenAPI facts of a view: its request and response models, the model of each
+    server-sent event's data when it can stream, and the errors it answers (status -> when), in
+    `error_model`'s shape (a request body adds 400, 413 and 415 by itself)."""
 
     def attach(view: F) -> F:
         view.openapi = {  # type: ignore[attr-defined]
@@ -36,16 +39,18 @@ def documented(
             "response": response,
             "stream_chunk": stream_chunk,
             "content_type": content_type,
+            "errors": errors or {},
+            "error_model": error_model,
         }
         return view
 
     return attach
 
 
-def _error(description: str) -> dict[str, Any]:
+def _error(description: str, model: type[BaseModel] = ErrorResponse) -> dict[str, Any]:
     return {
         "description": description,
-        "content": {"application/json": {"schema": {"$ref": REF.format(model="ErrorResponse")}}},
+        "content": {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}},
     }
 
 
@@ -96,6 +101,7 @@ def build_spec(app: Flask, settings: Settings) -> dict[str, Any]:
             raise RuntimeError(f"route {url_rule.rule} has no @documented declaration")
         for method in sorted((url_rule.methods or set()) - {"HEAD", "OPTIONS"}):
             operations.append((url_rule.rule, method.lower(), facts))
+            models.append((facts["error_model"], "serialization"))
             if facts["request"] is not None:
                 models.append((facts["request"], "validation"))
             for produced in (facts["response"], facts["stream_chunk"]):
@@ -121,30 +127,25 @@ def build_spec(app: Flask, settings: Settings) -> dict[str, Any]:
         }
         if parameters:
             operation["parameters"] = parameters
+        error_model = facts["error_model"]
         if facts["request"] is not None:
             operation["requestBody"] = {
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": REF.format(model=facts["request"].__name__)}}},
             }
-            responses["400"] = _error("invalid JSON, or a field that is missing, unknown, mistyped or out of range")
-            responses["413"] = _error(f"body larger than {settings.max_body_bytes} bytes")
-            responses["415"] = _error("Content-Type is not application/json")
-        if path.startswith("/v1/"):
-            responses["401"] = _error("API_KEYS is set and the bearer key is missing or wrong")
-            responses["503"] = _error("models not loaded")
+            responses["400"] = _error(
+                "invalid JSON, or a field that is missing, unknown, mistyped or out of range", error_model
+            )
+            responses["413"] = _error(f"body larger than {settings.max_body_bytes} bytes", error_model)
+            responses["415"] = _error("Content-Type is not application/json", error_model)
+        if path.startswith("/v1/") or (path.startswith("/v2") and not path.startswith("/v2/health/")):
+            responses["401"] = _error("API_KEYS is set and the bearer key is missing or wrong", error_model)
+            responses["503"] = _error("models not loaded, or the server is shutting down", error_model)
         request_fields = facts["request"].model_fields if facts["request"] is not None else {}
         if "model" in request_fields:
-            responses["404"] = _error("unknown model or version (code model_not_found)")
-        if path == "/v1/generate":
-            responses["404"] = _error(
-                "unknown model or version (model_not_found), or an unknown, altered or expired session, or one "
-                "made with another API key or model version"
-            )
-        if path == "/readyz":
-            responses["503"] = {
-                "description": "models not loaded",
-                "content": {"application/json": {"schema": {"type": "object"}}},
-            }
+            responses["404"] = _error("unknown model or version (code model_not_found)", error_model)
+        for status, description in facts["errors"].items():
+            responses[str(status)] = _error(description, error_model)
         operation["responses"] = responses
         paths.setdefault(path, {})[method] = operation
 

@@ -200,11 +200,15 @@ class Engine:
     def prompt_ids(self, text: str) -> list[int]:
         return [self.vocab.bos_id, *self.vocab.encode(text)]
 
-    def next_token(self, text: str, top_k: int) -> NextToken:
+    def next_token_logits(self, text: str) -> torch.Tensor:
+        """The logits (V,) of the character after `text`, computed with every other request's prompts."""
         results = self.run(Job(self.prompt_ids(text)))
-        logits = next(results)
+        logits: torch.Tensor = next(results)
         results.close()
-        return ranked(logits, top_k, self.vocab.chars)
+        return logits
+
+    def next_token(self, text: str, top_k: int) -> NextToken:
+        return ranked(self.next_token_logits(text), top_k, self.vocab.chars)
 
     def score(
         self,

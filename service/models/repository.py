@@ -19,27 +19,15 @@ own: when it starts, every REPOSITORY_POLL_SECONDS, and when the master gets SIG
 
 from __future__ import annotations
 
-import calendar
-import contextlib
-import ctypes
-import ctypes.util
-import functools
-import gc
 import logging
 import math
-import mmap
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from seqmodels.artifacts import (
-    CLASSIFIER_DIR,
-    LM_DIR,
     MODEL_NAME,
     WEIGHTS_FILE,
     ArtifactError,
@@ -56,113 +44,23 @@ from service.metrics import (
     MODEL_VERSIONS_REFUSED,
     PREFIX_CACHE_SHARED_BYTES,
 )
+from service.models.versions import (
+    VERSION_SEPARATOR,
+    Fingerprint,
+    ModelNotFound,
+    ModelVersion,
+    Refusal,
+    SighupCounter,
+    fingerprint,
+    give_back_freed_memory,
+    parse_model,
+)
 from service.settings import Settings
 
 log = logging.getLogger("service.models.repository")
 
 SINGLE_MODEL = "char-lstm"  # the name of the model in ARTIFACTS_DIR when there is no repository
-VERSION_SEPARATOR = "@"  # NAME@VERSION pins a version
 WATCH_TICK_SECONDS = 0.2  # how often a worker's watcher looks for a SIGHUP
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None  # type: ignore[no-any-return]
-    except (OSError, AttributeError):
-        return None
-
-
-def give_back_freed_memory() -> bool:
-    """Free an unloaded version's objects now and hand the pages they held back to the system.
-
-    An engine and its scheduler refer to each other, so only the cycle collector frees them; and glibc
-    keeps freed heap pages below the top of its arenas mapped, so without malloc_trim a worker's RSS would
-    grow by part of a version at every rollout. Whether the pages could be handed back."""
-    gc.collect()
-    trim = _malloc_trim()
-    return trim is not None and trim(0) == 1
-
-
-Fingerprint = tuple[tuple[str, int, int], ...]  # (path, size, mtime) of every file in a version folder
-
-
-class ModelNotFound(Exception):
-    """A `model` that names no loaded model or version."""
-
-
-class RepositoryError(Exception):
-    """A repository that cannot serve at all (start-up): no loadable model, or an unknown DEFAULT_MODEL."""
-
-
-def fingerprint(folder: Path) -> Fingerprint:
-    """What changes when a folder's files are written, renamed in or removed: sizes and modification times."""
-    entries = []
-    for dirpath, _, filenames in os.walk(folder):
-        for filename in filenames:
-            path = Path(dirpath, filename)
-            with contextlib.suppress(OSError):  # removed while we looked: the fingerprint changes anyway
-                stat = path.stat()
-                entries.append((path.relative_to(folder).as_posix(), stat.st_size, stat.st_mtime_ns))
-    return tuple(sorted(entries))
-
-
-@dataclass(eq=False)
-class ModelVersion:
-    """One loaded version: its engine, and the requests using it (`leases`)."""
-
-    name: str
-    version: int
-    path: Path
-    engine: Engine
-    fingerprint: Fingerprint
-    memory_bytes: int
-    load_seconds: float
-    extras: dict[str, Any]  # per-version objects the app keeps beside the engine (its session codec)
-    leases: int = 0
-    retired: bool = False
-
-    @property
-    def id(self) -> str:
-        return f"{self.name}{VERSION_SEPARATOR}{self.version}"
-
-    @property
-    def digest(self) -> str:
-        return self.engine.models.digest
-
-
-@dataclass
-class Refusal:
-    fingerprint: Fingerprint
-    reason: str  # "unverified" (missing, truncated, tampered, another format) or "memory"
-    message: str
-    memory_in_use: int  # bytes loaded when it was refused: a memory refusal is retried below that
-
-
-def parse_model(value: str) -> tuple[str, int | None]:
-    """`NAME` or `NAME@VERSION` -> (name, version or None); ModelNotFound for anything else."""
-    name, sep, version = value.partition(VERSION_SEPARATOR)
-    if sep and not (version.isascii() and version.isdigit() and int(version) > 0):
-        raise ModelNotFound(f"`{value}`: a version is a positive integer, as in `{name}{VERSION_SEPARATOR}2`")
-    return name, int(version) if sep else None
-
-
-class SighupCounter:
-    """A counter in memory shared by the gunicorn master and its forked workers: the master's SIGHUP
-    handler adds one, and each worker's watcher syncs when it sees a new value. Async-signal-safe: a
-    store into shared memory, no lock."""
-
-    def __init__(self) -> None:
-        self._cell = mmap.mmap(-1, 8)  # anonymous and shared: forked workers see the master's writes
-
-    @property
-    def value(self) -> int:
-        return int(struct.unpack_from("<Q", self._cell)[0])
-
-    def bump(self) -> None:
-        struct.pack_into("<Q", self._cell, 0, self.value + 1)
 
 
 class ModelRepository:
@@ -173,7 +71,7 @@ class ModelRepository:
         on_loaded: Callable[[ModelVersion], None] | None = None,
     ) -> None:
         """`build_engine(models, id)` makes the engine of a loaded version (its id names it in metrics);
-        `on_loaded(version)` fills in the version's extras before it can serve."""
+        `on_loaded(version)` gives the version its session codec and precision before it can serve."""
         self.settings = settings
         self.build_engine = build_engine
         self.on_loaded = on_loaded
@@ -341,7 +239,15 @@ class ModelRepository:
             return self._refuse(path, before, "unverified", f"{model_id}: {exc}")
         except Exception as exc:  # an unreadable file, a config too large to build: refused, never fatal
             return self._refuse(path, before, "unverified", f"{model_id}: {type(exc).__name__}: {exc}")
-        mv = ModelVersion(name, version, path, engine, before, engine.memory_bytes(), time.perf_counter() - started, {})
+        mv = ModelVersion(
+            name=name,
+            version=version,
+            path=path,
+            engine=engine,
+            fingerprint=before,
+            memory_bytes=engine.memory_bytes(),
+            load_seconds=time.perf_counter() - started,
+        )
         if committed + mv.memory_bytes > budget:
             engine.close()
             message = f"{model_id}: {self._over_budget(committed, mv.memory_bytes)}"
@@ -538,83 +444,9 @@ class ModelRepository:
 
     # ------------------------------------------------------------------ metadata
 
-    def describe(self) -> list[dict[str, Any]]:
-        """OpenAI-style model entries: one per model (the serving version) and one per loaded version."""
-        default = self.default_name()
-        entries = []
-        for name in sorted(self._models):
-            versions = self.versions(name)
-            if not versions:
-                continue
-            cards = [describe_version(mv, i == 0, default=name == default and i == 0) for i, mv in enumerate(versions)]
-            entries.append(cards[0] | {"id": name, "versions": [mv.version for mv in versions]})  # the serving one
-            entries += cards
-        return entries
-
 
 def _set_gauges(mv: ModelVersion) -> None:
     MODEL_MEMORY_BYTES.labels(model=mv.id).set(mv.memory_bytes)
     MODEL_LOAD_SECONDS.labels(model=mv.id).set(mv.load_seconds)
     shared = mv.engine.prefix_cache.shared if mv.engine.prefix_cache is not None else None
     PREFIX_CACHE_SHARED_BYTES.labels(model=mv.id).set(0 if shared is None else shared.nbytes)
-
-
-def describe_version(mv: ModelVersion, serving: bool, default: bool) -> dict[str, Any]:
-    """One version's entry in /v1/models: its networks, hashes, held-out metrics and memory."""
-    models = mv.engine.models
-    manifest = models.manifest
-    shared = mv.engine.prefix_cache.shared if mv.engine.prefix_cache is not None else None
-    try:
-        stamp = time.strptime(str(manifest.get("created")), "%Y-%m-%dT%H:%M:%SZ")
-    except ValueError:  # a manifest without a readable stamp still lists
-        stamp = time.gmtime(0)
-    metrics = manifest.get("metrics", {})
-    lm_metrics = metrics.get("lm", {})
-    clf_metrics = metrics.get("classifier") or {}
-    lm_card = {
-        "kind": "char-lstm-lm",
-        "vocab_size": models.vocab.size,
-        "parameters": models.lm.num_parameters(),
-        "architecture": vars(models.lm.config),
-        "metrics": {k: lm_metrics.get(k) for k in ("test_bpc", "val_bpc")}
-        | {
-            "ppmd_test_bpc": lm_metrics.get("ppmd", {}).get("bpc"),
-            "adaptive_test_bpc": lm_metrics.get("adaptive", {}).get("test_bpc"),
-        },
-        "adaptation": vars(models.adapt),
-        "artifact_sha256": manifest["files"][f"{LM_DIR}/{WEIGHTS_FILE}"],
-    }
-    classifier_card = None
-    if models.classifier is not None:
-        cv = clf_metrics.get("cross_validation")
-        classifier_card = {
-            "kind": "mlp-classifier",
-            "labels": models.labels,
-            "parameters": models.classifier.num_parameters(),
-            "metrics": {k: clf_metrics.get(k) for k in ("mlp", "tfidf_logreg", "majority") if k in clf_metrics}
-            | (
-                {"cross_validated_macro_f1": {m: f["macro_f1"]["mean"] for m, f in cv["summary"].items()}}
-                if cv is not None
-                else {}
-            ),
-            "artifact_sha256": manifest["files"][f"{CLASSIFIER_DIR}/{WEIGHTS_FILE}"],
-        }
-    return {
-        "id": mv.id,
-        "object": "model",
-        "created": calendar.timegm(stamp),  # the stamp is UTC; time.mktime would read it as local time
-        "owned_by": "local",
-        "root": mv.name,
-        "version": mv.version,
-        "serving": serving,
-        "default": default,
-        "lm": lm_card,
-        "classifier": classifier_card,
-        "corpus": manifest.get("corpus", {}).get("description"),
-        "speakers": [name for name, _ in manifest.get("corpus", {}).get("speakers", [])] or None,
-        "manifest_sha256": mv.digest,
-        "precision": mv.extras.get("precision"),
-        "memory_bytes": mv.memory_bytes,
-        "shared_cache_bytes": 0 if shared is None else shared.nbytes,
-        "load_seconds": round(mv.load_seconds, 3),
-    }

@@ -23,8 +23,9 @@ from service.metrics import (
     cache_lookup_recorder,
     decode_step_recorder,
 )
-from service.models.repository import ModelRepository, ModelVersion, RepositoryError
+from service.models.repository import ModelRepository
 from service.models.sessions import SessionCodec
+from service.models.versions import ModelVersion, RepositoryError
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -84,7 +85,7 @@ class ModelRuntime:
         """Session handles are signed with the version's id and manifest hash: another version finds nothing,
         even one with the same files."""
         config = mv.engine.lm.config
-        mv.extras["sessions"] = SessionCodec(
+        mv.sessions = SessionCodec(
             self.session_key,
             self.settings.session_ttl_seconds,
             f"{mv.id}\0{mv.digest}",
@@ -92,7 +93,7 @@ class ModelRuntime:
             config.hidden_size,
             mv.engine.vocab.size,
         )
-        mv.extras["precision"] = {"dtype": self.precision, "chosen": self.precision_reason}
+        mv.precision = {"dtype": self.precision, "chosen": self.precision_reason}
 
     def init_app(self, app: Any) -> None:
         """Register with a Flask app (as a Flask extension does); the views find it with `runtime()`."""

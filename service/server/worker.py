@@ -28,7 +28,7 @@ from service.settings import Settings
 # queue is bounded; beyond it the loop answers 503 and closes. A probe answers in about a millisecond and a
 # refused one is a failed probe, so its bound is far above what the kubelet sends yet keeps the longest wait
 # well within a probe's 1 s timeout; scrapers come every few seconds and retry.
-HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 PROBE_THREADS = {"health": 2, "metrics": 1}
 PROBE_MAX_WAITING = {"health": 256, "metrics": 8}
 # accept() failing for want of descriptors or memory: the loop stops accepting this long, then tries again
@@ -38,42 +38,11 @@ ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, e
 
 
 class GracefulThreadWorker(LoopReadingWorker):
-    """gthread, with four changes.
-
-    Requests are read and parsed whole in the event loop. Stock gthread hands a connection to a request
-    thread as soon as its first byte arrives, and the thread then blocks reading the rest: a few dozen
-    clients that send headers and trickle a body held every thread, probes included. Here the loop feeds
-    each request's bytes to h11 as they arrive (service/server/request_framing.py), with a total deadline for the head
-    and another for the body (408, then close); only a parsed request with its complete body reaches a
-    thread, which never reads the socket. A slow client costs a socket and its buffer, and the bodies
-    being read share a budget per worker (MAX_BUFFERED_BYTES). Every answer the loop gives itself (400,
-    408, 413, 414, 417, 431, 503, ...) closes the connection, so nothing of a refused request is ever read
-    as the next one.
-
-    Overload is answered at once. A complete model request that finds every request thread busy waits
-    in the loop's queue, which costs no thread, if the wait it can expect (the requests ahead of it over
-    the rate the worker has been answering at) is within QUEUE_WAIT_SECONDS and its own `timeout`;
-    otherwise it gets 503 with a Retry-After from that estimate at once. Interactive requests are served
-    before batch ones; one still queued at its timeout gets 504 from the loop, without computing.
-    /healthz and /readyz run on threads of their own, /metrics on another, each with a short queue, so
-    a probe never waits behind model work or a flood of scrapes. A response write (a piece of a stream,
-    or a whole answer) not sent within WRITE_TIMEOUT_SECONDS (a client that stopped reading) closes the
-    connection, which frees the thread and cancels the generation. Connections are closed without
-    blocking the loop (gthread's graceful close waited up to 2 s in it for each client that did not close
-    its end).
-
-    On SIGTERM the stock worker stops polling its listening sockets but keeps them open until its
-    in-flight requests finish, so the kernel goes on queueing new connections that nobody will answer:
-    clients hang for up to the graceful timeout and are then reset. Closing the listeners as soon as the
-    worker stops accepting makes new connections fail at once (the master has already closed its copy),
-    which lets a client or load balancer retry elsewhere while streams in progress run to their end.
-
-    The workers share one listening socket, and whichever wakes first accepts: a burst of new
-    connections often all went to one worker (all 8 of a client's keep-alive connections, in 4 of
-    12 tries), which then did all the work of that client while the other core idled. Here a worker
-    publishes its open connections in shared memory and leaves new ones to a live peer that has
-    fewer, so that the kernel's queue is served by the least busy worker.
-    """
+    """gthread, with four changes (docs/architecture.md, "The worker", says why each): requests are read
+    whole in the event loop (LoopReadingWorker); a model request that finds every thread busy waits in the
+    loop's queue, which costs no thread, or gets 503 at once by its expected wait (AdmissionQueue), and
+    probes have threads of their own; on SIGTERM the listeners close at once; and new connections go to
+    the worker with the fewest (connection_balancing)."""
 
     connection_slot: int | None = None
     accept_paused_until = 0.0  # accept() failed for want of resources: not accepting until then
@@ -81,7 +50,7 @@ class GracefulThreadWorker(LoopReadingWorker):
 
     def init_process(self) -> None:
         connection_balancing.set_pid(self.connection_slot, os.getpid())
-        settings = Settings()
+        settings: Settings = self.app.wsgi().extensions["models"].settings  # the app's, read once
         self.limits = Limits(
             max_header_bytes=settings.max_header_bytes,
             max_request_line=self.cfg.limit_request_line or 8190,  # gunicorn's meaning of 0: its maximum

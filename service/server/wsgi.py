@@ -11,7 +11,7 @@ import sys
 
 from seqmodels.artifacts import ArtifactError
 from service.api.app import create_app
-from service.models.repository import RepositoryError
+from service.models.versions import RepositoryError
 
 try:
     application = create_app()

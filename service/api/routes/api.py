@@ -10,6 +10,7 @@ from flask import Blueprint, Response
 
 from service.api.context import open_session, parse, request_deadline, respond, runtime, seal_session, use_model
 from service.api.errors import ApiError
+from service.api.model_cards import model_entries
 from service.api.openapi import documented
 from service.api.schemas.common import ModelList, Usage
 from service.api.schemas.native import (
@@ -25,10 +26,9 @@ from service.api.schemas.native import (
 )
 from service.api.sse import sse_response
 from service.engine.engine import AdaptationUnavailable, ClassifierUnavailable
-from service.engine.sampling import SamplingParams
 from service.engine.types import GenerationRequest
 from service.metrics import CHARS_SCORED, CLASSIFIED
-from service.models.repository import ModelVersion, parse_model
+from service.models.versions import ModelVersion, parse_model
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
@@ -39,7 +39,7 @@ bp = Blueprint("api", __name__, url_prefix="/v1")
     ModelList,
 )
 def list_models() -> Response:
-    return respond(ModelList.model_validate({"data": runtime().repository.describe()}), exclude_none=False)
+    return respond(ModelList.model_validate({"data": model_entries(runtime().repository)}), exclude_none=False)
 
 
 @bp.post("/next-token")
@@ -57,27 +57,20 @@ def next_token() -> Response:
     GenerateResponse,
     GenerateRequest,
     stream_chunk=GenerateChunk,
+    errors={
+        404: "unknown model or version (model_not_found), or an unknown, altered or expired session, or one "
+        "made with another API key or model version"
+    },
 )
 def generate() -> Response:
     req = parse(GenerateRequest)
-    params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p)
     deadline = request_deadline(req.timeout)
     mv = use_model(req.model)
     session = None
     if req.session is not None:
         pinned = req.model is not None and parse_model(req.model)[1] is not None
         mv, session = open_session(req.session, mv, pinned)
-    gen = GenerationRequest(
-        req.prompt,
-        req.max_tokens,
-        params,
-        req.seed,
-        req.stop_list(),
-        req.n,
-        deadline=deadline,
-        session=session,
-        keep_session=req.return_session,
-    )
+    gen = req.generation_request(deadline, session)
     if req.stream:
         return sse_response(generate_chunks(mv, gen))
     result = mv.engine.generate(gen)

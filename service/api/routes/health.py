@@ -6,7 +6,7 @@ from flask import Blueprint, Response, jsonify
 
 from service.api.context import runtime
 from service.api.openapi import documented
-from service.api.schemas.common import HealthResponse, ReadyResponse
+from service.api.schemas.common import HealthResponse, NotReadyResponse, ReadyResponse
 from service.metrics import render
 
 bp = Blueprint("health", __name__)
@@ -28,7 +28,12 @@ def metrics() -> Response:
 
 
 @bp.get("/readyz")
-@documented("Readiness: 200 while a model is loaded (rollouts included), 503 otherwise", ReadyResponse)
+@documented(
+    "Readiness: 200 while a model is loaded (rollouts included), 503 otherwise",
+    ReadyResponse,
+    errors={503: "models not loaded"},
+    error_model=NotReadyResponse,
+)
 def readyz() -> tuple[Response, int]:
     repository = runtime().repository
     default = repository.serving(repository.default_name() or "")

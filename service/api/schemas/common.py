@@ -43,10 +43,14 @@ MODEL_DOC = (
 ModelField = Annotated[str | None, Field(None, min_length=1, max_length=128, description=MODEL_DOC)]
 
 
+DEFAULT_CAPS = Settings.model_construct()  # the caps' defaults, not the environment: for validation outside the app
+
+
 def settings_of(info: ValidationInfo) -> Settings:
+    """The app's settings, which the app passes as validation context; the defaults without one."""
     context = info.context or {}
     settings = context.get("settings")
-    return settings if isinstance(settings, Settings) else Settings()
+    return settings if isinstance(settings, Settings) else DEFAULT_CAPS
 
 
 def check_text(text: str, info: ValidationInfo) -> str:
@@ -151,6 +155,10 @@ class ReadyResponse(BaseModel):
     status: Literal["ready"]
     manifest_sha256: str = Field(description="the default model's serving version's manifest hash")
     models: dict[str, int] = Field(description="each model's serving version in this worker")
+
+
+class NotReadyResponse(BaseModel):
+    status: Literal["loading"]
 
 
 class ErrorBody(BaseModel):

@@ -21,7 +21,8 @@ from service.api.schemas.common import (
     settings_of,
     stop_list,
 )
-from service.engine.types import FinishReason
+from service.engine.sampling import SamplingParams
+from service.engine.types import FinishReason, GenerationRequest, SessionState
 
 # --------------------------------------------------------------------------- next-token
 
@@ -115,6 +116,20 @@ class GenerateRequest(RequestModel):
 
     def stop_list(self) -> list[str]:
         return stop_list(self.stop)
+
+    def generation_request(self, deadline: float, session: SessionState | None = None) -> GenerationRequest:
+        """What the engine is asked: this request's sampling, stops and choices, ending by `deadline`."""
+        return GenerationRequest(
+            self.prompt,
+            self.max_tokens,
+            SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p),
+            self.seed,
+            self.stop_list(),
+            self.n,
+            deadline=deadline,
+            session=session,
+            keep_session=self.return_session,
+        )
 
 
 SESSION_DOC = "with return_session: a handle to continue this choice from where it stopped (see `session`)"
