@@ -153,11 +153,16 @@ def test_the_wait_estimate_follows_the_measured_rate() -> None:
 
 
 def test_priority_and_timeout_are_read_from_the_body_and_anything_odd_is_ignored() -> None:
-    def options(body: bytes) -> tuple[int, float | None]:
-        request = SimpleNamespace(body=io.BytesIO(body))
+    def options(body: bytes, path: str = "/v1/generate") -> tuple[int, float | None]:
+        request = SimpleNamespace(body=io.BytesIO(body), path=path)
         return request_options(request)  # type: ignore[arg-type]
 
     assert options(b'{"text": "a"}') == (0, None)
     assert options(b'{"text": "a", "priority": "batch", "timeout": 2}') == (1, 2.0)
     for odd in (b'{"priority": {}, "timeout": []}', b'{"timeout": true}', b"[1]", b"not json", b'{"timeout": -1}'):
         assert options(odd) == (0, None), odd
+    # The Open Inference Protocol's parameters: Triton's priority (2 and above: batch), timeout in microseconds.
+    infer = "/v2/models/m/infer"
+    assert options(b'{"inputs": [], "parameters": {"priority": 2, "timeout": 250000}}', infer) == (1, 0.25)
+    assert options(b'{"inputs": [], "parameters": {"priority": 1}}', infer) == (0, None)
+    assert options(b'{"inputs": [], "parameters": {"priority": true, "timeout": 1.5}}', infer) == (0, None)

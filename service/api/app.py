@@ -16,8 +16,9 @@ from service import lifecycle
 from service.api import observability
 from service.api.context import hand_leases_to_stream, release_models, settings
 from service.api.errors import ApiError
+from service.api.inference_protocol import is_protocol_path
 from service.api.observability import configure_logging
-from service.api.routes import api, chat, completions, docs, health, playground
+from service.api.routes import api, chat, completions, docs, health, inference_protocol, playground
 from service.api.schemas.common import ErrorResponse
 from service.models.runtime import ModelRuntime
 from service.settings import Settings
@@ -29,10 +30,15 @@ DRAIN_MAX_BYTES = 64 << 20
 DRAIN_SECONDS = 10.0
 
 
+def _needs_key(path: str) -> bool:
+    """The model routes: /v1/*, and /v2 but for its health probes (which Kubernetes and KServe call bare)."""
+    return path.startswith("/v1/") or (is_protocol_path(path) and not path.startswith("/v2/health/"))
+
+
 def _require_api_key() -> None:
-    """With API_KEYS set, every /v1 route needs `Authorization: Bearer <key>`; probes stay open."""
+    """With API_KEYS set, every model route needs `Authorization: Bearer <key>`; probes stay open."""
     keys = settings().api_key_list()
-    if not keys or not request.path.startswith("/v1/"):
+    if not keys or not _needs_key(request.path):
         return
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     presented = token.strip().encode()
@@ -49,7 +55,11 @@ def _require_api_key() -> None:
 
 
 def _error_response(error: ApiError) -> Response:
-    response = jsonify(ErrorResponse.of(error.message, error.type, error.param, error.code))
+    """OpenAI's error envelope, or on /v2 the Open Inference Protocol's `{"error": message}`."""
+    if is_protocol_path(request.path):
+        response = jsonify({"error": error.message})
+    else:
+        response = jsonify(ErrorResponse.of(error.message, error.type, error.param, error.code))
     response.status_code = error.status
     return response
 
@@ -66,7 +76,7 @@ def _http_error(exc: HTTPException) -> Response:
 def _refuse_when_draining() -> None:
     """A model request that starts after the drain deadline (SIGTERM, see service.lifecycle) could not finish
     before the worker is stopped: 503, so that the client retries on another replica."""
-    if request.path.startswith("/v1/") and lifecycle.draining(time.monotonic()):
+    if _needs_key(request.path) and lifecycle.draining(time.monotonic()):
         raise ApiError(503, "the server is shutting down; retry", "service_unavailable", code="shutting_down")
 
 
@@ -140,6 +150,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
 
-    for blueprint in (health.bp, api.bp, completions.bp, chat.bp, docs.bp, playground.bp):
+    blueprints = (health.bp, api.bp, completions.bp, chat.bp, inference_protocol.bp, docs.bp, playground.bp)
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     return app

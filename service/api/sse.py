@@ -15,15 +15,17 @@ from service.metrics import GENERATIONS_CANCELLED
 log = logging.getLogger("service.api.sse")
 
 
-def sse_response(chunks: Iterator[dict[str, Any]]) -> Response:
-    """Stream `chunks` as SSE. If the client goes away, the WSGI server closes this iterator at
-    its next write; closing `chunks` in turn stops the generation before another step runs."""
+def sse_response(chunks: Iterator[dict[str, Any]], done_marker: bool = True) -> Response:
+    """Stream `chunks` as SSE, then `data: [DONE]` (OpenAI's end marker; `done_marker=False` for protocols
+    whose events are all JSON). If the client goes away, the WSGI server closes this iterator at its next
+    write; closing `chunks` in turn stops the generation before another step runs."""
 
     def events() -> Iterator[str]:
         try:
             for chunk in chunks:
                 yield f"data: {json.dumps(chunk, ensure_ascii=False, allow_nan=False)}\n\n"
-            yield "data: [DONE]\n\n"
+            if done_marker:
+                yield "data: [DONE]\n\n"
         except GeneratorExit:
             GENERATIONS_CANCELLED.inc()
             raise

@@ -80,11 +80,26 @@ def request_options(request: WSGIRequest) -> tuple[int, float | None]:
         return PRIORITIES["interactive"], None
     if not isinstance(fields, dict):
         return PRIORITIES["interactive"], None
+    parameters = fields.get("parameters")
+    if request.path.startswith("/v2/") and isinstance(parameters, dict):
+        return _protocol_options(parameters)
     priority = fields.get("priority")
     rank = PRIORITIES.get(priority, PRIORITIES["interactive"]) if isinstance(priority, str) else 0
     timeout = fields.get("timeout")
     if isinstance(timeout, int | float) and not isinstance(timeout, bool) and 0 < timeout <= 3600:
         return rank, float(timeout)
+    return rank, None
+
+
+def _protocol_options(parameters: dict[str, object]) -> tuple[int, float | None]:
+    """Triton's `priority` (1 the highest, 0 the default; 2 and above count as batch) and `timeout`, in
+    microseconds, from an Open Inference Protocol request's parameters."""
+    priority = parameters.get("priority")
+    batch = isinstance(priority, int) and not isinstance(priority, bool) and priority > 1
+    rank = PRIORITIES["batch" if batch else "interactive"]
+    timeout = parameters.get("timeout")
+    if isinstance(timeout, int) and not isinstance(timeout, bool) and 0 < timeout <= 3600 * 10**6:
+        return rank, timeout / 1e6
     return rank, None
 
 
