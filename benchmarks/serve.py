@@ -149,7 +149,7 @@ def in_process(seconds: float) -> dict[str, Any]:
     def engine_rows(rows: int) -> float:
         batch = DecodeBatch(engine.kernel, vocab.chars)
         req = GenerationRequest("ROMEO.", 10**9, SamplingParams(temperature=0.8), seed=1, n=rows)
-        batch.admit([Job(engine.prompt_ids("ROMEO."), req)])
+        batch.admit([Job.generation(engine.prompt_ids("ROMEO."), req)])
 
         def run() -> None:
             for _ in range(steps):

@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from service.engine.engine import Engine, EngineOptions, Generation
-from service.engine.jobs import Job
+from service.engine.jobs import Job, Logits
 from service.engine.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
 from service.engine.sampling import SamplingParams
 from service.engine.scoring import TextScore
@@ -252,10 +252,12 @@ def test_a_long_prompt_is_encoded_between_the_steps_of_running_streams(models: L
     next(running)
     assert engine.scheduler is not None
     long_prompt = (SHARED * 2)[:1000]
-    job = Job(engine.prompt_ids(long_prompt))
+    job = Job.next_token(engine.prompt_ids(long_prompt))
     before = len(steps_at_prefill)  # the running stream's prompt was encoded before its first character
     results = engine.scheduler.results(job)
-    logits = next(results)
+    answer = next(results)
+    assert isinstance(answer, Logits)
+    logits = answer.values
     encoded_at = set(steps_at_prefill[before:])  # on_prefill runs before the prompt's logits are handed out
     results.close()
     running.close()

@@ -10,12 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from service import lifecycle
-from service.engine.jobs import FINISHED, Job, fail_jobs, release_results
+from service.engine.jobs import FINISHED, Job, Logits, fail_jobs, release_results
 from service.engine.lstm_kernels import FusedStep
 from service.engine.prefix_cache import CachedState, PrefixCache, PrefixKeys
 from service.engine.prompt_encoder import Encoding, PromptEncoder
@@ -154,7 +153,7 @@ class DecodeBatch:
         for e in encoded:
             job, req, state = e.job, e.job.request, e.encoded()
             if req is None:
-                job.results.put(state.logits.clone())
+                job.results.put(Logits(state.logits.clone()))
                 job.results.put(FINISHED)
                 continue
             for index, generator in enumerate(make_generators(req.seed, req.n)):
@@ -253,7 +252,7 @@ class DecodeBatch:
         self._keep([])
 
 
-def run_alone(batch: DecodeBatch, job: Job) -> Generator[Any, None, None]:
+def run_alone(batch: DecodeBatch, job: Job) -> Generator[Delta | Logits, None, None]:
     """Serve one job on the calling thread with a batch of its own (batching off); yields its results
     until FINISHED."""
     try:

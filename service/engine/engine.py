@@ -11,14 +11,13 @@ import threading
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from seqmodels.networks import LN2
 from service.engine.decode_batch import DecodeBatch, run_alone
-from service.engine.jobs import Job, merge_deltas
+from service.engine.jobs import Job, Logits, merge_deltas
 from service.engine.lstm_kernels import FusedStep, off_the_scheduler
 from service.engine.prefix_cache import PrefixCache
 from service.engine.scheduler import Scheduler
@@ -173,7 +172,7 @@ class Engine:
             self.options.prefill_chunk,
         )
 
-    def run(self, job: Job) -> Generator[Any, None, None]:
+    def run(self, job: Job) -> Generator[Delta | Logits, None, None]:
         """The job's results, from the shared scheduler or computed alone; closing this cancels the job."""
         if self.scheduler is not None:
             return self.scheduler.results(job)
@@ -202,10 +201,11 @@ class Engine:
 
     def next_token_logits(self, text: str) -> torch.Tensor:
         """The logits (V,) of the character after `text`, computed with every other request's prompts."""
-        results = self.run(Job(self.prompt_ids(text)))
-        logits: torch.Tensor = next(results)
+        results = self.run(Job.next_token(self.prompt_ids(text)))
+        answer = next(results)
         results.close()
-        return logits
+        assert isinstance(answer, Logits)
+        return answer.values
 
     def next_token(self, text: str, top_k: int) -> NextToken:
         return ranked(self.next_token_logits(text), top_k, self.vocab.chars)
@@ -254,12 +254,14 @@ class Engine:
         before the next step.
         """
         if req.session is None:
-            job = Job(self.prompt_ids(req.prompt), req)
+            job = Job.generation(self.prompt_ids(req.prompt), req)
         else:  # the session's last character has not been read yet: it comes first
-            job = Job([req.session.next_id, *self.vocab.encode(req.prompt)], req)
+            job = Job.generation([req.session.next_id, *self.vocab.encode(req.prompt)], req)
         results = self.run(job)
         try:
-            yield from results
+            for item in results:
+                assert isinstance(item, Delta)  # a generation job's results are deltas
+                yield item
         finally:
             results.close()
 

@@ -11,12 +11,11 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
 
 import torch
 
 from service.engine.decode_batch import DecodeBatch
-from service.engine.jobs import Job, fail_jobs, release_results
+from service.engine.jobs import Job, Logits, Result, fail_jobs, release_results
 from service.engine.types import Delta
 
 log = logging.getLogger(__name__)
@@ -125,7 +124,7 @@ class Scheduler:
     # a generation at the next step, so a longer silence means its scheduler can no longer answer.
     READER_GRACE_SECONDS = 10.0
 
-    def _next(self, job: Job) -> Any:
+    def _next(self, job: Job) -> Result:
         """The job's next result; raises if the thread that holds it is gone, or (nothing would ever come)
         when there is no thread to take it, or once its deadline is long past."""
         while True:
@@ -145,7 +144,7 @@ class Scheduler:
                 ):
                     raise RuntimeError("the decode scheduler did not answer by the request's deadline") from None
 
-    def results(self, job: Job) -> Generator[Any, None, None]:
+    def results(self, job: Job) -> Generator[Delta | Logits, None, None]:
         """Submit `job` and yield its results; closing the iterator cancels it.
 
         Deltas that are waiting when the consumer comes back for more are merged per choice.
