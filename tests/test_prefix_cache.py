@@ -40,7 +40,9 @@ def plain(models: LoadedModels) -> Engine:
 
 
 def cached_engine(models: LoadedModels, max_bytes: int = 1 << 20, chunk: int = 0, batching: bool = True) -> Engine:
-    return Engine(models, EngineOptions(batching=batching, prefill_chunk=chunk), prefix_cache=PrefixCache(max_bytes))
+    return Engine(
+        models, EngineOptions(batching=batching, prefill_chunk_chars=chunk), prefix_cache=PrefixCache(max_bytes)
+    )
 
 
 def requests_for(prompts: list[str]) -> list[GenerationRequest]:
@@ -231,7 +233,7 @@ def test_concurrent_generation_next_token_and_score_share_the_cache(models: Load
 
 def test_chunked_prefill_equals_whole_prefill(models: LoadedModels, plain: Engine) -> None:
     for chunk in (1, 7, 64):
-        engine = Engine(models, EngineOptions(batching=True, prefill_chunk=chunk))
+        engine = Engine(models, EngineOptions(batching=True, prefill_chunk_chars=chunk))
         reqs = requests_for(PROMPTS)
         assert_same_generations(run_concurrently(engine, reqs), [plain.generate(r) for r in reqs])
 
@@ -247,7 +249,7 @@ def test_a_long_prompt_is_encoded_between_the_steps_of_running_streams(models: L
         assert engine.scheduler is not None
         steps_at_prefill.append(engine.scheduler.steps)
 
-    engine = Engine(models, EngineOptions(batching=True, prefill_chunk=chunk), on_prefill=note_prefill)
+    engine = Engine(models, EngineOptions(batching=True, prefill_chunk_chars=chunk), on_prefill=note_prefill)
     running = engine.stream(GenerationRequest("a", 1_000_000, seed=1))
     next(running)
     assert engine.scheduler is not None

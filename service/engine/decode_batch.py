@@ -101,16 +101,16 @@ class DecodeBatch:
         on_generated: Callable[[int], None] | None = None,
         on_prefill: Callable[[int], None] | None = None,
         cache: PrefixCache | None = None,
-        prefill_chunk: int = 0,
+        prefill_chunk_chars: int = 0,
     ) -> None:
-        """`cache` holds the states after prompt prefixes (None: no cache). With `prefill_chunk` > 0, a
+        """`cache` holds the states after prompt prefixes (None: no cache). With `prefill_chunk_chars` > 0, a
         step encodes at most that many ids of each prompt before it decodes (chunked prefill), so a
         long prompt does not pause the batch's streams for its whole encoding; 0 encodes prompts whole."""
         self.kernel = kernel  # the model's decode step and prompt encoder
         self.chars = chars
         self.on_generated = on_generated  # called with the rows of every decode step
         self.cache = cache
-        self.prompts = PromptEncoder(kernel, on_prefill, cache, prefill_chunk)  # admitted, not yet encoded
+        self.prompts = PromptEncoder(kernel, on_prefill, cache, prefill_chunk_chars)  # admitted, not yet encoded
         self.rows: list[_Row] = []
         self.h = self.c = self.logits = torch.empty(0)
         # Generation never emits U+FFFD (index 0): it stands for "some unknown character", not for itself.

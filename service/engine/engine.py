@@ -88,7 +88,7 @@ class EngineOptions:
     scoring_slots: int = 1  # score and classify calls running at once (one per torch thread)
     batch_gather_seconds: float = 0.005  # an idle scheduler with concurrent clients waits this long for prompts
     stream_interval_seconds: float = 0.005  # after a stream's first piece, it takes what accumulated this often
-    prefill_chunk: int = 0  # > 0: long prompts are encoded this many characters per step, between decode steps
+    prefill_chunk_chars: int = 0  # > 0: long prompts are encoded this many characters per step, between decode steps
 
     @classmethod
     def from_settings(cls, settings: Settings, dtype: torch.dtype) -> EngineOptions:
@@ -99,7 +99,7 @@ class EngineOptions:
             scoring_slots=settings.torch_threads,
             batch_gather_seconds=settings.batch_gather_ms / 1000,
             stream_interval_seconds=settings.stream_interval_ms / 1000,
-            prefill_chunk=settings.prefill_chunk_chars,
+            prefill_chunk_chars=settings.prefill_chunk_chars,
         )
 
 
@@ -169,7 +169,7 @@ class Engine:
             self.on_generated,
             self.on_prefill,
             self.prefix_cache,
-            self.options.prefill_chunk,
+            self.options.prefill_chunk_chars,
         )
 
     def run(self, job: Job) -> Generator[Delta | Logits, None, None]:

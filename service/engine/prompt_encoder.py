@@ -42,14 +42,14 @@ class PromptEncoder:
         kernel: FusedStep,
         on_prefill: Callable[[int], None] | None = None,
         cache: PrefixCache | None = None,
-        chunk: int = 0,
+        prefill_chunk_chars: int = 0,
     ) -> None:
-        """`chunk` > 0: a call to `advance` reads at most that many ids of each prompt (chunked prefill);
+        """`prefill_chunk_chars` > 0: a call to `advance` reads at most that many ids of each prompt (chunked prefill);
         0 reads prompts whole."""
         self.kernel = kernel
         self.on_prefill = on_prefill  # called with the prompts of every prompt batch
         self.cache = cache
-        self.chunk = chunk
+        self.prefill_chunk_chars = prefill_chunk_chars
         self.pending: list[Encoding] = []
 
     def __bool__(self) -> bool:
@@ -80,14 +80,13 @@ class PromptEncoder:
         return jobs
 
     def advance(self) -> list[Encoding]:
-        """Advance every pending prompt, all together, by at most `chunk` ids (to its end when 0), in pieces
-        that end at cache checkpoints; returns the encodings that are done. Cancelled jobs are dropped."""
+        """Advance every pending prompt, all together, by at most `prefill_chunk_chars` ids (to its end when 0),
+        in pieces that end at cache checkpoints; returns the encodings that are done. Cancelled jobs are dropped."""
         self.pending = [e for e in self.pending if not e.job.cancelled]
         limits = [len(e.job.prompt_ids) for e in self.pending]
-        if self.chunk:  # up to the next multiple of `chunk`, so that a prompt's pieces are the same whatever joins
-            limits = [
-                min(n, (e.done // self.chunk + 1) * self.chunk) for e, n in zip(self.pending, limits, strict=True)
-            ]
+        chunk = self.prefill_chunk_chars
+        if chunk:  # up to the next multiple of the chunk, so that a prompt's pieces are the same whatever joins
+            limits = [min(n, (e.done // chunk + 1) * chunk) for e, n in zip(self.pending, limits, strict=True)]
         while active := [(e, limit) for e, limit in zip(self.pending, limits, strict=True) if e.done < limit]:
             ends = [limit for _, limit in active]
             if self.cache is not None:  # pieces end at checkpoints, where the state is cached
