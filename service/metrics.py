@@ -4,7 +4,7 @@ makes every worker write its values to shared files, and /metrics sums them."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -111,31 +111,6 @@ PREFIX_CACHE_SHARED_BYTES = Gauge(
 )
 SESSIONS_ISSUED = Counter("charlm_sessions_issued_total", "Session handles returned", ["model"])
 SESSIONS_RESUMED = Counter("charlm_sessions_resumed_total", "Requests that continued a session", ["model"])
-
-
-def cache_lookup_recorder(model: str) -> Callable[[int], None]:
-    hits, misses, saved_chars = (
-        c.labels(model=model) for c in (PREFIX_CACHE_HITS, PREFIX_CACHE_MISSES, PREFIX_CACHE_SAVED)
-    )
-
-    def record(saved: int) -> None:
-        if saved:
-            hits.inc()
-            saved_chars.inc(saved)
-        else:
-            misses.inc()
-
-    return record
-
-
-def decode_step_recorder(model: str) -> Callable[[int], None]:
-    tokens = TOKENS_GENERATED.labels(model=model)
-
-    def record(rows: int) -> None:
-        tokens.inc(rows)
-        DECODE_BATCH_ROWS.observe(rows)
-
-    return record
 
 
 class _WithoutModels:

@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from service.engine.engine import Engine, EngineOptions, Generation
 from service.engine.jobs import Job, Logits
+from service.engine.observer import EngineObserver
 from service.engine.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
 from service.engine.sampling import SamplingParams
 from service.engine.scoring import TextScore
@@ -245,11 +246,12 @@ def test_a_long_prompt_is_encoded_between_the_steps_of_running_streams(models: L
     decode step it was encoded at, so the count does not depend on how fast this thread submits."""
     steps_at_prefill: list[int] = []
 
-    def note_prefill(prompts: int) -> None:
-        assert engine.scheduler is not None
-        steps_at_prefill.append(engine.scheduler.steps)
+    class NotePrefill(EngineObserver):
+        def prefilled(self, prompts: int) -> None:
+            assert engine.scheduler is not None
+            steps_at_prefill.append(engine.scheduler.steps)
 
-    engine = Engine(models, EngineOptions(batching=True, prefill_chunk_chars=chunk), on_prefill=note_prefill)
+    engine = Engine(models, EngineOptions(batching=True, prefill_chunk_chars=chunk), observer=NotePrefill())
     running = engine.stream(GenerationRequest("a", 1_000_000, seed=1))
     next(running)
     assert engine.scheduler is not None
@@ -260,7 +262,7 @@ def test_a_long_prompt_is_encoded_between_the_steps_of_running_streams(models: L
     answer = next(results)
     assert isinstance(answer, Logits)
     logits = answer.values
-    encoded_at = set(steps_at_prefill[before:])  # on_prefill runs before the prompt's logits are handed out
+    encoded_at = set(steps_at_prefill[before:])  # prefilled() runs before the prompt's logits are handed out
     results.close()
     running.close()
     torch.testing.assert_close(logits, plain_logits(models, long_prompt), rtol=0, atol=1e-5)

@@ -8,7 +8,7 @@ same arithmetic, one request at a time per batch."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +16,7 @@ import torch
 from service import lifecycle
 from service.engine.jobs import FINISHED, Job, Logits, fail_jobs, release_results
 from service.engine.lstm_kernels import FusedStep
+from service.engine.observer import IGNORED, EngineObserver
 from service.engine.prefix_cache import CachedState, PrefixCache, PrefixKeys
 from service.engine.prompt_encoder import Encoding, PromptEncoder
 from service.engine.sampling import choose, make_generators
@@ -98,8 +99,7 @@ class DecodeBatch:
         self,
         kernel: FusedStep,
         chars: Sequence[str],
-        on_generated: Callable[[int], None] | None = None,
-        on_prefill: Callable[[int], None] | None = None,
+        observer: EngineObserver = IGNORED,
         cache: PrefixCache | None = None,
         prefill_chunk_chars: int = 0,
     ) -> None:
@@ -108,9 +108,9 @@ class DecodeBatch:
         long prompt does not pause the batch's streams for its whole encoding; 0 encodes prompts whole."""
         self.kernel = kernel  # the model's decode step and prompt encoder
         self.chars = chars
-        self.on_generated = on_generated  # called with the rows of every decode step
+        self.observer = observer  # hears of every decode step and prompt batch
         self.cache = cache
-        self.prompts = PromptEncoder(kernel, on_prefill, cache, prefill_chunk_chars)  # admitted, not yet encoded
+        self.prompts = PromptEncoder(kernel, observer, cache, prefill_chunk_chars)  # admitted, not yet encoded
         self.rows: list[_Row] = []
         self.h = self.c = self.logits = torch.empty(0)
         # Generation never emits U+FFFD (index 0): it stands for "some unknown character", not for itself.
@@ -191,8 +191,7 @@ class DecodeBatch:
         ids = self._sample()
         id_list = ids.tolist()
         tokens = self._scored(ids, id_list)
-        if self.on_generated is not None:
-            self.on_generated(decoded)
+        self.observer.generated(decoded)
         now = time.monotonic()
         for i, (row, token_id, token) in enumerate(zip(self.rows, id_list, tokens, strict=True)):
             if (ending := row.take(token_id, token, now)) is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from seqmodels.networks import LN2
 from service.engine.decode_batch import DecodeBatch, run_alone
 from service.engine.jobs import Job, Logits, merge_deltas
 from service.engine.lstm_kernels import FusedStep, off_the_scheduler
+from service.engine.observer import IGNORED, EngineObserver
 from service.engine.prefix_cache import PrefixCache
 from service.engine.scheduler import Scheduler
 from service.engine.scoring import Scorer, TextScore
@@ -124,12 +125,10 @@ class Engine:
         models: LoadedModels,
         options: EngineOptions = EngineOptions(),
         prefix_cache: PrefixCache | None = None,
-        on_generated: Callable[[int], None] | None = None,
-        on_prefill: Callable[[int], None] | None = None,
+        observer: EngineObserver = IGNORED,
     ) -> None:
         """`prefix_cache` keeps the states after prompt prefixes for generation, next-token and score (None:
-        off). `on_generated(k)` is called after every generation step with the k characters it produced,
-        and `on_prefill(k)` after every batch of k prompts is encoded.
+        off). `observer` hears of every decode step and prompt batch (the prefix cache has its own).
 
         With `options.batching`, next-token and generation requests of this process share a background
         scheduler that steps all their sequences together; without it, each request computes alone on its
@@ -137,8 +136,7 @@ class Engine:
         """
         self.models = models
         self.options = options
-        self.on_generated = on_generated
-        self.on_prefill = on_prefill
+        self.observer = observer
         self.lm = models.lm
         self.vocab = models.vocab
         self.classifier = models.classifier
@@ -166,8 +164,7 @@ class Engine:
         return DecodeBatch(
             self.kernel,
             self.vocab.chars,
-            self.on_generated,
-            self.on_prefill,
+            self.observer,
             self.prefix_cache,
             self.options.prefill_chunk_chars,
         )

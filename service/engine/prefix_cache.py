@@ -25,11 +25,12 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from service.engine.observer import IGNORED, EngineObserver
 from service.engine.shared_prefix_cache import SharedStates
 
 CHECKPOINT = 256  # ids between cache keys inside a prompt
@@ -140,20 +141,15 @@ class PrefixCache:
     def __init__(
         self,
         max_bytes: int,
-        on_lookup: Callable[[int], None] | None = None,
-        on_size: Callable[[int], None] | None = None,
         shared: SharedStates | None = None,
-        on_shared_hit: Callable[[], None] | None = None,
+        observer: EngineObserver = IGNORED,
     ) -> None:
-        """`on_lookup(saved)` is called after every lookup with the ids it saved (0: a miss), and
-        `on_size(bytes)` whenever the bytes held change. `shared` is the pod-wide second level: looked at
-        for longer prefixes than this cache holds (`on_shared_hit()` when it has one), and given every
-        entry without log-probabilities that this cache stores."""
+        """`shared` is the pod-wide second level: looked at for longer prefixes than this cache holds, and
+        given every entry without log-probabilities that this cache stores. `observer` hears of every
+        lookup, of the bytes held and of the shared level's hits."""
         self.max_bytes = max_bytes
         self.shared = shared
-        self.on_shared_hit = on_shared_hit
-        self.on_lookup = on_lookup
-        self.on_size = on_size
+        self.observer = observer
         self._entries: OrderedDict[Key, _Held] = OrderedDict()  # least recently used first
         self._ends: dict[Key, collections.Counter[int]] = {}  # region -> lengths of the entries that end in it
         self._slab: torch.Tensor | None = None  # (slots, floats of h, c and logits), made at the first put
@@ -184,8 +180,7 @@ class PrefixCache:
             else:
                 self.hits += 1
                 self.saved += found.length
-        if self.on_lookup is not None:
-            self.on_lookup(0 if found is None else found.length)
+        self.observer.cache_lookup(0 if found is None else found.length)
         return found
 
     def _lookup_shared(self, keys: PrefixKeys, shared: SharedStates, found: CachedState | None) -> CachedState | None:
@@ -197,8 +192,7 @@ class PrefixCache:
             if floats is not None:
                 entry = CachedState.from_flat(length, floats, shared.shapes)
                 self.put(keys, entry, share=False)
-                if self.on_shared_hit is not None:
-                    self.on_shared_hit()
+                self.observer.shared_hit()
                 return entry
         return None
 
@@ -260,8 +254,7 @@ class PrefixCache:
             if region is not None:
                 self._ends.setdefault(region, collections.Counter())[entry.length] += 1
             held_bytes = self.bytes
-        if self.on_size is not None:
-            self.on_size(held_bytes)
+        self.observer.cache_size(held_bytes)
 
     def _remove(self, key: Key) -> None:
         held = self._entries.pop(key)

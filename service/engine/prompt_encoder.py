@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from service.engine.jobs import Job
 from service.engine.lstm_kernels import FusedStep
+from service.engine.observer import IGNORED, EngineObserver
 from service.engine.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
 
 
@@ -40,14 +40,14 @@ class PromptEncoder:
     def __init__(
         self,
         kernel: FusedStep,
-        on_prefill: Callable[[int], None] | None = None,
+        observer: EngineObserver = IGNORED,
         cache: PrefixCache | None = None,
         prefill_chunk_chars: int = 0,
     ) -> None:
         """`prefill_chunk_chars` > 0: a call to `advance` reads at most that many ids of each prompt (chunked prefill);
         0 reads prompts whole."""
         self.kernel = kernel
-        self.on_prefill = on_prefill  # called with the prompts of every prompt batch
+        self.observer = observer  # hears of every prompt batch
         self.cache = cache
         self.prefill_chunk_chars = prefill_chunk_chars
         self.pending: list[Encoding] = []
@@ -110,8 +110,7 @@ class PromptEncoder:
                 torch.stack([zeros if e.c is None else e.c for e in encodings], dim=1),
             )
         logits, (h, c) = self.kernel.prefill(pieces, initial)
-        if self.on_prefill is not None:
-            self.on_prefill(len(encodings))
+        self.observer.prefilled(len(encodings))
         for i, (e, end) in enumerate(zip(encodings, ends, strict=True)):
             e.done, e.h, e.c, e.logits = end, h[:, i].clone(), c[:, i].clone(), logits[i].clone()
             if self.cache is not None and e.keys is not None and (end % CHECKPOINT == 0 or not e.remaining):

@@ -16,15 +16,9 @@ from service.engine.engine import Engine, EngineOptions
 from service.engine.lstm_kernels import choose_precision
 from service.engine.prefix_cache import PrefixCache
 from service.engine.shared_prefix_cache import SharedStates
-from service.metrics import (
-    PREFILL_BATCH_PROMPTS,
-    PREFIX_CACHE_BYTES,
-    PREFIX_CACHE_SHARED_HITS,
-    cache_lookup_recorder,
-    decode_step_recorder,
-)
 from service.models.repository import ModelRepository
 from service.models.sessions import SessionCodec
+from service.models.version_metrics import VersionMetrics
 from service.models.versions import ModelVersion, RepositoryError
 from service.settings import Settings
 
@@ -65,21 +59,11 @@ class ModelRuntime:
 
     def _build_engine(self, models: LoadedModels, model_id: str) -> Engine:
         cache_bytes = int(self.settings.prefix_cache_mb * 2**20)
-        return Engine(
-            models,
-            EngineOptions.from_settings(self.settings, self.dtype),
-            prefix_cache=PrefixCache(
-                cache_bytes,
-                cache_lookup_recorder(model_id),
-                PREFIX_CACHE_BYTES.labels(model=model_id).set,
-                self._shared_states(models, model_id),
-                PREFIX_CACHE_SHARED_HITS.labels(model=model_id).inc,
-            )
-            if cache_bytes > 0
-            else None,
-            on_generated=decode_step_recorder(model_id),
-            on_prefill=PREFILL_BATCH_PROMPTS.observe,
-        )
+        observer = VersionMetrics(model_id)
+        cache = None
+        if cache_bytes > 0:
+            cache = PrefixCache(cache_bytes, self._shared_states(models, model_id), observer)
+        return Engine(models, EngineOptions.from_settings(self.settings, self.dtype), cache, observer)
 
     def _add_session_codec(self, mv: ModelVersion) -> None:
         """Session handles are signed with the version's id and manifest hash: another version finds nothing,
