@@ -30,8 +30,6 @@ finds the state after the previous request's reply and encodes only the new turn
 from __future__ import annotations
 
 import re
-import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from typing import Any
@@ -46,10 +44,11 @@ from service.api.schemas.openai import (
     ChatReply,
     TokenLogprob,
     TopLogprob,
+    chat_completion_id,
+    unix_time,
 )
 from service.engine.engine import Engine
-from service.engine.sampling import SamplingParams
-from service.engine.types import GenerationRequest, TokenScore
+from service.engine.types import TokenScore
 
 SPEECH_END = "\n\n"  # a blank line ends a speech: the next speaker's heading follows it
 BLANK_LINES = re.compile(r"\n[ \t]*\n[\s]*")
@@ -78,27 +77,6 @@ def scene(messages: Sequence[ChatMessage], user: str, assistant: str) -> tuple[s
     return SPEECH_END.join([*before, *speeches, f"{reply_as}\n"]), reply_as
 
 
-def generation_request(
-    req: ChatCompletionRequest, prompt: str, max_tokens: int, deadline: float | None
-) -> GenerationRequest:
-    params = SamplingParams(
-        temperature=req.temperature,
-        top_p=req.top_p,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-    )
-    return GenerationRequest(
-        prompt=prompt,
-        max_tokens=max_tokens,
-        params=params,
-        seed=req.seed,
-        stop=[*req.stop_list(), SPEECH_END],
-        n=req.n,
-        top_logprobs=(req.top_logprobs or 0) if req.logprobs else 0,
-        deadline=deadline,
-    )
-
-
 def chat_logprobs(tokens: list[TokenScore], top: int) -> ChatLogprobs:
     """OpenAI's chat logprobs: each character with its log-probability, bytes and `top` alternatives."""
 
@@ -119,16 +97,12 @@ def chat_logprobs(tokens: list[TokenScore], top: int) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
-def new_chat_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
 def complete_chat(
     engine: Engine, model: str, req: ChatCompletionRequest, prompt: str, reply_as: str, max_tokens: int,
     deadline: float | None = None,
 ) -> ChatCompletionResponse:  # fmt: skip
     """A whole (non-streamed) chat completion: n replies to the scene `prompt`."""
-    result = engine.generate(generation_request(req, prompt, max_tokens, deadline))
+    result = engine.generate(req.generation_request(prompt, max_tokens, deadline, SPEECH_END))
     choices = [
         ChatChoice(
             index=choice.index,
@@ -139,8 +113,6 @@ def complete_chat(
         for choice in result.choices
     ]
     return ChatCompletionResponse(
-        id=new_chat_id(),
-        created=int(time.time()),
         model=model,
         choices=choices,
         usage=Usage.of(len(prompt), result.completion_tokens),
@@ -153,7 +125,7 @@ def chat_chunks(
 ) -> Iterator[dict[str, Any]]:  # fmt: skip
     """chat.completion.chunk events: each choice's role first, then its text as it is released, the last
     piece with its finish_reason; with stream_options.include_usage, a last chunk with the usage."""
-    header = {"id": new_chat_id(), "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+    header = {"id": chat_completion_id(), "object": "chat.completion.chunk", "created": unix_time(), "model": model}
 
     def chunk(index: int, delta: dict[str, str], logprobs: ChatLogprobs | None, finish: str | None) -> dict:
         choice = {
@@ -167,7 +139,7 @@ def chat_chunks(
     for index in range(req.n):
         yield chunk(index, {"role": "assistant", "content": ""}, None, None)
     completion_tokens = 0
-    with closing(engine.stream(generation_request(req, prompt, max_tokens, deadline))) as deltas:
+    with closing(engine.stream(req.generation_request(prompt, max_tokens, deadline, SPEECH_END))) as deltas:
         for delta in deltas:
             completion_tokens += delta.completion_tokens
             logprobs = chat_logprobs(delta.tokens, req.top_logprobs or 0) if req.logprobs else None

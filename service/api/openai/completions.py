@@ -10,42 +10,22 @@ Differences from OpenAI and vLLM, on purpose:
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Iterator
 from contextlib import closing
 from typing import Any
 
 from service.api.schemas.common import Usage
-from service.api.schemas.openai import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from service.api.schemas.openai import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    completion_id,
+    unix_time,
+)
 from service.engine.engine import Engine
-from service.engine.sampling import SamplingParams
-from service.engine.types import Delta, GenerationRequest, TokenScore
+from service.engine.types import Delta, TokenScore
 from service.metrics import CHARS_SCORED
-
-
-def new_completion_id() -> str:
-    return f"cmpl-{uuid.uuid4().hex}"
-
-
-def generation_request(req: CompletionRequest, prompt: str, n: int, deadline: float | None) -> GenerationRequest:
-    params = SamplingParams(
-        temperature=req.temperature,
-        top_k=req.effective_top_k(),
-        top_p=req.top_p,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-    )
-    return GenerationRequest(
-        prompt=prompt,
-        max_tokens=req.max_new_tokens(),
-        params=params,
-        seed=req.seed,
-        stop=req.stop_list(),
-        n=n,
-        top_logprobs=req.logprobs or 0,
-        deadline=deadline,
-    )
 
 
 def logprobs_block(tokens: list[TokenScore], offset: int) -> CompletionLogprobs:
@@ -80,7 +60,7 @@ def complete(engine: Engine, model: str, req: CompletionRequest, deadline: float
         if req.max_tokens == 0:
             generated = [Delta(i, "", [], finish_reason="length") for i in range(req.n)]
         else:
-            result = engine.generate(generation_request(req, prompt, req.best_of or req.n, deadline))
+            result = engine.generate(req.generation_request(prompt, req.best_of or req.n, deadline))
             completion_total += result.completion_tokens
             generated = result.choices
             if req.best_of is not None and req.best_of > req.n:  # keep the n most likely of best_of
@@ -99,8 +79,6 @@ def complete(engine: Engine, model: str, req: CompletionRequest, deadline: float
                 )
             )
     return CompletionResponse(
-        id=new_completion_id(),
-        created=int(time.time()),
         model=model,
         choices=choices,
         usage=Usage.of(prompt_total, completion_total),
@@ -111,7 +89,7 @@ def stream_chunks(
     engine: Engine, model: str, req: CompletionRequest, deadline: float | None = None
 ) -> Iterator[dict[str, Any]]:
     """Chunks for server-sent events, each one a text_completion with the choices that moved."""
-    header = {"id": new_completion_id(), "object": "text_completion", "created": int(time.time()), "model": model}
+    header = {"id": completion_id(), "object": "text_completion", "created": unix_time(), "model": model}
 
     def chunk(index: int, text: str, tokens: list[TokenScore] | None, offset: int, finish: str | None) -> dict:
         logprobs = logprobs_block(tokens, offset).model_dump() if tokens is not None else None
@@ -131,7 +109,7 @@ def stream_chunks(
                 yield chunk(base + j, "", [] if want_logprobs else None, len(prompt), "length")
             continue
         offsets = [len(prompt)] * req.n
-        with closing(engine.stream(generation_request(req, prompt, req.n, deadline))) as deltas:
+        with closing(engine.stream(req.generation_request(prompt, req.n, deadline))) as deltas:
             for delta in deltas:
                 yield chunk(
                     base + delta.index,

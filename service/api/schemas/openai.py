@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
@@ -22,9 +24,23 @@ from service.api.schemas.common import (
     settings_of,
     stop_list,
 )
-from service.engine.types import FinishReason
+from service.engine.sampling import SamplingParams
+from service.engine.types import FinishReason, GenerationRequest
 
 # --------------------------------------------------------------------------- OpenAI-compatible completions
+
+
+def completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def chat_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def unix_time() -> int:
+    """OpenAI's `created`: whole seconds since the epoch."""
+    return int(time.time())
 
 
 OPENAI_DEFAULT_MAX_TOKENS = 16  # what OpenAI's completions API generates when max_tokens is null or absent
@@ -117,6 +133,26 @@ class CompletionRequest(RequestModel):
     def effective_top_k(self) -> int | None:
         return None if self.top_k is None or self.top_k <= 0 else self.top_k
 
+    def generation_request(self, prompt: str, n: int, deadline: float | None) -> GenerationRequest:
+        """What the engine is asked for one of the request's prompts, with `n` choices (n, or best_of)."""
+        params = SamplingParams(
+            temperature=self.temperature,
+            top_k=self.effective_top_k(),
+            top_p=self.top_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+        return GenerationRequest(
+            prompt=prompt,
+            max_tokens=self.max_new_tokens(),
+            params=params,
+            seed=self.seed,
+            stop=self.stop_list(),
+            n=n,
+            top_logprobs=self.logprobs or 0,
+            deadline=deadline,
+        )
+
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
@@ -133,9 +169,9 @@ class CompletionChoice(BaseModel):
 
 
 class CompletionResponse(BaseModel):
-    id: str
+    id: str = Field(default_factory=completion_id)
     object: Literal["text_completion"] = "text_completion"
-    created: int
+    created: int = Field(default_factory=unix_time)
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
@@ -243,6 +279,27 @@ class ChatCompletionRequest(RequestModel):
     def stop_list(self) -> list[str]:
         return stop_list(self.stop)
 
+    def generation_request(
+        self, prompt: str, max_tokens: int, deadline: float | None, speech_end: str
+    ) -> GenerationRequest:
+        """What the engine is asked: the reply to the scene `prompt`, which ends at `speech_end` too."""
+        params = SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+        )
+        return GenerationRequest(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            params=params,
+            seed=self.seed,
+            stop=[*self.stop_list(), speech_end],
+            n=self.n,
+            top_logprobs=(self.top_logprobs or 0) if self.logprobs else 0,
+            deadline=deadline,
+        )
+
 
 CHAT_DEFAULT_MAX_TOKENS = 256  # characters of a reply when the request sets no limit: a long speech
 
@@ -275,9 +332,9 @@ class ChatChoice(BaseModel):
 
 
 class ChatCompletionResponse(BaseModel):
-    id: str
+    id: str = Field(default_factory=chat_completion_id)
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
+    created: int = Field(default_factory=unix_time)
     model: str
     choices: list[ChatChoice]
     usage: Usage
