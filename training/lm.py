@@ -381,7 +381,7 @@ def _resume(loop: _Loop, run: _Run, rows: slice, seed: int) -> None:
         print(f"resuming from {resume_from}: {done}", flush=True)
 
 
-def _exchange(loop: _Loop, run: _Run, loss: torch.Tensor, stop_requested: bool) -> tuple[float, float]:
+def _sum_step_over_processes(loop: _Loop, run: _Run, loss: torch.Tensor, stop_requested: bool) -> tuple[float, float]:
     """One exchange per step: the mean loss, rank 0's clock (which becomes everyone's), and whether any
     process got SIGTERM. Records the step's bits per character; returns them and the SIGTERM count."""
     clock = run.clock() if run.cluster.main else 0.0
@@ -394,7 +394,7 @@ def _exchange(loop: _Loop, run: _Run, loss: torch.Tensor, stop_requested: bool) 
     return bpc, stops
 
 
-def _ends_here(loop: _Loop, run: _Run, val_ids: torch.Tensor, bos: int, bpc: float, stops: float) -> bool:
+def _loop_should_end(loop: _Loop, run: _Run, val_ids: torch.Tensor, bos: int, bpc: float, stops: float) -> bool:
     """After a step: validate when due, and say whether the loop ends (the last step, the time budget or
     early stopping). Saves a checkpoint when one is due, and on SIGTERM saves one and raises Preempted."""
     cfg, history = run.cfg, loop.history
@@ -466,9 +466,9 @@ def train_lm(
             loss = _optimizer_step(loop, net, next(batches), lr_at(step, cfg, elapsed), cfg.grad_clip, bfloat16, device)
             if cluster.main and max(step / cfg.max_steps, elapsed) >= cfg.ema_start:
                 loop.average = update_average(loop.average, model, cfg.ema_decay)
-            bpc, stops = _exchange(loop, run, loss, stop_requests.requested)
+            bpc, stops = _sum_step_over_processes(loop, run, loss, stop_requests.requested)
             bar.set_postfix(bpc=f"{bpc:.3f}", val=f"{history.best_val_bpc:.3f}", refresh=False)
-            if _ends_here(loop, run, val_ids, vocab.bos_id, bpc, stops):
+            if _loop_should_end(loop, run, val_ids, vocab.bos_id, bpc, stops):
                 break
     if not loop.finished:
         loop.seconds = history.seconds = run.clock()  # the last validation pass included

@@ -16,7 +16,7 @@ import shlex
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -34,7 +34,7 @@ from seqmodels.artifacts import (
     next_version_dir,
     write_artifacts,
 )
-from seqmodels.networks import AdaptConfig, CharLSTM, Vocab
+from seqmodels.networks import AdaptConfig, CharLSTM, MLPClassifier, Vocab
 from training import distributed
 from training.checkpoint import CheckpointError, Checkpointing, Preempted
 from training.classifier import (
@@ -213,9 +213,21 @@ def passage_sampler(
     return {d.name: d.label for d in docs}, passages
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClassifierStage:
+    """What the classifier stage made: the model, its labels, the held-out figures, the training curves,
+    and the configuration it ran with (its cross-validation folds capped by the documents per label)."""
+
+    model: MLPClassifier
+    labels: list[str]
+    results: dict[str, Any]
+    history: dict[str, list[float]]
+    config: ClassifierTrainConfig
+
+
 def train_classifier(
     train: Passages, val: Passages, test: Passages, cfg: ClassifierTrainConfig, seed: int
-) -> tuple[Any, list[str], dict[str, Any], dict[str, list[float]]]:
+) -> ClassifierStage:
     labels = sorted(set(train.labels))
     unknown = (set(val.labels) | set(test.labels)) - set(labels)
     if unknown:
@@ -233,7 +245,7 @@ def train_classifier(
         "parameters": model.num_parameters(),
         "epochs": len(history["val_loss"]),
     }
-    return model, labels, results, history
+    return ClassifierStage(model=model, labels=labels, results=results, history=history, config=cfg)
 
 
 def classify_stage(
@@ -242,14 +254,15 @@ def classify_stage(
     passages: tuple[Passages, Passages, Passages],
     cfg: ClassifierTrainConfig,
     seed: int,
-) -> tuple[Any, list[str], dict[str, Any], dict[str, list[float]]]:
+) -> ClassifierStage:
     """Train the classifier on the split's passages, then cross-validate it and its baselines."""
-    classifier, labels, results, history = train_classifier(*passages, cfg, seed)
+    stage = train_classifier(*passages, cfg, seed)
     fewest = min(Counter(documents.values()).values())
-    cfg.cv_folds = min(cfg.cv_folds, fewest)
+    cfg = replace(cfg, cv_folds=min(cfg.cv_folds, fewest))
+    results = dict(stage.results)
     if cfg.cv_folds >= 2:
         print(f"cross-validating the classifier and its baselines over {cfg.cv_folds} folds of whole documents ...")
-        results["cross_validation"] = cross_validate(documents, sample, labels, cfg, seed)
+        results["cross_validation"] = cross_validate(documents, sample, stage.labels, cfg, seed)
     else:
         print("too few documents per label for cross-validation; reporting the single split only")
     print(
@@ -260,7 +273,7 @@ def classify_stage(
             if k in ("mlp", "tfidf_logreg", "majority")
         )
     )
-    return classifier, labels, results, history
+    return replace(stage, results=results, config=cfg)
 
 
 def library_versions() -> dict[str, str]:
@@ -460,17 +473,17 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
     # Held-out scoring on the training device; the artifact is written from the CPU copy.
     lm_figures, adapt = evaluate_lm(lm.to(device), vocab, corpus, args, device, training_figures(lm, vocab, lm_history))
     lm = lm.cpu()
-    classifier, labels, clf_results, clf_history = (
-        classify_stage(documents, sample, passages, clf_cfg, args.seed)
-        if train_classifier_too
-        else (None, [], None, None)
-    )
+    stage = classify_stage(documents, sample, passages, clf_cfg, args.seed) if train_classifier_too else None
+    classifier = None if stage is None else stage.model
+    clf_results = None if stage is None else stage.results
+    if stage is not None:
+        clf_cfg = stage.config  # the folds it ran with, for the manifest
     metrics: dict[str, Any] = {
         "lm": lm_figures,
         "classifier": clf_results,
         "seconds": {"lm_training": lm_seconds, "total": time.monotonic() - started},
     }
-    history = {"lm": asdict(lm_history), "classifier": clf_history}
+    history = {"lm": asdict(lm_history), "classifier": None if stage is None else stage.history}
     command = "python -m training.run" + "".join(
         f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])
     )
@@ -483,7 +496,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, cluster: Cluster, devi
         lm,
         lm_config_json(lm, vocab, lm_cfg.min_count, adapt),
         classifier,
-        None if classifier is None else classifier_config_json(classifier, labels, FEATURE_RULE),
+        None if stage is None else classifier_config_json(stage.model, stage.labels, FEATURE_RULE),
         fields,
         report_files(metrics, history, clf_results, card),
         replace=args.repository is None,  # a repository's versions are never replaced
