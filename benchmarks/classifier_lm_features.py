@@ -110,7 +110,7 @@ def fit_and_predict(
     generator = torch.Generator().manual_seed(seed)
     passages = [NgramBatch.text_tensors(c) for c in train_c]
     val_batch, test_batch = NgramBatch.of(val_c), NgramBatch.of(test_c)
-    best = BestEpoch(cfg.patience)
+    best = BestEpoch(patience=cfg.patience)
     for _ in range(cfg.epochs):
         model.train()
         order = torch.randperm(len(train_c), generator=generator).tolist()

@@ -148,7 +148,9 @@ def in_process(seconds: float) -> dict[str, Any]:
 
     def engine_rows(rows: int) -> float:
         batch = DecodeBatch(engine.kernel, vocab.chars)
-        req = GenerationRequest("ROMEO.", 10**9, SamplingParams(temperature=0.8), seed=1, n=rows)
+        req = GenerationRequest(
+            prompt="ROMEO.", max_tokens=10**9, params=SamplingParams(temperature=0.8), seed=1, n=rows
+        )
         batch.admit([Job.generation(engine.prompt_ids("ROMEO."), req)])
 
         def run() -> None:

@@ -44,7 +44,7 @@ class ArtifactError(Exception):
     """An artifact folder that is missing, malformed, of another format version, or tampered with."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoadedModels:
     lm: CharLSTM
     vocab: Vocab

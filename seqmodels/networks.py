@@ -73,7 +73,7 @@ class Vocab:
 # --------------------------------------------------------------------------- language model
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LMConfig:
     vocab_size: int = 80  # predictable characters, U+FFFD included; the start symbol is one more input
     embed_dim: int = 64  # character embedding width
@@ -251,7 +251,7 @@ class CharLSTM(nn.Module):
 # --------------------------------------------------------------------------- classifier
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClassifierConfig:
     buckets: int = 32768  # hashed n-gram features; collisions cost little at this size (see the model card)
     word_ngrams: int = 2  # word n-grams of 1 to this many words
@@ -283,7 +283,7 @@ def ngram_counts(text: str, config: ClassifierConfig) -> Counter[int]:
     return Counter(zlib.crc32(g.encode("utf-8")) % config.buckets for g in grams)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class NgramBatch:
     """Sparse n-gram counts of a batch of texts: entry j is bucket `index[j]` of text `row[j]`."""
 
@@ -298,7 +298,10 @@ class NgramBatch:
         count = [float(n) for c in counts for n in c.values()]
         row = [r for r, c in enumerate(counts) for _ in range(len(c))]
         return cls(
-            torch.tensor(index, dtype=torch.long), torch.tensor(count), torch.tensor(row, dtype=torch.long), len(counts)
+            index=torch.tensor(index, dtype=torch.long),
+            count=torch.tensor(count),
+            row=torch.tensor(row, dtype=torch.long),
+            size=len(counts),
         )
 
     @staticmethod
@@ -312,10 +315,10 @@ class NgramBatch:
         passage once instead of once per epoch."""
         lengths = torch.tensor([len(index) for index, _ in texts])
         return cls(
-            torch.cat([index for index, _ in texts]),
-            torch.cat([count for _, count in texts]),
-            torch.repeat_interleave(torch.arange(len(texts)), lengths),
-            len(texts),
+            index=torch.cat([index for index, _ in texts]),
+            count=torch.cat([count for _, count in texts]),
+            row=torch.repeat_interleave(torch.arange(len(texts)), lengths),
+            size=len(texts),
         )
 
 

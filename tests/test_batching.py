@@ -48,14 +48,20 @@ def alone(models: LoadedModels) -> Engine:
 
 
 REQUESTS = [
-    GenerationRequest("To be", 60, SamplingParams(temperature=1.0), seed=1, n=3),
-    GenerationRequest("", 45, SamplingParams(temperature=0.7, top_k=5), seed=2, stop=["e "]),
-    GenerationRequest("Hark! who goes there?", 80, SamplingParams(temperature=1.2, top_p=0.9), seed=3, n=2),
-    GenerationRequest("a", 30, SamplingParams(temperature=0.0)),
+    GenerationRequest(prompt="To be", max_tokens=60, params=SamplingParams(temperature=1.0), seed=1, n=3),
+    GenerationRequest(prompt="", max_tokens=45, params=SamplingParams(temperature=0.7, top_k=5), seed=2, stop=["e "]),
     GenerationRequest(
-        "My lord", 50, SamplingParams(presence_penalty=0.5, frequency_penalty=0.3), seed=4, top_logprobs=3
+        prompt="Hark! who goes there?", max_tokens=80, params=SamplingParams(temperature=1.2, top_p=0.9), seed=3, n=2
     ),
-    GenerationRequest("O", 70, SamplingParams(), seed=5, n=4),
+    GenerationRequest(prompt="a", max_tokens=30, params=SamplingParams(temperature=0.0)),
+    GenerationRequest(
+        prompt="My lord",
+        max_tokens=50,
+        params=SamplingParams(presence_penalty=0.5, frequency_penalty=0.3),
+        seed=4,
+        top_logprobs=3,
+    ),
+    GenerationRequest(prompt="O", max_tokens=70, params=SamplingParams(), seed=5, n=4),
 ]
 
 
@@ -194,7 +200,7 @@ def steps_settle(engine: Engine, limit: float = 10.0) -> int:
 
 
 def test_a_cancelled_sequence_leaves_the_batch(batched: Engine) -> None:
-    endless = GenerationRequest("a", 1_000_000, SamplingParams(), seed=1)
+    endless = GenerationRequest(prompt="a", max_tokens=1_000_000, params=SamplingParams(), seed=1)
     stream = batched.stream(endless)
     next(stream)
     stream.close()
@@ -205,7 +211,7 @@ def test_a_cancelled_sequence_leaves_the_batch(batched: Engine) -> None:
     time.sleep(0.2)
     assert batched.scheduler is not None and batched.scheduler.steps == settled
     # The batch serves later requests as before.
-    assert batched.generate(GenerationRequest("b", 5, seed=2)).choices[0].completion_tokens == 5
+    assert batched.generate(GenerationRequest(prompt="b", max_tokens=5, seed=2)).choices[0].completion_tokens == 5
 
 
 def test_jobs_beyond_the_row_cap_wait_their_turn(models: LoadedModels, alone: Engine) -> None:
@@ -238,15 +244,15 @@ def test_a_failing_step_fails_its_requests_not_the_scheduler(models: LoadedModel
     engine = Engine(models, EngineOptions(batching=True))
     engine.kernel = FailsOnce(engine.kernel)  # type: ignore[assignment]
     with pytest.raises(RuntimeError, match="injected"):
-        engine.generate(GenerationRequest("a", 10, seed=1))
-    assert engine.generate(GenerationRequest("a", 10, seed=1)).choices[0].completion_tokens == 10
+        engine.generate(GenerationRequest(prompt="a", max_tokens=10, seed=1))
+    assert engine.generate(GenerationRequest(prompt="a", max_tokens=10, seed=1)).choices[0].completion_tokens == 10
 
 
 def test_the_stream_interval_waits_after_the_first_piece_and_keeps_the_text(
     models: LoadedModels, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No real waiting: the reader's sleeps are recorded in order with the pieces it yields."""
-    req = GenerationRequest("To be", 60, SamplingParams(temperature=1.0), seed=9)
+    req = GenerationRequest(prompt="To be", max_tokens=60, params=SamplingParams(temperature=1.0), seed=9)
     events: list[Any] = []
     monkeypatch.setattr("service.engine.scheduler.time.sleep", events.append)
     texts: dict[float, list[str]] = {}
@@ -269,10 +275,10 @@ def test_the_stream_interval_waits_after_the_first_piece_and_keeps_the_text(
 def test_waiting_deltas_merge_per_choice_in_order() -> None:
     a, b = TokenScore("a", -1.0), TokenScore("b", -2.0)
     items = [
-        Delta(0, "a", [a]),
-        Delta(1, "b", [b]),
-        Delta(0, "b", [b], "length", 2, -3.0),
-        Delta(1, "a", [a]),
+        Delta(index=0, text="a", tokens=[a]),
+        Delta(index=1, text="b", tokens=[b]),
+        Delta(index=0, text="b", tokens=[b], finish_reason="length", completion_tokens=2, cumulative_logprob=-3.0),
+        Delta(index=1, text="a", tokens=[a]),
     ]
     merged = merge_deltas(items)
     assert [(d.index, d.text, d.finish_reason, d.completion_tokens) for d in merged] == [
@@ -291,9 +297,9 @@ def test_generation_requests_need_at_least_one_choice_and_token() -> None:
 
 def test_a_job_that_waited_past_its_deadline_ends_with_deadline(models: LoadedModels) -> None:
     engine = Engine(models, EngineOptions(batching=True, max_batch_rows=1))
-    hog = engine.stream(GenerationRequest("a", 1_000_000, seed=1))
+    hog = engine.stream(GenerationRequest(prompt="a", max_tokens=1_000_000, seed=1))
     next(hog)  # the only row is taken
-    late = GenerationRequest("b", 50, seed=2, n=2, deadline=time.monotonic() + 0.05)
+    late = GenerationRequest(prompt="b", max_tokens=50, seed=2, n=2, deadline=time.monotonic() + 0.05)
     result = engine.generate(late)  # waits for room, which never comes before its deadline
     hog.close()
     assert [(c.text, c.finish_reason, c.completion_tokens) for c in result.choices] == [("", "deadline", 0)] * 2
@@ -312,8 +318,8 @@ def test_a_batch_that_cannot_be_built_fails_its_requests_not_the_scheduler(model
 
     engine.scheduler.make_batch = first_fails  # type: ignore[union-attr]
     with pytest.raises(RuntimeError, match="injected"):
-        engine.generate(GenerationRequest("a", 5, seed=1))
-    assert engine.generate(GenerationRequest("a", 5, seed=1)).choices[0].completion_tokens == 5
+        engine.generate(GenerationRequest(prompt="a", max_tokens=5, seed=1))
+    assert engine.generate(GenerationRequest(prompt="a", max_tokens=5, seed=1)).choices[0].completion_tokens == 5
 
 
 def test_a_stream_that_fails_ends_with_an_error_event_and_no_done(app: Flask) -> None:
@@ -392,7 +398,7 @@ def test_a_scheduler_thread_that_dies_fails_its_readers_even_once_another_thread
 
     def read() -> None:
         try:
-            engine.generate(GenerationRequest("a", 50, seed=1))
+            engine.generate(GenerationRequest(prompt="a", max_tokens=50, seed=1))
             outcomes.append("answered")
         except RuntimeError:
             outcomes.append("failed")
@@ -403,24 +409,26 @@ def test_a_scheduler_thread_that_dies_fails_its_readers_even_once_another_thread
     while not engine.kernel.failed or scheduler.alive():  # type: ignore[attr-defined]
         assert time.monotonic() < deadline
         time.sleep(0.001)
-    later = engine.stream(GenerationRequest("b", 1_000_000, seed=2))  # a new scheduler thread, kept busy
+    later = engine.stream(
+        GenerationRequest(prompt="b", max_tokens=1_000_000, seed=2)
+    )  # a new scheduler thread, kept busy
     next(later)
     orphan.join(timeout=5)
     alive = orphan.is_alive()
     later.close()
     assert not alive and outcomes == ["failed"]
-    assert engine.generate(GenerationRequest("a", 10, seed=1)).choices[0].completion_tokens == 10
+    assert engine.generate(GenerationRequest(prompt="a", max_tokens=10, seed=1)).choices[0].completion_tokens == 10
 
 
 def test_past_the_drain_deadline_generations_end_with_shutdown(models: LoadedModels) -> None:
     engine = Engine(models, EngineOptions(batching=True, max_batch_rows=1))
     try:
-        running = engine.stream(GenerationRequest("a", 1_000_000, seed=1))
+        running = engine.stream(GenerationRequest(prompt="a", max_tokens=1_000_000, seed=1))
         next(running)  # the only row is taken
         lifecycle.begin_shutdown(0.0)  # SIGTERM with no grace left: the drain deadline is now
         pieces = list(running)
         assert pieces[-1].finish_reason == "shutdown"
-        waited = engine.generate(GenerationRequest("b", 50, seed=2))  # admitted after the deadline
+        waited = engine.generate(GenerationRequest(prompt="b", max_tokens=50, seed=2))  # admitted after the deadline
         assert [(c.text, c.finish_reason) for c in waited.choices] == [("", "shutdown")]
     finally:
         lifecycle.reset()

@@ -57,7 +57,10 @@ def test_processes_share_the_one_process_batch() -> None:
     cfg = LMTrainConfig(batch_size=8, seq_len=16, reset_prob=0.3)
     ids = torch.randint(0, 50, (5000,))
     whole = stream_batches(ids, cfg, 99, torch.Generator().manual_seed(3))
-    halves = [stream_batches(ids, cfg, 99, torch.Generator().manual_seed(3), Cluster(r, 2).rows(8)) for r in (0, 1)]
+    halves = [
+        stream_batches(ids, cfg, 99, torch.Generator().manual_seed(3), Cluster(rank=r, world_size=2).rows(8))
+        for r in (0, 1)
+    ]
     for _ in range(30):  # past the end of the streams, where every row restarts
         inputs, targets, reset = next(whole)
         parts = [next(h) for h in halves]
@@ -73,7 +76,7 @@ def test_processes_share_the_one_process_batch() -> None:
         expected = next(from_start)
         assert all(torch.equal(a, b) for a, b in zip(next(continued), expected, strict=True))
     with pytest.raises(LaunchError, match="multiple of the 3 processes"):
-        Cluster(0, 3).rows(8)
+        Cluster(rank=0, world_size=3).rows(8)
 
 
 # --------------------------------------------------------------------------- torchrun, 2 processes

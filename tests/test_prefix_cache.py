@@ -49,7 +49,7 @@ def cached_engine(models: LoadedModels, max_bytes: int = 1 << 20, chunk: int = 0
 def requests_for(prompts: list[str]) -> list[GenerationRequest]:
     params = [SamplingParams(temperature=0.9), SamplingParams(temperature=0.0), SamplingParams(top_k=4)]
     return [
-        GenerationRequest(p, 40, params[i % 3], seed=i, n=1 + i % 2, top_logprobs=i % 2 * 2)
+        GenerationRequest(prompt=p, max_tokens=40, params=params[i % 3], seed=i, n=1 + i % 2, top_logprobs=i % 2 * 2)
         for i, p in enumerate(prompts)
     ]
 
@@ -82,7 +82,7 @@ def test_keys_depend_only_on_the_prefix_and_ends_are_indexed_by_the_checkpoint_b
 
 def entry(length: int, logprobs: bool = False) -> CachedState:
     values = array.array("d", [0.0] * (length - 1)) if logprobs else None
-    return CachedState(length, torch.zeros(1, 8), torch.zeros(1, 8), torch.zeros(4), values)
+    return CachedState(length=length, h=torch.zeros(1, 8), c=torch.zeros(1, 8), logits=torch.zeros(4), logprobs=values)
 
 
 def test_lookups_find_the_longest_prefix_and_eviction_keeps_the_bytes_bounded() -> None:
@@ -104,7 +104,9 @@ def test_lookups_find_the_longest_prefix_and_eviction_keeps_the_bytes_bounded() 
     cache.put(PrefixKeys(ids), entry(200, logprobs=True))  # larger than the whole cache: not kept
     assert cache.bytes <= 3 * size and len(cache) == 3 and cache.lookup(PrefixKeys(ids[:200])) is not None
     with pytest.raises(ValueError, match="same shapes"):
-        cache.put(PrefixKeys(ids), CachedState(9, torch.zeros(2, 8), torch.zeros(1, 8), torch.zeros(4)))
+        cache.put(
+            PrefixKeys(ids), CachedState(length=9, h=torch.zeros(2, 8), c=torch.zeros(1, 8), logits=torch.zeros(4))
+        )
 
     cache = PrefixCache(1 << 20)
     cache.put(PrefixKeys(ids), entry(CHECKPOINT))  # a checkpoint, and past it an end
@@ -151,7 +153,7 @@ def test_a_growing_conversation_starts_where_the_previous_request_stopped(models
     assert cache is not None
     history = "ALICE. Good morrow, sir.\nBOB."
     for turn in range(4):
-        req = GenerationRequest(history, 25, SamplingParams(temperature=0.8), seed=turn)
+        req = GenerationRequest(prompt=history, max_tokens=25, params=SamplingParams(temperature=0.8), seed=turn)
         saved = cache.saved
         got = engine.generate(req)
         assert_same_generations([got], [plain.generate(req)])
@@ -199,7 +201,9 @@ def test_score_with_the_cache_equals_score_without_it(models: LoadedModels, plai
 def test_generation_starts_from_states_that_scoring_cached(models: LoadedModels, plain: Engine) -> None:
     engine = cached_engine(models)
     engine.score([SHARED + "x"], include_tokens=False)
-    req = GenerationRequest(SHARED[: 2 * CHECKPOINT + 20], 30, SamplingParams(temperature=0.8), seed=5)
+    req = GenerationRequest(
+        prompt=SHARED[: 2 * CHECKPOINT + 20], max_tokens=30, params=SamplingParams(temperature=0.8), seed=5
+    )
     got = engine.generate(req)
     assert engine.prefix_cache is not None and engine.prefix_cache.saved == 2 * CHECKPOINT
     assert_same_generations([got], [plain.generate(req)])
@@ -252,7 +256,7 @@ def test_a_long_prompt_is_encoded_between_the_steps_of_running_streams(models: L
             steps_at_prefill.append(engine.scheduler.steps)
 
     engine = Engine(models, EngineOptions(batching=True, prefill_chunk_chars=chunk), observer=NotePrefill())
-    running = engine.stream(GenerationRequest("a", 1_000_000, seed=1))
+    running = engine.stream(GenerationRequest(prompt="a", max_tokens=1_000_000, seed=1))
     next(running)
     assert engine.scheduler is not None
     long_prompt = (SHARED * 2)[:1000]

@@ -60,11 +60,17 @@ def test_a_continued_session_equals_generating_from_the_full_text(tiny_artifacts
     """In the engine, with log-probabilities: the state and the pending character carry everything."""
     engine = Engine(load_artifacts(tiny_artifacts), EngineOptions(batching=True))
     params = SamplingParams(temperature=0.9)
-    first = engine.generate(GenerationRequest("To be, or not", 20, params, seed=3, n=2, keep_session=True))
+    first = engine.generate(
+        GenerationRequest(prompt="To be, or not", max_tokens=20, params=params, seed=3, n=2, keep_session=True)
+    )
     for choice in first.choices:
         assert choice.session is not None
-        follow = GenerationRequest(" quoth he. ", 30, params, seed=9, top_logprobs=2, session=choice.session)
-        full = GenerationRequest("To be, or not" + choice.text + " quoth he. ", 30, params, seed=9, top_logprobs=2)
+        follow = GenerationRequest(
+            prompt=" quoth he. ", max_tokens=30, params=params, seed=9, top_logprobs=2, session=choice.session
+        )
+        full = GenerationRequest(
+            prompt="To be, or not" + choice.text + " quoth he. ", max_tokens=30, params=params, seed=9, top_logprobs=2
+        )
         a, b = engine.generate(follow).choices[0], engine.generate(full).choices[0]
         assert a.text == b.text and a.session is None
         torch.testing.assert_close([t.logprob for t in a.tokens], [t.logprob for t in b.tokens], rtol=0, atol=1e-5)

@@ -50,7 +50,7 @@ class Checkpointing:
     resume: bool = False
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Snapshot:
     """The loop's whole state after `step` optimizer steps."""
 

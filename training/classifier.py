@@ -21,7 +21,7 @@ from sklearn.pipeline import make_union
 from seqmodels.networks import ClassifierConfig, MLPClassifier, NgramBatch, ngram_counts
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClassifierTrainConfig:
     min_chars: int = 200  # shortest sampled passage
     max_chars: int = 1000  # longest sampled passage
@@ -102,7 +102,7 @@ def predict(model: MLPClassifier, batch: NgramBatch) -> torch.Tensor:
     return logits
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BestEpoch:
     """Early stopping on a validation score: keeps the weights of the best epoch so far."""
 
@@ -149,7 +149,7 @@ def train_mlp(
     class_weights = balanced_weights(train_y, cfg.model.num_labels)
     generator = torch.Generator().manual_seed(seed)
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": [], "val_macro_f1": []}
-    best = BestEpoch(cfg.patience)
+    best = BestEpoch(patience=cfg.patience)
     passages = [NgramBatch.text_tensors(c) for c in train_counts]
     val_batch = NgramBatch.of(val_counts)
     for _ in range(cfg.epochs):

@@ -22,7 +22,7 @@ class CorpusError(Exception):
     """A user input file that cannot be read; the message names the file and the line."""
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Document:
     name: str  # unique id, e.g. "tragedies/hamlet"
     label: str  # genre for the plays, the parent folder for user files
@@ -76,7 +76,7 @@ def load_plays() -> list[Document]:
     for genre in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")), key=lambda p: p.name):
         for play in sorted((p for p in genre.iterdir() if p.name.endswith(".md")), key=lambda p: p.name):
             text, speakers = markdown_to_play_text(play.read_text(encoding="utf-8"))
-            docs.append(Document(f"{genre.name}/{play.name[:-3]}", genre.name, text, speakers))
+            docs.append(Document(name=f"{genre.name}/{play.name[:-3]}", label=genre.name, text=text, speakers=speakers))
     return docs
 
 
@@ -107,7 +107,7 @@ def load_text_corpus(paths: list[Path]) -> list[Document]:
     for path in found:
         text = _decode(path, path.read_bytes()).replace("\r\n", "\n")
         if text.strip():
-            docs.append(Document(path.as_posix(), path.parent.name, text))
+            docs.append(Document(name=path.as_posix(), label=path.parent.name, text=text))
     if not docs:
         raise CorpusError(f"{', '.join(map(str, paths))}: every file is empty")
     return docs
@@ -146,7 +146,7 @@ def load_labels(path: Path) -> list[Document]:
     for number, text, label in rows:
         if not text.strip() or not label.strip():
             raise CorpusError(f"{path}:{number}: empty text or label")
-        docs.append(Document(f"{path.name}:{number}", label.strip(), text))
+        docs.append(Document(name=f"{path.name}:{number}", label=label.strip(), text=text))
     if len({d.label for d in docs}) < 2:
         raise CorpusError(f"{path}: needs at least two different labels")
     return docs
@@ -186,7 +186,14 @@ def chunk_documents(docs: list[Document], pieces: int) -> list[Document]:
         lines = doc.text.splitlines(keepends=True)
         step = max(1, -(-len(lines) // pieces))
         for i in range(0, len(lines), step):
-            out.append(Document(f"{doc.name}#{i // step}", doc.label, "".join(lines[i : i + step]), doc.speakers))
+            out.append(
+                Document(
+                    name=f"{doc.name}#{i // step}",
+                    label=doc.label,
+                    text="".join(lines[i : i + step]),
+                    speakers=doc.speakers,
+                )
+            )
     return out
 
 

@@ -19,7 +19,7 @@ class LaunchError(Exception):
     """Options that do not fit the launch (a total batch that the processes cannot share evenly)."""
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Cluster:
     rank: int = 0
     world_size: int = 1
@@ -66,7 +66,7 @@ def start(device: torch.device) -> tuple[Cluster, torch.device]:
         dist.init_process_group("nccl", device_id=device)
     else:
         dist.init_process_group("gloo")
-    return Cluster(rank, world_size, local_rank, dist.get_backend()), device
+    return Cluster(rank=rank, world_size=world_size, local_rank=local_rank, backend=dist.get_backend()), device
 
 
 def finish(cluster: Cluster) -> None:

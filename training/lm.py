@@ -22,7 +22,7 @@ from training.checkpoint import Checkpointing, Preempted, Snapshot, run_identity
 from training.distributed import Cluster, from_main, sum_over_processes
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LMTrainConfig:
     batch_size: int = 64  # parallel streams through the training text (on a GPU 256 won per minute)
     seq_len: int = 128  # truncated-BPTT window; the state is carried between windows
@@ -46,7 +46,7 @@ class LMTrainConfig:
     model: LMConfig = field(default_factory=LMConfig)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LMHistory:
     steps: list[int] = field(default_factory=list)
     train_bpc: list[float] = field(default_factory=list)
@@ -205,7 +205,7 @@ def _copy(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in weights.items()}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Loop:
     """What the training loop carries from step to step, and a checkpoint saves."""
 
@@ -335,7 +335,7 @@ def _optimizer_step(
     return loss
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Run:
     """What one call of `train_lm` works with besides the loop's state: its processes, where and when it
     saves checkpoints, and its clock."""
@@ -447,7 +447,7 @@ def train_lm(
     val_sample = val_text[: cfg.eval_chars]
     val_ids = torch.tensor(vocab.encode(val_sample), dtype=torch.long)
     identity = run_identity(asdict(cfg), seed, train_text, val_sample) if checkpointing is not None else {}
-    run = _Run(cfg, cluster, device, checkpointing, identity)
+    run = _Run(cfg=cfg, cluster=cluster, device=device, checkpointing=checkpointing, identity=identity)
     _resume(loop, run, rows, seed)
     history = loop.history  # after _resume: a resumed run's own
     history.bfloat16_autocast = bfloat16 = use_bfloat16(cfg.autocast, device)

@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.finish(cluster)  # the one place: after the run, and after a failure in any process
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Corpus:
     """The run's data: the LM's documents split by whole documents, the texts cut from them, and the
     classifier's labelled documents (None: the plays' genres) with their split."""
@@ -316,7 +316,16 @@ def prepare_corpus(args: argparse.Namespace) -> Corpus:
     train_text, val_text = (join(docs, names) for names in (split.train, split.validation))
     clf_split = split if labelled is None else split_or_chunk(labelled, args.seed)[1]
     test_text = held_out_text(docs, split.test)
-    return Corpus(docs, description, split, train_text, val_text, test_text, labelled, clf_split)
+    return Corpus(
+        docs=docs,
+        description=description,
+        split=split,
+        train_text=train_text,
+        val_text=val_text,
+        test_text=test_text,
+        labelled=labelled,
+        clf_split=clf_split,
+    )
 
 
 def evaluate_lm(

@@ -36,7 +36,7 @@ def top_alternatives(logprobs: torch.Tensor, wanted: Sequence[int], chars: Seque
     ]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Row:
     """One generation choice inside the batch."""
 
@@ -66,7 +66,7 @@ class _Row:
         reason = self.finish_reason(stopped, now)
         if reason is None:
             if released:
-                self.job.results.put(Delta(self.index, "".join(t.token for t in released), released))
+                self.job.results.put(Delta(index=self.index, text="".join(t.token for t in released), tokens=released))
             return None
         self.finished = True
         return reason, released if stopped else released + self.matcher.flush()
@@ -74,7 +74,17 @@ class _Row:
     def finish(self, reason: FinishReason, released: list[TokenScore], session: SessionState | None) -> None:
         """Hand the job the choice's last piece, and FINISHED after the job's last choice."""
         text = "".join(t.token for t in released)
-        self.job.results.put(Delta(self.index, text, released, reason, self.produced, self.cumulative, session))
+        self.job.results.put(
+            Delta(
+                index=self.index,
+                text=text,
+                tokens=released,
+                finish_reason=reason,
+                completion_tokens=self.produced,
+                cumulative_logprob=self.cumulative,
+                session=session,
+            )
+        )
         self.job.open_choices -= 1
         if self.job.open_choices == 0:
             self.job.results.put(FINISHED)
@@ -140,7 +150,16 @@ class DecodeBatch:
                 # It waited for room past its deadline (or the server's): it ends as documented, with nothing
                 # generated.
                 for index in range(req.n):
-                    job.results.put(Delta(index, "", [], late, 0, 0.0))
+                    job.results.put(
+                        Delta(
+                            index=index,
+                            text="",
+                            tokens=[],
+                            finish_reason=late,
+                            completion_tokens=0,
+                            cumulative_logprob=0.0,
+                        )
+                    )
                 job.results.put(FINISHED)
                 job.cancel()
         for job in jobs:
@@ -158,7 +177,16 @@ class DecodeBatch:
                 continue
             for index, generator in enumerate(make_generators(req.seed, req.n)):
                 counts = torch.zeros(len(self.chars)) if req.params.penalized else None
-                self.rows.append(_Row(job, req, index, generator, StopMatcher(req.stop), counts))
+                self.rows.append(
+                    _Row(
+                        job=job,
+                        request=req,
+                        index=index,
+                        generator=generator,
+                        matcher=StopMatcher(req.stop),
+                        counts=counts,
+                    )
+                )
                 joining.append(state)
         if joining:
             h, c = torch.stack([s.h for s in joining], dim=1), torch.stack([s.c for s in joining], dim=1)
@@ -238,7 +266,7 @@ class DecodeBatch:
         h, c = self.h[:, i].clone(), self.c[:, i].clone()
         if self.cache is not None and cached:
             keys = PrefixKeys([*row.job.prompt_ids, *row.generated[:-1]])
-            self.cache.put(keys, CachedState(keys.length, h, c, self.logits[i].clone()))
+            self.cache.put(keys, CachedState(length=keys.length, h=h, c=c, logits=self.logits[i].clone()))
         return SessionState(h, c, token_id) if req.keep_session else None
 
     def held_jobs(self) -> list[Job]:

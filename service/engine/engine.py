@@ -79,7 +79,7 @@ class Generation:
         return sum(c.completion_tokens for c in self.choices)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class EngineOptions:
     """How an engine runs, in one object (`from_settings` reads them from the service's Settings)."""
 
@@ -265,5 +265,5 @@ class Engine:
     def generate(self, req: GenerationRequest) -> Generation:
         """The whole generation: each choice's pieces merged as a stream's reader merges them."""
         merged = {delta.index: delta for delta in merge_deltas(list(self.stream(req)))}
-        choices = [merged.get(i, Delta(i, "", [])) for i in range(req.n)]
+        choices = [merged.get(i, Delta(index=i, text="", tokens=[])) for i in range(req.n)]
         return Generation(choices, prompt_tokens=len(req.prompt))

@@ -107,7 +107,7 @@ def merge_deltas(items: Sequence[Released]) -> list[Released]:
             continue
         head = merged.get(item.index)
         if head is None:
-            head = merged[item.index] = Delta(item.index, item.text, list(item.tokens))
+            head = merged[item.index] = Delta(index=item.index, text=item.text, tokens=list(item.tokens))
             out.append(head)
         else:
             head.text += item.text

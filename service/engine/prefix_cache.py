@@ -72,7 +72,7 @@ class PrefixKeys:
         return None if length % CHECKPOINT == 0 else self.key(length // CHECKPOINT * CHECKPOINT)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class CachedState:
     """The state after the first `length` ids of a sequence."""
 
@@ -97,7 +97,13 @@ class CachedState:
         """The state in `floats` (as `flat` lays it out), viewed in the shapes of h, c and the logits."""
         h_shape, c_shape, logits_shape = shapes
         a, b = h_shape.numel(), h_shape.numel() + c_shape.numel()
-        return cls(length, floats[:a].view(h_shape), floats[a:b].view(c_shape), floats[b:].view(logits_shape), logprobs)
+        return cls(
+            length=length,
+            h=floats[:a].view(h_shape),
+            c=floats[a:b].view(c_shape),
+            logits=floats[b:].view(logits_shape),
+            logprobs=logprobs,
+        )
 
     @property
     def nbytes(self) -> int:
@@ -106,7 +112,7 @@ class CachedState:
         return tensors + values + ENTRY_OVERHEAD
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Held:
     """An entry as the cache keeps it: its state in a slot of the slab."""
 
@@ -249,7 +255,9 @@ class PrefixCache:
                 self._remove(next(iter(self._entries)))
             slot = self._free.pop()
             self._slab[slot].copy_(entry.flat())
-            self._entries[key] = _Held(entry.length, slot, entry.logprobs, region, size)
+            self._entries[key] = _Held(
+                length=entry.length, slot=slot, logprobs=entry.logprobs, region=region, nbytes=size
+            )
             self.bytes += size
             if region is not None:
                 self._ends.setdefault(region, collections.Counter())[entry.length] += 1

@@ -12,7 +12,7 @@ from service.engine.observer import IGNORED, EngineObserver
 from service.engine.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Encoding:
     """A job whose prompt is being encoded: `done` ids so far, with the state and logits after them."""
 
@@ -30,7 +30,7 @@ class Encoding:
     def encoded(self) -> CachedState:
         """The state and logits after the whole prompt, once it is read."""
         assert not self.remaining and self.h is not None and self.c is not None and self.logits is not None
-        return CachedState(self.done, self.h, self.c, self.logits)
+        return CachedState(length=self.done, h=self.h, c=self.c, logits=self.logits)
 
 
 class PromptEncoder:
@@ -60,7 +60,7 @@ class PromptEncoder:
         return sum(e.job.request.n for e in self.pending if e.job.request is not None)
 
     def add(self, job: Job) -> None:
-        encoding = Encoding(job, None)
+        encoding = Encoding(job=job, keys=None)
         start = job.request.session if job.request is not None else None
         if start is not None:
             encoding.h, encoding.c = start.h, start.c
@@ -114,4 +114,4 @@ class PromptEncoder:
         for i, (e, end) in enumerate(zip(encodings, ends, strict=True)):
             e.done, e.h, e.c, e.logits = end, h[:, i].clone(), c[:, i].clone(), logits[i].clone()
             if self.cache is not None and e.keys is not None and (end % CHECKPOINT == 0 or not e.remaining):
-                self.cache.put(e.keys, CachedState(end, e.h, e.c, e.logits))
+                self.cache.put(e.keys, CachedState(length=end, h=e.h, c=e.c, logits=e.logits))

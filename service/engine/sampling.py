@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_k: int | None = None  # keep the k most likely characters

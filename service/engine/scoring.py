@@ -24,7 +24,7 @@ from service.engine.prefix_cache import CHECKPOINT, CachedState, PrefixCache, Pr
 from service.engine.types import TokenScore
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TextScore:
     text: str
     n_chars: int
@@ -163,10 +163,10 @@ class Scorer:
             length = skip + steps
             if length % CHECKPOINT == 0 and length <= len(values):
                 entry = CachedState(
-                    length,
-                    h[:, row].clone(),
-                    c[:, row].clone(),
-                    logits[steps - 1].clone(),
-                    array.array("d", values[: length - 1]),
+                    length=length,
+                    h=h[:, row].clone(),
+                    c=c[:, row].clone(),
+                    logits=logits[steps - 1].clone(),
+                    logprobs=array.array("d", values[: length - 1]),
                 )
                 self.prefix_cache.put(keys, entry)

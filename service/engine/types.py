@@ -33,7 +33,7 @@ class SessionState:
     next_id: int
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class GenerationRequest:
     prompt: str
     max_tokens: int
@@ -54,7 +54,7 @@ class GenerationRequest:
             raise ValueError(f"a generation needs n >= 1 and max_tokens >= 1, not {self.n} and {self.max_tokens}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Delta:
     """A piece of one choice's text as it is released; the last piece of a choice has `finish_reason`.
 

@@ -286,7 +286,7 @@ class ModelRepository:
     def _refuse(
         self, path: Path, current: Fingerprint, reason: str, message: str, committed: int = 0
     ) -> ModelVersion | None:
-        self._refused[path] = Refusal(current, reason, message, committed)
+        self._refused[path] = Refusal(fingerprint=current, reason=reason, message=message, memory_in_use=committed)
         MODEL_VERSIONS_REFUSED.labels(reason=reason).inc()
         serving = self.serving(path.parent.name) if self.settings.model_repository is not None else None
         still = f"; {serving.id} goes on serving" if serving is not None else ""

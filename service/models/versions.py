@@ -90,7 +90,7 @@ class ModelVersion:
         return self.engine.models.digest
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Refusal:
     fingerprint: Fingerprint
     reason: str  # "unverified" (missing, truncated, tampered, another format) or "memory"

@@ -23,7 +23,7 @@ PRIORITIES = {"interactive": 0, "batch": 1}  # the order the queue serves them i
 OPTIONS_PEEK_BYTES = 64 << 10  # bodies up to this size are looked at for `priority` and `timeout`
 
 
-@dataclass(eq=False)
+@dataclass(kw_only=True, eq=False)
 class Queued:
     """A complete model request waiting in the loop for a request thread."""
 

@@ -68,7 +68,7 @@ FORBIDDEN_TRAILERS = frozenset(
 MESSAGE_CHARS = 200  # of h11's reason in an answer: it may quote the client's bytes
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Limits:
     max_header_bytes: int  # MAX_HEADER_BYTES: the request line and header fields together (431)
     max_request_line: int  # gunicorn's limit_request_line (414)

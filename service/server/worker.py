@@ -176,7 +176,9 @@ class GracefulThreadWorker(LoopReadingWorker):
             self._answer_busy(conn, message, head_only=request.method == "HEAD", retry_after=retry)
             return
         deadline = None if timeout is None else arrived + timeout
-        entry = Queued(conn, request, pending.leftover(), arrived, deadline, size=size)
+        entry = Queued(
+            conn=conn, request=request, leftover=pending.leftover(), arrived=arrived, deadline=deadline, size=size
+        )
         self.queue.push(entry, priority)
         self._hold(conn, entry)
 

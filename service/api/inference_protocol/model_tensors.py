@@ -74,21 +74,29 @@ def compute(engine: Engine, texts: list[str], wanted: list[str], deadline: float
         probs: list[float] = []
         for text in texts:
             probs += torch.softmax(engine.next_token_logits(text).double(), dim=-1).tolist()
-        out["next_char_probs"] = Tensor("next_char_probs", "FP32", [rows, engine.vocab.size], probs)
+        out["next_char_probs"] = Tensor(
+            name="next_char_probs", datatype="FP32", shape=[rows, engine.vocab.size], data=probs
+        )
     if "log_likelihood" in wanted or "bits_per_char" in wanted:
         scores = engine.score(texts, include_tokens=False, deadline=deadline) if rows else []
-        out["log_likelihood"] = Tensor("log_likelihood", "FP32", [rows], [s.logprob for s in scores])
-        out["bits_per_char"] = Tensor("bits_per_char", "FP32", [rows], [s.bits_per_char for s in scores])
+        out["log_likelihood"] = Tensor(
+            name="log_likelihood", datatype="FP32", shape=[rows], data=[s.logprob for s in scores]
+        )
+        out["bits_per_char"] = Tensor(
+            name="bits_per_char", datatype="FP32", shape=[rows], data=[s.bits_per_char for s in scores]
+        )
     if "vocabulary" in wanted:
-        out["vocabulary"] = Tensor("vocabulary", "BYTES", [engine.vocab.size], _vocabulary(engine))
+        out["vocabulary"] = Tensor(
+            name="vocabulary", datatype="BYTES", shape=[engine.vocab.size], data=_vocabulary(engine)
+        )
     if engine.classifier is not None and {"label", "label_probs"} & set(wanted):
         found = engine.classify(texts) if rows else []
         labels = _labels(engine)
-        out["label"] = Tensor("label", "BYTES", [rows], [c.label for c in found])
+        out["label"] = Tensor(name="label", datatype="BYTES", shape=[rows], data=[c.label for c in found])
         values = [c.probabilities[label] for c in found for label in labels]
-        out["label_probs"] = Tensor("label_probs", "FP32", [rows, len(labels)], values)
+        out["label_probs"] = Tensor(name="label_probs", datatype="FP32", shape=[rows, len(labels)], data=values)
     if engine.classifier is not None and "labels" in wanted:
-        out["labels"] = Tensor("labels", "BYTES", [len(_labels(engine))], _labels(engine))
+        out["labels"] = Tensor(name="labels", datatype="BYTES", shape=[len(_labels(engine))], data=_labels(engine))
     for tensor in out.values():
         if tensor.datatype == "FP32" and not all(math.isfinite(v) for v in tensor.data):
             raise ValueError(f"output {tensor.name} is not finite")

@@ -26,7 +26,7 @@ class TensorError(ValueError):
     """A request whose tensors do not add up: answered 400 with this message."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Tensor:
     name: str
     datatype: str
@@ -173,7 +173,7 @@ def read_inputs(header: dict[str, Any], binary: memoryview) -> list[Tensor]:
             data = _check_elements(_flatten(item["data"], shape, name), datatype, name)
             if len(data) != count:
                 raise TensorError(f"input {name}: shape {shape} holds {count} elements, its data has {len(data)}")
-        tensors.append(Tensor(name, datatype, shape, data, parameters))
+        tensors.append(Tensor(name=name, datatype=datatype, shape=shape, data=data, parameters=parameters))
     if offset != len(binary):
         raise TensorError(f"the body has {len(binary) - offset} bytes after its binary tensors")
     return tensors

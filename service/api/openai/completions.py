@@ -58,7 +58,7 @@ def complete(engine: Engine, model: str, req: CompletionRequest, deadline: float
         prompt_total += len(prompt)
         generated: list[Delta]
         if req.max_tokens == 0:
-            generated = [Delta(i, "", [], finish_reason="length") for i in range(req.n)]
+            generated = [Delta(index=i, text="", tokens=[], finish_reason="length") for i in range(req.n)]
         else:
             result = engine.generate(req.generation_request(prompt, req.best_of or req.n, deadline))
             completion_total += result.completion_tokens

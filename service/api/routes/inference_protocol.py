@@ -209,7 +209,9 @@ def _shaped(tensor: Tensor, parameters: dict[str, Any], engine: Engine) -> Tenso
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(labels):
         raise bad_request(f"output {tensor.name}: classification is a count from 1 to {len(labels)}")
     rows = tensor.shape[0]
-    return Tensor(tensor.name, "BYTES", [rows, k], classification(tensor.data, len(labels), labels, k))
+    return Tensor(
+        name=tensor.name, datatype="BYTES", shape=[rows, k], data=classification(tensor.data, len(labels), labels, k)
+    )
 
 
 @bp.post("/models/<name>/infer")

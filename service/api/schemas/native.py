@@ -120,12 +120,12 @@ class GenerateRequest(RequestModel):
     def generation_request(self, deadline: float, session: SessionState | None = None) -> GenerationRequest:
         """What the engine is asked: this request's sampling, stops and choices, ending by `deadline`."""
         return GenerationRequest(
-            self.prompt,
-            self.max_tokens,
-            SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p),
-            self.seed,
-            self.stop_list(),
-            self.n,
+            prompt=self.prompt,
+            max_tokens=self.max_tokens,
+            params=SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p),
+            seed=self.seed,
+            stop=self.stop_list(),
+            n=self.n,
             deadline=deadline,
             session=session,
             keep_session=self.return_session,
