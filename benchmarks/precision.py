@@ -26,7 +26,8 @@ from benchmarks.common import RESULTS, cpu_name, timed, utc_now, write_report
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from service.engine.lstm_kernels import FusedStep, PackedLinear
 from training.corpus import load_plays
-from training.run import EVAL_SEGMENT, held_out_text
+from training.evaluation import EVAL_SEGMENT
+from training.run import held_out_text
 
 REPO = Path(__file__).resolve().parent.parent
 

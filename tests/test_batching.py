@@ -26,8 +26,8 @@ from service.engine.sampling import SamplingParams
 from service.engine.scheduler import Scheduler
 from service.engine.types import Delta, GenerationRequest, TokenScore
 from training.corpus import load_plays
+from training.evaluation import EVAL_SEGMENT
 from training.lm import evaluate_bpc
-from training.run import EVAL_SEGMENT
 
 pytestmark = pytest.mark.unit  # no server: `pytest -m unit` runs these in about a minute
 

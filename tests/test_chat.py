@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from service.api.openai.chat import scene
+from service.api.openai.play_script import scene
 from service.api.schemas.openai import ChatMessage
 from service.models.repository import SINGLE_MODEL
 

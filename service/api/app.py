@@ -131,7 +131,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
 
     models = ModelRuntime(settings)
-    app.extensions["models"] = models
+    models.init_app(app)
     models.load()  # fail fast: a repository with nothing loadable stops start-up with a clear message
     torch.set_num_threads(settings.torch_threads)
 

@@ -8,7 +8,8 @@ from flask import Blueprint, Response
 
 from service.api.context import parse, request_deadline, respond, settings, use_model
 from service.api.errors import ApiError
-from service.api.openai.chat import chat_chunks, complete_chat, scene
+from service.api.openai.chat import chat_chunks, complete_chat
+from service.api.openai.play_script import scene
 from service.api.openapi import documented
 from service.api.schemas.openai import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
 from service.api.sse import sse_response
