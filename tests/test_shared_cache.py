@@ -20,7 +20,8 @@ from benchmarks.servers import metric_total
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from service.engine.engine import Engine, EngineOptions
 from service.engine.prefix_cache import CHECKPOINT, PrefixCache, PrefixKeys
-from service.engine.shared_prefix_cache import CREATE_LOCK, OWNER_LOCK, WAYS, SharedStates, detach_all, owned_folder
+from service.engine.shared_prefix_cache import CREATE_LOCK, WAYS, SharedStates, detach_all
+from service.server.owned_folders import OWNER_LOCK, owned_folder
 from tests.conftest import gunicorn_server
 
 PROMPT = ("KING. " + "Now is the winter of our discontent made glorious summer by this sun of York. " * 12)[:900]

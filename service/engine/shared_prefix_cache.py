@@ -36,7 +36,6 @@ import fcntl
 import logging
 import mmap
 import os
-import shutil
 import struct
 import tempfile
 import threading
@@ -58,7 +57,6 @@ FLOCK = struct.Struct("hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_l
 TABLE_SUFFIX = ".states"  # a table's file name ends so (service.models.runtime names them)
 SCRATCH_SUFFIX = ".new"  # a table being made
 CREATE_LOCK = ".create.lock"  # flock'ed by the process making a table in the folder
-OWNER_LOCK = "owner.lock"  # in a server's folder: flock'ed by its master (and so its workers) while it runs
 
 
 def _ofd_lock(fd: int, kind: int, start: int, length: int, wait: bool = True) -> bool:
@@ -424,49 +422,3 @@ class SharedStates:
                 for index in range(table.sets)
                 for offset in table.slots(index)
             )
-
-
-# ---------------------------------------------------------------------- a server's folders
-
-
-def owned_folder(prefix: str, base: str | None) -> str:
-    """A fresh folder `prefix*` under `base` (None: the system's temporary folder) that this process owns
-    while it runs: it holds an flock on the folder's OWNER_LOCK, inherited by the processes it forks.
-    Folders of `prefix` whose owner is gone (a server that was killed, in a /dev/shm that outlived it)
-    are removed first."""
-    parent = Path(base or tempfile.gettempdir())
-    remove_leftovers(prefix, parent)
-    making = Path(tempfile.mkdtemp(prefix="." + prefix, dir=parent))
-    fd = os.open(making / (OWNER_LOCK + ".new"), os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # held for the life of the server (kept open on purpose, never closed)
-    os.rename(making / (OWNER_LOCK + ".new"), making / OWNER_LOCK)  # a sweep sees it only once it is held
-    folder = parent / making.name[1:]
-    os.rename(making, folder)
-    return str(folder)
-
-
-def remove_leftovers(prefix: str, parent: Path) -> list[Path]:
-    """Remove the folders `prefix*` in `parent` (and `.prefix*`, a start that was killed before its folder
-    was named) whose OWNER_LOCK no running server holds; returns them. A folder without one is left alone:
-    it was not made by `owned_folder`."""
-    removed: list[Path] = []
-    try:
-        candidates = [p for p in parent.iterdir() if p.name.lstrip(".").startswith(prefix) and p.is_dir()]
-    except OSError:
-        return removed
-    for folder in candidates:
-        try:
-            fd = os.open(folder / OWNER_LOCK, os.O_RDWR)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # its server runs
-        finally:
-            os.close(fd)
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-    for folder in removed:
-        log.info("removed %s, left by a server that is no longer running", folder)
-    return removed

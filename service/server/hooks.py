@@ -8,8 +8,9 @@ import os
 import shutil
 from typing import Any
 
-from service.engine.shared_prefix_cache import detach_all, owned_folder
+from service.engine.shared_prefix_cache import detach_all
 from service.server import connection_balancing
+from service.server.owned_folders import owned_folder
 from service.settings import Settings
 
 _owned: list[str] = []  # folders this server made, removed when it exits
