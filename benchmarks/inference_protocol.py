@@ -40,6 +40,7 @@ from benchmarks.common import (
     write_report,
 )
 from benchmarks.servers import start_gunicorn, stop
+from service.api.inference_protocol.tensors import decode_bytes_elements
 
 NUMBERS = itertools.count(1_000_000)
 INFER = "/v2/models/char-lstm/infer"
@@ -135,11 +136,7 @@ def check_same_answer(base: str) -> None:
         if "data" in output:
             values = output["data"]
         else:
-            tail, values, pos = data[int(length) :], [], 0
-            while pos < len(tail):
-                (size,) = struct.unpack_from("<I", tail, pos)
-                values.append(tail[pos + 4 : pos + 4 + size].decode())
-                pos += 4 + size
+            values = decode_bytes_elements(memoryview(data)[int(length) :], 5, "next_char_probs")
         tops.append([v.split(":", 2)[2] for v in values])
     if any(top != tops[0] for top in tops):
         raise SystemExit(f"the ways disagree: {tops}")

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from service import lifecycle
 from service.api import observability
-from service.api.context import hand_leases_to_stream, release_models, settings
+from service.api.context import hand_leases_to_stream, needs_api_key, release_models, settings
 from service.api.errors import ApiError
 from service.api.inference_protocol import is_protocol_path
 from service.api.observability import configure_logging
@@ -30,15 +30,10 @@ DRAIN_MAX_BYTES = 64 << 20
 DRAIN_SECONDS = 10.0
 
 
-def _needs_key(path: str) -> bool:
-    """The model routes: /v1/*, and /v2 but for its health probes (which Kubernetes and KServe call bare)."""
-    return path.startswith("/v1/") or (is_protocol_path(path) and not path.startswith("/v2/health/"))
-
-
 def _require_api_key() -> None:
     """With API_KEYS set, every model route needs `Authorization: Bearer <key>`; probes stay open."""
     keys = settings().api_key_list()
-    if not keys or not _needs_key(request.path):
+    if not keys or not needs_api_key(request.path):
         return
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     presented = token.strip().encode()
@@ -76,7 +71,7 @@ def _http_error(exc: HTTPException) -> Response:
 def _refuse_when_draining() -> None:
     """A model request that starts after the drain deadline (SIGTERM, see service.lifecycle) could not finish
     before the worker is stopped: 503, so that the client retries on another replica."""
-    if _needs_key(request.path) and lifecycle.draining(time.monotonic()):
+    if needs_api_key(request.path) and lifecycle.draining(time.monotonic()):
         raise ApiError(503, "the server is shutting down; retry", "service_unavailable", code="shutting_down")
 
 

@@ -12,12 +12,19 @@ from pydantic import BaseModel, ValidationError
 
 from service import lifecycle
 from service.api.errors import ApiError
+from service.api.inference_protocol import is_protocol_path
 from service.engine.types import SessionState
 from service.metrics import MODEL_REQUESTS, SESSIONS_ISSUED, SESSIONS_RESUMED
 from service.models.runtime import ModelRuntime
 from service.models.sessions import SessionError, principal_of
 from service.models.versions import ModelNotFound, ModelVersion
 from service.settings import Settings
+
+
+def needs_api_key(path: str) -> bool:
+    """The model routes, which API_KEYS guard and a draining server refuses: /v1/*, and /v2 but for its
+    health probes (which Kubernetes and KServe call bare)."""
+    return path.startswith("/v1/") or (is_protocol_path(path) and not path.startswith("/v2/health/"))
 
 
 def use_model(model: str | None) -> ModelVersion:

@@ -12,6 +12,7 @@ from flask import Flask
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from service.api.context import needs_api_key
 from service.api.schemas.common import ErrorResponse
 from service.settings import Settings
 
@@ -138,7 +139,7 @@ def build_spec(app: Flask, settings: Settings) -> dict[str, Any]:
             )
             responses["413"] = _error(f"body larger than {settings.max_body_bytes} bytes", error_model)
             responses["415"] = _error("Content-Type is not application/json", error_model)
-        if path.startswith("/v1/") or (path.startswith("/v2") and not path.startswith("/v2/health/")):
+        if needs_api_key(path):
             responses["401"] = _error("API_KEYS is set and the bearer key is missing or wrong", error_model)
             responses["503"] = _error("models not loaded, or the server is shutting down", error_model)
         request_fields = facts["request"].model_fields if facts["request"] is not None else {}

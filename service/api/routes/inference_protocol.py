@@ -95,10 +95,8 @@ def ready() -> Response:
 
 
 def _model(name: str, model_version: str | None) -> ModelVersion:
-    """The version a /v2 path names, leased for the request: the serving one without a version."""
-    if model_version is not None and not (model_version.isascii() and model_version.isdigit()):
-        raise ApiError(404, f"model {name} has no version {model_version!r}", "invalid_request_error",
-                       code="model_not_found")  # fmt: skip
+    """The version a /v2 path names, leased for the request: the serving one without a version (a version
+    that is not a positive integer is a 404 from the repository, as for /v1's NAME@VERSION)."""
     return use_model(name if model_version is None else f"{name}@{model_version}")
 
 
