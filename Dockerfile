@@ -34,12 +34,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HOST=0.0.0.0 \
     PORT=8000 \
+    GRPC_PORT=8001 \
     WORKERS=2 \
     THREADS=32 \
     LOG_LEVEL=INFO \
     ARTIFACTS_DIR=/app/artifacts
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PORT', '8000'), timeout=4)"]
 # gunicorn runs as PID 1 (exec form), so SIGTERM from `docker stop` reaches it and it stops

@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint train bench
+.PHONY: serve test lint train bench protos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -30,6 +30,12 @@ test: $(VENV)/.test-installed
 	$(BIN)/hadolint Dockerfile
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/pytest
+
+## protos: regenerate the gRPC code of the Open Inference Protocol from its .proto files
+protos: $(VENV)/.test-installed
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		service/api/inference_protocol/grpc/open_inference_grpc.proto \
+		service/api/inference_protocol/grpc/stream_infer.proto
 
 ## train: retrain on the default corpus (about an hour on 2 cores)
 train: $(VENV)/.test-installed

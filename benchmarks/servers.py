@@ -45,7 +45,8 @@ def start_gunicorn(artifacts: Path, **env: str) -> tuple[GunicornProcess, str]:
 def start_checkout(repo: Path, artifacts: Path, **env: str) -> tuple[GunicornProcess, str]:
     """As start_gunicorn, with the code and gunicorn config of another checkout of the project."""
     port = free_port()
-    environment = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "ARTIFACTS_DIR": str(artifacts), **env}
+    environment = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "ARTIFACTS_DIR": str(artifacts),
+                   "GRPC_PORT": str(free_port()), **env}  # fmt: skip
     gunicorn = Path(sys.executable).with_name("gunicorn")
     log = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 - closed by stop()
     if repo != REPO:  # another checkout's code, with this environment's packages

@@ -46,6 +46,10 @@ CONNECTIONS_TIMED_OUT = Counter(
     "or a write not sent in time",
     ["phase"],
 )
+GRPC_REQUESTS = Counter("charlm_grpc_requests_total", "gRPC calls of the inference protocol", ["method", "code"])
+GRPC_REQUEST_LATENCY = Histogram(
+    "charlm_grpc_request_duration_seconds", "gRPC call latency, to the last response of a stream", ["method"]
+)
 CHARS_SCORED = Counter("charlm_chars_scored_total", "Characters scored by /v1/score and echoed prompts", ["model"])
 CLASSIFIED = Counter("charlm_texts_classified_total", "Texts classified", ["model"])
 MODEL_LOAD_SECONDS = Gauge(

@@ -174,6 +174,29 @@ class Settings(BaseSettings):
         repr=False,
         description="key for signing session handles; empty: a random one per server start, shared by its workers",
     )
+    sequence_idle_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="/v2 sequences (sequence_id): a sequence that no request has continued for this long is "
+        "forgotten; its next request without sequence_start gets 400",
+    )
+    max_sequences: int = Field(
+        10000, ge=1, description="/v2 sequences open at once, for the whole server; a new one past it gets 503"
+    )
+    sequence_dir: Path | None = Field(
+        None,
+        description="where the states of /v2 sequences live, shared by the workers; gunicorn.conf.py sets it to "
+        "a fresh folder per server start; unset: a temporary folder of this process",
+    )
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="the Open Inference Protocol over gRPC listens here (on HOST), in every worker; 0 turns it off",
+    )
+    grpc_threads: int = Field(
+        32, ge=1, le=1024, description="per worker: gRPC calls served at once; more get RESOURCE_EXHAUSTED"
+    )
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
     api_keys: str = Field("", repr=False, description="comma-separated bearer keys for /v1/*; empty: no auth")
 

@@ -50,7 +50,10 @@ def test_model_metadata_names_every_tensor(client: FlaskClient) -> None:
     for path in ("/v2/models/char-lstm", "/v2/models/char-lstm/versions/1"):
         meta = client.get(path).get_json()
         assert meta["name"] == "char-lstm" and meta["versions"] == ["1"]
-        assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+        assert meta["inputs"] == [
+            {"name": "text", "datatype": "BYTES", "shape": [-1]},
+            {"name": "text_input", "datatype": "BYTES", "shape": [1]},
+        ]
         outputs = {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]}
         vocab = outputs["vocabulary"][1][0]
         assert outputs["next_char_probs"] == ("FP32", [-1, vocab])
@@ -130,7 +133,13 @@ BAD_INFER = [
     ({"inputs": [text_input(["a"], datatype="TEXT")]}, "unknown datatype"),
     ({"inputs": [text_input(["a"])], "outputs": [{"name": "logits"}]}, "unknown output"),
     ({"inputs": [text_input(["a"])], "outputs": [{"name": "label", "parameters": {"classification": 2}}]}, "scores"),
-    ({"inputs": [text_input(["a"])], "parameters": {"sequence_id": 7, "sequence_start": True}}, "sequence"),
+    ({"inputs": [text_input(["a"])], "parameters": {"sequence_start": True}}, "need a sequence_id"),
+    ({"inputs": [text_input(["a"])], "parameters": {"sequence_id": 7}}, "has not started"),
+    ({"inputs": [text_input(["a", "b"])], "parameters": {"sequence_id": 8, "sequence_start": True}}, "one text"),
+    ({"inputs": [text_input(["a"])], "parameters": {"sequence_id": 1.5, "sequence_start": True}}, "sequence_id"),
+    ({"inputs": [text_input(["a"], name="text_input")], "parameters": {"max_tokens": 0}}, "max_tokens"),
+    ({"inputs": [text_input(["a"], name="text_input")], "parameters": {"n": 2}}, "not a generation parameter"),
+    ({"inputs": [text_input(["a", "b"], name="text_input")]}, "one text"),
     ({"inputs": [text_input(["a"])], "parameters": {"timeout": -1}}, "timeout"),
     ({"inputs": [text_input([""])], "outputs": [{"name": "bits_per_char"}]}, "at least one character"),
     ({"inputs": [text_input(["a", "b", "c", "d", "e"])]}, "at most 4 texts"),
@@ -180,6 +189,50 @@ def test_unknown_models_and_versions_get_404(client: FlaskClient) -> None:
         assert status == 404 and set(answer) == {"error"}
     status, _ = infer(client, {"inputs": [text_input(["a"])]}, "/v2/models/char-lstm/versions/1/infer")
     assert status == 200
+
+
+PIECES = ["ROMEO: But ", "soft, what light", " through yonder"]
+
+
+@pytest.mark.unit
+def test_a_sequence_of_three_requests_equals_one_request(client: FlaskClient) -> None:
+    """Triton's sequence parameters keep the LSTM state between requests: the pieces' log-likelihoods add
+    up to the whole text's, and the last piece's next-character distribution is the whole text's."""
+    total = 0.0
+    for i, piece in enumerate(PIECES):
+        flags = {"sequence_id": "reader-1", "sequence_start": i == 0, "sequence_end": i == len(PIECES) - 1}
+        status, body = infer(client, {"inputs": [text_input([piece])], "parameters": flags})
+        assert status == 200, body
+        total += outputs_of(body)["log_likelihood"]["data"][0]
+    status, whole = infer(client, {"inputs": [text_input(["".join(PIECES)])]})
+    assert total == pytest.approx(outputs_of(whole)["log_likelihood"]["data"][0], rel=1e-5)
+    last = outputs_of(body)["next_char_probs"]["data"]
+    assert last == pytest.approx(outputs_of(whole)["next_char_probs"]["data"], abs=1e-5)
+    status, gone = infer(client, {"inputs": [text_input(["x"])], "parameters": {"sequence_id": "reader-1"}})
+    assert status == 400 and "has not started" in gone["error"]  # it ended with its third request
+
+
+@pytest.mark.unit
+def test_sequences_are_apart_and_restart(client: FlaskClient) -> None:
+    def step(sequence_id: int, text: str, start: bool = False) -> float:
+        status, body = infer(client, {"inputs": [text_input([text])],
+                                      "parameters": {"sequence_id": sequence_id, "sequence_start": start}})  # fmt: skip
+        assert status == 200, body
+        return float(outputs_of(body)["log_likelihood"]["data"][0])
+
+    first = step(1, "KING: ", start=True)
+    assert step(2, "KING: ", start=True) == first  # a second sequence starts from the start symbol too
+    after = step(1, "Speak")
+    assert step(2, "Speak") == pytest.approx(after, rel=1e-6)  # each went on from its own state
+    assert step(1, "KING: ", start=True) == first  # sequence_start again: from the start, not from "Speak"
+
+
+@pytest.mark.unit
+def test_infer_with_text_input_generates(client: FlaskClient) -> None:
+    params = {"max_tokens": 24, "seed": 5, "temperature": 0.8}
+    v1 = client.post("/v1/generate", json={"prompt": "ROMEO:", **params}).get_json()["choices"][0]
+    status, body = infer(client, {"inputs": [text_input(["ROMEO:"], name="text_input")], "parameters": params})
+    assert status == 200 and outputs_of(body)["text_output"]["data"] == [v1["text"]]
 
 
 @pytest.mark.unit

@@ -134,14 +134,17 @@ def test_ports_match_what_gunicorn_binds(docs: list[dict[str, Any]], tmp_path: P
     config = gunicorn_config(env_values(docs), tmp_path)
     host, _, port = config["bind"].rpartition(":")
     assert host == "0.0.0.0", "gunicorn must listen on every interface for the kubelet's probes and the Service"
-    assert spec.ports == {"http": int(port)}
+    grpc_port = int(env_values(docs)["GRPC_PORT"])
+    assert spec.ports == {"http": int(port), "grpc": grpc_port}
     assert all(probe.port == int(port) for probe in spec.probes.values())
     assert spec.scrape is not None and spec.scrape[0] == int(port)
-    assert int(port) in image_config().exposed
+    assert {int(port), grpc_port} <= set(image_config().exposed)
     service = one(docs, "Service")
-    (service_port,) = service["spec"]["ports"]
-    target = service_port["targetPort"]
-    assert (spec.ports[target] if isinstance(target, str) else target) == int(port)
+    targets = {entry["name"]: entry["targetPort"] for entry in service["spec"]["ports"]}
+    assert {name: spec.ports[target] if isinstance(target, str) else target for name, target in targets.items()} == {
+        "http": int(port),
+        "grpc": grpc_port,
+    }
 
 
 def test_environment_names_are_read_by_the_service(docs: list[dict[str, Any]]) -> None:

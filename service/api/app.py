@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import time
 
@@ -14,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from service import lifecycle
 from service.api import observability
+from service.api.api_keys import bearer_key
 from service.api.context import hand_leases_to_stream, needs_api_key, release_models, settings
 from service.api.errors import ApiError
 from service.api.inference_protocol import is_protocol_path
@@ -35,12 +35,7 @@ def _require_api_key() -> None:
     keys = settings().api_key_list()
     if not keys or not needs_api_key(request.path):
         return
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    presented = token.strip().encode()
-    matched = False
-    for key in keys:  # compare against every key, so the time taken does not reveal which one is close
-        matched |= hmac.compare_digest(presented, key.encode())
-    if scheme.lower() != "bearer" or not matched:
+    if bearer_key(keys, request.headers.get("Authorization", "")) is None:
         raise ApiError(
             401,
             "missing or invalid API key; send Authorization: Bearer <key>",

@@ -22,9 +22,9 @@ from service.engine.lstm_kernels import FusedStep, off_the_scheduler
 from service.engine.observer import IGNORED, EngineObserver
 from service.engine.prefix_cache import PrefixCache
 from service.engine.scheduler import Scheduler
-from service.engine.scoring import Scorer, TextScore
+from service.engine.scoring import Scorer, TextScore, text_score
 from service.engine.stop_strings import StopMatcher
-from service.engine.types import Delta, GenerationRequest, SessionState, TokenScore
+from service.engine.types import Delta, GenerationRequest, SequenceState, SessionState, TokenScore
 from service.settings import Settings
 
 __all__ = [
@@ -225,6 +225,13 @@ class Engine:
                     lambda: self.scorer.adapted(texts, include_tokens, self.models.adapt, deadline)
                 )
             return off_the_scheduler(lambda: self.scorer.score(texts, include_tokens, top_logprobs))
+
+    def continue_sequence(self, state: SequenceState | None, text: str) -> tuple[SequenceState, TextScore]:
+        """A sequence's next piece of text (see `Scorer.continue_sequence`): the state after it, and its score
+        given everything the sequence read before."""
+        with self._scoring_slots:
+            after, values = off_the_scheduler(lambda: self.scorer.continue_sequence(state, text))
+        return after, text_score(text, values, [{}] * len(text), include_tokens=False)
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
         if self.classifier is None:

@@ -21,7 +21,7 @@ from seqmodels.networks import LN2, AdaptConfig, LSTMState, Vocab
 from service.engine.decode_batch import top_alternatives
 from service.engine.lstm_kernels import FusedStep
 from service.engine.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
-from service.engine.types import TokenScore
+from service.engine.types import SequenceState, TokenScore
 
 
 @dataclass(kw_only=True)
@@ -87,6 +87,24 @@ class Scorer:
             alternatives = top_alternatives(logprobs[row, : len(text)], wanted, self.vocab.chars)
             results.append(text_score(text, values, alternatives, include_tokens))
         return results
+
+    @torch.inference_mode()
+    def continue_sequence(self, state: SequenceState | None, text: str) -> tuple[SequenceState, list[float]]:
+        """Read `text` after `state` (None: a sequence's start, from the start symbol): the state after it and
+        the log-probability of each of its characters given everything the sequence read before. Reading a
+        text in pieces gives what reading it whole gives."""
+        ids = self.vocab.encode(text)
+        if state is None:
+            inputs, initial = [self.vocab.bos_id, *ids], None
+        else:
+            inputs, initial = ids, (state.h.unsqueeze(1), state.c.unsqueeze(1))
+        if state is not None and not ids:
+            return state, []
+        logits, (h, c) = self.kernel.sequence(torch.tensor([inputs], dtype=torch.long), initial)
+        logits = logits[0]
+        before = logits[:-1] if state is None else torch.cat([state.logits.unsqueeze(0), logits[:-1]])
+        picked = torch.log_softmax(before.double(), dim=-1).gather(-1, torch.tensor(ids).unsqueeze(-1))
+        return SequenceState(h=h[:, 0].clone(), c=c[:, 0].clone(), logits=logits[-1].clone()), picked[:, 0].tolist()
 
     def adapted(
         self, texts: Sequence[str], include_tokens: bool, adapt: AdaptConfig, deadline: float | None

@@ -33,6 +33,16 @@ class SessionState:
     next_id: int
 
 
+@dataclass(frozen=True)
+class SequenceState:
+    """Where a sequence of requests stands (the Open Inference Protocol's sequences): the state after every
+    character it has read, and the logits (V,) of the character that comes next."""
+
+    h: torch.Tensor  # (layers, H)
+    c: torch.Tensor  # (layers, H)
+    logits: torch.Tensor  # (V,)
+
+
 @dataclass(kw_only=True, frozen=True)
 class GenerationRequest:
     prompt: str

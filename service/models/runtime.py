@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from service.engine.lstm_kernels import choose_precision
 from service.engine.prefix_cache import PrefixCache
 from service.engine.shared_prefix_cache import SharedStates
 from service.models.repository import ModelRepository
+from service.models.sequences import SequenceStore
 from service.models.sessions import SessionCodec
 from service.models.version_metrics import VersionMetrics
 from service.models.versions import ModelVersion, RepositoryError
@@ -41,6 +44,12 @@ class ModelRuntime:
         self.precision = str(self.dtype).removeprefix("torch.")
         log.info("weights in %s (%s)", self.precision, self.precision_reason)
         self.repository = ModelRepository(settings, self._build_engine, self._add_session_codec)
+        if settings.sequence_dir is None:  # no server made one: this process's own, removed at its exit
+            self._own_sequence_dir = tempfile.TemporaryDirectory(prefix="charlm-sequences-")
+            folder = Path(self._own_sequence_dir.name)
+        else:
+            folder = settings.sequence_dir
+        self.sequences = SequenceStore(folder, settings.sequence_idle_seconds, settings.max_sequences)
 
     def _shared_states(self, models: LoadedModels, model_id: str) -> SharedStates | None:
         """The pod-wide level of the version's prefix cache, where gunicorn.conf.py made a folder for it."""

@@ -46,6 +46,9 @@ def prepare_environment(settings: Settings) -> None:
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         os.environ["SHARED_CACHE_DIR"] = owned_folder("charlm-states-", shm)
         _owned.append(os.environ["SHARED_CACHE_DIR"])
+    if settings.sequence_dir is None:
+        os.environ["SEQUENCE_DIR"] = owned_folder("charlm-sequences-", None)
+        _owned.append(os.environ["SEQUENCE_DIR"])
     os.environ["OMP_NUM_THREADS"] = "1"
     if settings.balance_connections:
         # A few spare rows cover workers added at run time (TTIN) and replacements starting while others exit.

@@ -47,6 +47,8 @@ class GracefulThreadWorker(LoopReadingWorker):
     connection_slot: int | None = None
     accept_paused_until = 0.0  # accept() failed for want of resources: not accepting until then
     accept_failing = False  # ... and it has not succeeded since (logged once per such spell)
+    grpc_server: Any = None  # the worker's gRPC server (service.server.grpc_server), if it runs one
+    grpc_stopped: Any = None  # set once it is stopping: when its last call has ended
 
     def init_process(self) -> None:
         connection_balancing.set_pid(self.connection_slot, os.getpid())
@@ -79,12 +81,17 @@ class GracefulThreadWorker(LoopReadingWorker):
         from service import metrics
 
         self.metrics = metrics
+        from service.server.grpc_server import start_grpc_server  # gRPC only after the fork
+
+        self.grpc_server = start_grpc_server(self.app.wsgi().extensions["models"])
         super().init_process()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         """SIGTERM: set the drain deadline (service.lifecycle), by which the generations still running end
         with finish_reason "shutdown", a margin before gunicorn stops this worker; then gunicorn's own stop."""
         lifecycle.begin_shutdown(self.cfg.graceful_timeout)
+        if self.grpc_server is not None:
+            self.grpc_stopped = self.grpc_server.stop(grace=self.cfg.graceful_timeout)
         super().handle_exit(sig, frame)
 
     def set_accept_enabled(self, enabled: bool) -> None:
@@ -287,3 +294,5 @@ class GracefulThreadWorker(LoopReadingWorker):
         finally:
             for pool in self.probe_pools.values():
                 pool.shutdown(wait=False)
+            if self.grpc_stopped is not None:  # its calls still running end by the drain deadline
+                self.grpc_stopped.wait(self.cfg.graceful_timeout)

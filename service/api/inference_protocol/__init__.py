@@ -3,7 +3,19 @@ model's inputs and outputs are. The routes are `service.api.routes.inference_pro
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+
 PROTOCOL_PREFIX = "/v2"
+SERVER_NAME = "charlm-serve"
+# The protocol's extensions this server implements, by the names Triton gives them.
+EXTENSIONS = ["binary_tensor_data", "classification", "generate", "parameters", "sequence"]
+
+
+def server_version() -> str:
+    try:
+        return version("charlm-serve")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "0"
 
 
 def is_protocol_path(path: str) -> bool:

@@ -6,7 +6,8 @@ Every model takes `text` (BYTES, one text per row). Its language model gives `ne
 ranks), `log_likelihood` (FP32, [rows]: the text's natural-log probability, as /v1/score's `logprob`),
 `bits_per_char` (FP32, [rows]) and `vocabulary` (BYTES, [vocabulary]: the character of each column).
 A model trained with a classifier adds `label` (BYTES, [rows]) and `label_probs` (FP32, [rows, labels],
-columns in the order of `labels`, BYTES [labels])."""
+columns in the order of `labels`, BYTES [labels]). A request whose input is `text_input` (BYTES, [1]) asks
+instead for a generation: its one output, `text_output` (BYTES, [1]), is the generated text."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class OutputSpec:
 
 
 TEXT_INPUT = "text"
+GENERATE_INPUT, GENERATE_OUTPUT = "text_input", "text_output"  # a generation (see inference_protocol.infer)
 
 
 def _vocabulary(engine: Engine) -> list[str]:
@@ -60,9 +62,13 @@ def output_specs(engine: Engine) -> list[OutputSpec]:
 
 def metadata(engine: Engine) -> dict[str, Any]:
     """The `inputs` and `outputs` of the model's metadata."""
+    outputs = [{"name": s.name, "datatype": s.datatype, "shape": s.shape} for s in output_specs(engine)]
     return {
-        "inputs": [{"name": TEXT_INPUT, "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": s.name, "datatype": s.datatype, "shape": s.shape} for s in output_specs(engine)],
+        "inputs": [
+            {"name": TEXT_INPUT, "datatype": "BYTES", "shape": [-1]},
+            {"name": GENERATE_INPUT, "datatype": "BYTES", "shape": [1]},
+        ],
+        "outputs": [*outputs, {"name": GENERATE_OUTPUT, "datatype": "BYTES", "shape": [1]}],
     }
 
 

@@ -81,7 +81,7 @@ def _flatten(data: Any, shape: Sequence[int], name: str) -> list[Any]:
     return flat
 
 
-def _check_elements(values: list[Any], datatype: str, name: str) -> list[Any]:
+def check_elements(values: list[Any], datatype: str, name: str) -> list[Any]:
     if datatype == "BYTES":
         if not all(isinstance(v, str) for v in values):
             raise TensorError(f"input {name}: BYTES data must be strings in JSON")
@@ -119,7 +119,7 @@ def decode_bytes_elements(raw: memoryview, count: int, name: str) -> list[str]:
     return values
 
 
-def _decode_binary(raw: memoryview, datatype: str, count: int, name: str) -> list[Any]:
+def decode_binary(raw: memoryview, datatype: str, count: int, name: str) -> list[Any]:
     if datatype == "BYTES":
         return decode_bytes_elements(raw, count, name)
     if datatype == "BOOL":
@@ -132,7 +132,19 @@ def _decode_binary(raw: memoryview, datatype: str, count: int, name: str) -> lis
     values.frombytes(raw)
     if struct.pack("=I", 1) != struct.pack("<I", 1):  # pragma: no cover - big-endian hosts
         values.byteswap()
-    return _check_elements(values.tolist(), datatype, name)
+    return check_elements(values.tolist(), datatype, name)
+
+
+def checked_count(name: str, datatype: Any, shape: Sequence[int]) -> int:
+    """The elements of an input of `datatype` and `shape`, once both are known to be valid and within bounds."""
+    if datatype not in DATATYPES:
+        raise TensorError(f"input {name}: unknown datatype {datatype!r}")
+    if any(d < 0 for d in shape):
+        raise TensorError(f"input {name}: shape {list(shape)} has a negative dimension")
+    count = element_count(shape)
+    if count > MAX_ELEMENTS:
+        raise TensorError(f"input {name}: {count} elements is more than the {MAX_ELEMENTS} a tensor may have")
+    return count
 
 
 def read_inputs(header: dict[str, Any], binary: memoryview) -> list[Tensor]:
@@ -148,29 +160,24 @@ def read_inputs(header: dict[str, Any], binary: memoryview) -> list[Tensor]:
         parameters = item.get("parameters") or {}
         if not isinstance(name, str) or not name:
             raise TensorError("each input needs a name")
-        if datatype not in DATATYPES:
-            raise TensorError(f"input {name}: unknown datatype {datatype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise TensorError(f"input {name}: shape must be a list of integers")
-        if any(d < 0 for d in shape):
-            raise TensorError(f"input {name}: shape {shape} has a negative dimension")
         if not isinstance(parameters, dict):
             raise TensorError(f"input {name}: parameters must be an object")
-        count = element_count(shape)
-        if count > MAX_ELEMENTS:
-            raise TensorError(f"input {name}: {count} elements is more than the {MAX_ELEMENTS} a tensor may have")
+        count = checked_count(name, datatype, shape)
+        assert isinstance(datatype, str)  # checked_count knows it
         size = parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise TensorError(f"input {name}: binary_data_size must be a byte count")
             if offset + size > len(binary):
                 raise TensorError(f"input {name}: binary_data_size {size} runs past the end of the body")
-            data = _decode_binary(binary[offset : offset + size], datatype, count, name)
+            data = decode_binary(binary[offset : offset + size], datatype, count, name)
             offset += size
         else:
             if "data" not in item:
                 raise TensorError(f"input {name}: no data (in JSON `data` or as binary_data_size bytes)")
-            data = _check_elements(_flatten(item["data"], shape, name), datatype, name)
+            data = check_elements(_flatten(item["data"], shape, name), datatype, name)
             if len(data) != count:
                 raise TensorError(f"input {name}: shape {shape} holds {count} elements, its data has {len(data)}")
         tensors.append(Tensor(name=name, datatype=datatype, shape=shape, data=data, parameters=parameters))
