@@ -2,6 +2,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+# KServe's SDK, for tests/test_kserve.py, in an environment apart (tests/kserve/requirements.txt says why)
+KSERVE_VENV := .venv-kserve
 
 .PHONY: serve test lint train bench protos
 
@@ -17,12 +19,17 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@ $(VENV)/.serve-installed
 
+$(KSERVE_VENV)/.installed: tests/kserve/requirements.txt
+	$(PYTHON) -m venv $(KSERVE_VENV) || python3 -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install --quiet -r tests/kserve/requirements.txt
+	touch $@
+
 ## serve: the committed artifacts on 127.0.0.1:8000 under gunicorn
 serve: $(VENV)/.serve-installed
 	$(BIN)/gunicorn -c gunicorn.conf.py
 
 ## test: lint, format check, type-check, the layers' import rule, Dockerfile lint, the docs site and the pytest suite
-test: $(VENV)/.test-installed
+test: $(VENV)/.test-installed $(KSERVE_VENV)/.installed
 	$(BIN)/ruff check seqmodels service training tests benchmarks gunicorn.conf.py docs/hooks
 	$(BIN)/ruff format --check seqmodels service training tests benchmarks gunicorn.conf.py docs/hooks
 	$(BIN)/mypy
