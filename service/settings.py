@@ -195,7 +195,14 @@ class Settings(BaseSettings):
         description="the Open Inference Protocol over gRPC listens here (on HOST), in every worker; 0 turns it off",
     )
     grpc_threads: int = Field(
-        32, ge=1, le=1024, description="per worker: gRPC calls served at once; more get RESOURCE_EXHAUSTED"
+        64, ge=1, le=1024, description="per worker: gRPC calls served at once, each on a thread of its own"
+    )
+    grpc_max_calls: int = Field(
+        256,
+        ge=1,
+        le=65536,
+        description="per worker: gRPC calls in progress, those waiting for a thread included; more get "
+        "RESOURCE_EXHAUSTED at once",
     )
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
     api_keys: str = Field("", repr=False, description="comma-separated bearer keys for /v1/*; empty: no auth")

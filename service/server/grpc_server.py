@@ -28,7 +28,7 @@ def start_grpc_server(models: ModelRuntime) -> grpc.Server | None:
         return None
     server = grpc.server(
         ThreadPoolExecutor(max_workers=settings.grpc_threads, thread_name_prefix="grpc"),
-        maximum_concurrent_rpcs=settings.grpc_threads,  # more get RESOURCE_EXHAUSTED at once
+        maximum_concurrent_rpcs=max(settings.grpc_max_calls, settings.grpc_threads),  # more: RESOURCE_EXHAUSTED
         options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", settings.max_body_bytes),
