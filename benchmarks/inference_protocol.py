@@ -4,12 +4,13 @@
 
 One gunicorn server with the committed artifacts, loopback only. At each level, that many closed-loop
 clients (aiohttp, each prompt of its own: 6 letters no other request shares, then 94 characters of a
-play) ask for the five most likely next characters three ways, one after the other, round after round:
+play) ask for the five most likely next characters four ways, one after the other, round after round:
 `/v1/next-token` with top_k 5; `/v2/models/char-lstm/infer` in JSON with `next_char_probs` and Triton's
-classification parameter at 5; and the same with the input and the output as binary tensors (Triton's
-binary extension, as tritonclient sends by default). Reported per level and way: goodput (200 answers
-per second) and p50 / p99, medians over the rounds, and /v2's goodput over /v1's. Writes
-inference_protocol.json and .md into --out.
+classification parameter at 5; the same with the input and the output as binary tensors (Triton's binary
+extension, as tritonclient sends by default); and the same call over gRPC (`ModelInfer`, raw tensors,
+one HTTP/2 channel per client, through grpc.aio with tritonclient's messages). Reported per level and
+way: goodput (200 answers per second) and p50 / p99, medians over the rounds, and /v2's goodput over
+/v1's. Writes inference_protocol.json and .md into --out.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from benchmarks.common import (
     window,
     write_report,
 )
-from benchmarks.servers import start_gunicorn, stop
+from benchmarks.servers import free_port, start_gunicorn, stop, wait_until_up
 from service.api.inference_protocol.tensors import decode_bytes_elements
 
 NUMBERS = itertools.count(1_000_000)
@@ -83,6 +84,63 @@ WAYS: dict[str, Callable[[str], Request]] = {
     "/v2 infer, JSON": v2_json,
     "/v2 infer, binary": v2_binary,
 }
+GRPC_WAY = "/v2 infer, gRPC"
+
+
+def grpc_request(text: str) -> Any:
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name="char-lstm")
+    request.inputs.add(name="text", datatype="BYTES", shape=[1])
+    raw = text.encode()
+    request.raw_input_contents.append(struct.pack("<I", len(raw)) + raw)
+    output = request.outputs.add(name="next_char_probs")
+    output.parameters["classification"].int64_param = 5
+    return request
+
+
+async def grpc_closed_loop(target: str, clients: int, seconds: float) -> dict[str, float]:
+    """As closed_loop, over gRPC: each client with a channel of its own."""
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    latencies: list[float] = []
+    other = 0
+
+    async def client(measure_from: float, until: float) -> None:
+        nonlocal other
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            while (started := time.monotonic()) < until:
+                try:
+                    await stub.ModelInfer(grpc_request(prompt(next(NUMBERS))), timeout=60)
+                    ok = True
+                except grpc.aio.AioRpcError:
+                    ok = False
+                if started >= measure_from:
+                    if ok:
+                        latencies.append(time.monotonic() - started)
+                    else:
+                        other += 1
+
+    measure_from = time.monotonic() + 1.0
+    await asyncio.gather(*(client(measure_from, measure_from + seconds) for _ in range(clients)))
+    return {
+        "goodput": len(latencies) / seconds,
+        "failed": other,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+    }
+
+
+def grpc_top(target: str, text: str) -> list[str]:
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(grpc_request(text), timeout=30)
+    values = decode_bytes_elements(memoryview(response.raw_output_contents[0]), 5, "next_char_probs")
+    return [v.split(":", 2)[2] for v in values]
 
 
 async def closed_loop(base: str, clients: int, seconds: float, build: Callable[[str], Request]) -> dict[str, float]:
@@ -118,8 +176,8 @@ async def closed_loop(base: str, clients: int, seconds: float, build: Callable[[
     }
 
 
-def check_same_answer(base: str) -> None:
-    """The three ways name the same five characters for one prompt (else the comparison means nothing)."""
+def check_same_answer(base: str, target: str) -> None:
+    """The four ways name the same five characters for one prompt (else the comparison means nothing)."""
     import urllib.request
 
     text = prompt(7)
@@ -138,6 +196,7 @@ def check_same_answer(base: str) -> None:
         else:
             values = decode_bytes_elements(memoryview(data)[int(length) :], 5, "next_char_probs")
         tops.append([v.split(":", 2)[2] for v in values])
+    tops.append(grpc_top(target, text))
     if any(top != tops[0] for top in tops):
         raise SystemExit(f"the ways disagree: {tops}")
 
@@ -169,14 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    proc, base = start_gunicorn(ARTIFACTS)
+    grpc_port = free_port()
+    proc, base = start_gunicorn(ARTIFACTS, GRPC_PORT=str(grpc_port))
+    target = f"127.0.0.1:{grpc_port}"
     try:
-        check_same_answer(base)
-        runs: dict[int, dict[str, list[dict[str, float]]]] = {level: {way: [] for way in WAYS} for level in args.levels}
+        wait_until_up(proc, base)
+        check_same_answer(base, target)
+        ways = [*WAYS, GRPC_WAY]
+        runs: dict[int, dict[str, list[dict[str, float]]]] = {level: {way: [] for way in ways} for level in args.levels}
         for _ in range(args.rounds):
             for level in args.levels:
                 for way, build in WAYS.items():
                     runs[level][way].append(asyncio.run(closed_loop(base, level, args.seconds, build)))
+                runs[level][GRPC_WAY].append(asyncio.run(grpc_closed_loop(target, level, args.seconds)))
     finally:
         stop(proc)
     levels = {
