@@ -8,7 +8,7 @@ play) ask for the five most likely next characters four ways, one after the othe
 `/v1/next-token` with top_k 5; `/v2/models/char-lstm/infer` in JSON with `next_char_probs` and Triton's
 classification parameter at 5; the same with the input and the output as binary tensors (Triton's binary
 extension, as tritonclient sends by default); and the same call over gRPC (`ModelInfer`, raw tensors,
-one HTTP/2 channel per client, through grpc.aio with tritonclient's messages). Reported per level and
+one HTTP/2 connection per client, through grpc.aio with tritonclient's messages). Reported per level and
 way: goodput (200 answers per second) and p50 / p99, medians over the rounds, and /v2's goodput over
 /v1's. Writes inference_protocol.json and .md into --out.
 """
@@ -109,7 +109,9 @@ async def grpc_closed_loop(target: str, clients: int, seconds: float) -> dict[st
 
     async def client(measure_from: float, until: float) -> None:
         nonlocal other
-        async with grpc.aio.insecure_channel(target) as channel:
+        # A connection of its own: gRPC shares one between channels with the same arguments by default, which
+        # would put every client on the one worker that accepted it.
+        async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
             while (started := time.monotonic()) < until:
                 try:
