@@ -61,6 +61,28 @@ MODEL_MEMORY_BYTES = Gauge(
     ["model"],
     multiprocess_mode="livesum",
 )
+MODEL_TRAFFIC_WEIGHT = Gauge(
+    "charlm_model_traffic_weight",
+    "Share of its model's unpinned requests a loaded version takes (0 to 1), per worker",
+    ["model"],
+    multiprocess_mode="liveall",
+)
+SHADOW_LABELS = ["serving", "candidate", "kind"]
+SHADOW_COMPARISONS = Counter(
+    "charlm_shadow_comparisons_total", "Requests run again on a shadow candidate and compared", SHADOW_LABELS
+)
+SHADOW_CHARS = Counter("charlm_shadow_chars_total", "Characters both versions of a comparison scored", SHADOW_LABELS)
+SHADOW_BITS = Counter(
+    "charlm_shadow_bits_total",
+    "Bits each version (version=serving|candidate) spent on the compared characters",
+    [*SHADOW_LABELS, "version"],
+)
+SHADOW_TOP1_AGREEMENTS = Counter(
+    "charlm_shadow_top1_agreements_total",
+    "Next-token comparisons where both versions rank the same character first",
+    ["serving", "candidate"],
+)
+SHADOW_DROPPED = Counter("charlm_shadow_dropped_total", "Shadow comparisons dropped, the queue being full", ["model"])
 MODEL_SERVING_VERSION = Gauge(
     "charlm_model_serving_version",
     "The version that serves requests naming the model, per worker",

@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     model_repository: Path | None = Field(
         None,
         description="a model repository: NAME/VERSION/ folders, each written by `python -m training.run "
-        "--repository DIR --name NAME`; each model's newest verified version serves",
+        "--repository DIR --name NAME`; each model's newest verified version serves, or its versions by weight",
     )
     default_model: str = Field(
         "", description="the model of requests that name none; empty: the only model, else the first by name"
@@ -51,6 +51,20 @@ class Settings(BaseSettings):
         le=64,
         description="per model: the newest verified versions kept loaded; the newest serves, older ones answer "
         "requests pinned to them (NAME@VERSION)",
+    )
+    traffic_weights: str = Field(
+        "",
+        description='weights of unpinned requests over a model\'s loaded versions, {"MODEL": {"VERSION": weight}}, '
+        "for models whose repository folder has no traffic.json; empty: the newest version takes them all",
+    )
+    quality_gate: bool = Field(
+        True, description="compare a new version with the serving one before it takes traffic (docs/models.md)"
+    )
+    quality_gate_bits: float = Field(
+        0.05,
+        ge=0,
+        description="the quality gate refuses a new version whose bits per character on the probe text exceed "
+        "the serving version's by more than this",
     )
     model_memory_mb: float = Field(
         512.0,

@@ -101,6 +101,16 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) 
     return out
 
 
+@pytest.fixture(scope="session")
+def worse_artifacts(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> Path:
+    """The tiny model's recipe stopped after 3 training steps: a clearly worse version of it."""
+    out = tmp_path_factory.mktemp("worse") / "artifacts"
+    args = [*TINY_TRAIN_ARGS]
+    args[args.index("--max-steps") + 1], args[args.index("--eval-every") + 1] = "3", "3"
+    assert train_main(["--corpus", str(tiny_corpus), "--out", str(out), *args]) == 0
+    return out
+
+
 # Not English and not Latin script: Russian sentences written for these tests, read as a corpus of three
 # documents with no labels, so the model is trained with --no-classifier.
 CYRILLIC_SENTENCES = [

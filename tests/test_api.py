@@ -57,7 +57,9 @@ def test_models_list_has_openai_shape_and_metadata(client: FlaskClient) -> None:
     assert body["object"] == "list"
     by_id = {m["id"]: m for m in body["data"]}
     assert list(by_id) == [LM_ID, SERVED]  # the model (its serving version), then each loaded version
-    assert by_id[LM_ID] | {"id": SERVED} == by_id[SERVED] | {"versions": [1]}
+    model_only = {"versions": [1], "traffic": {"1": 1.0}, "shadow": None, "refused_versions": []}
+    assert by_id[LM_ID] | {"id": SERVED} == by_id[SERVED] | model_only
+    assert by_id[SERVED]["traffic_weight"] == 1.0
     for card in body["data"]:
         assert card["object"] == "model"
         assert isinstance(card["created"], int) and card["created"] > 1_700_000_000

@@ -17,6 +17,7 @@ from service.engine.types import SessionState
 from service.metrics import MODEL_REQUESTS, SESSIONS_ISSUED, SESSIONS_RESUMED
 from service.models.runtime import ModelRuntime
 from service.models.sessions import SessionError, principal_of
+from service.models.shadow import Kind
 from service.models.versions import ModelNotFound, ModelVersion
 from service.settings import Settings
 
@@ -27,14 +28,25 @@ def needs_api_key(path: str) -> bool:
     return path.startswith("/v1/") or (is_protocol_path(path) and not path.startswith("/v2/health/"))
 
 
-def use_model(model: str | None) -> ModelVersion:
-    """The version a request's `model` names, held loaded until the request (or its stream) ends; 404
-    `model_not_found` for an unknown model or version."""
+def sticky_key(user: str | None = None) -> str | None:
+    """What keeps a client on one version while a model's traffic is split (service.models.traffic): the
+    request's OpenAI `user`, else its API key (hashed), else nothing."""
+    if user:
+        return "user\0" + user
+    if settings().api_key_list():
+        return "key\0" + principal().hex()
+    return None
+
+
+def use_model(model: str | None, user: str | None = None) -> ModelVersion:
+    """The version a request's `model` names (one by weight, sticky by `user` or API key, where it names no
+    version), held loaded until the request (or its stream) ends; 404 `model_not_found` for an unknown model
+    or version."""
     repository = runtime().repository
     if repository.empty():
         raise ApiError(503, "no model is loaded", "service_unavailable", code="not_ready")
     try:
-        mv = repository.acquire(model)
+        mv = repository.acquire(model, sticky_key(user))
     except ModelNotFound as exc:
         raise ApiError(404, str(exc), "invalid_request_error", param="model", code="model_not_found") from None
     _hold(mv)
@@ -69,6 +81,11 @@ def release_models(_: BaseException | None = None) -> None:
         return
     for mv in leases:
         runtime().repository.release(mv)
+
+
+def mirror(mv: ModelVersion, kind: Kind, text: str) -> None:
+    """After the answer: offer the request's text for a shadow comparison (service.models.shadow)."""
+    runtime().repository.mirror(mv, kind, text)
 
 
 def principal() -> bytes:

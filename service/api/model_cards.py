@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import calendar
 import time
+from pathlib import Path
 from typing import Any
 
 from seqmodels.artifacts import CLASSIFIER_DIR, LM_DIR, WEIGHTS_FILE
@@ -20,8 +21,27 @@ def model_entries(repository: ModelRepository) -> list[dict[str, Any]]:
         versions = repository.versions(name)
         if not versions:
             continue
-        cards = [describe_version(mv, i == 0, default=name == default and i == 0) for i, mv in enumerate(versions)]
-        entries.append(cards[0] | {"id": name, "versions": [mv.version for mv in versions]})  # the serving one
+        serving = repository.serving(name)
+        weights = repository.weights_in_force(name)
+        cards = [
+            describe_version(mv, mv is serving, default=name == default and mv is serving)
+            | {"traffic_weight": weights.get(mv.version, 0.0)}
+            for mv in versions
+        ]
+        refused = [
+            {"path": path, "reason": refusal.reason, "message": refusal.message}
+            for path, refusal in sorted(repository.refusals().items())
+            if Path(path).parent.name == name or repository.settings.model_repository is None
+        ]
+        card = next(c for c, mv in zip(cards, versions, strict=True) if mv is serving)
+        shadow = repository.shadow_in_force(name)
+        entries.append(card | {
+            "id": name,
+            "versions": [mv.version for mv in versions],
+            "traffic": {str(v): w for v, w in weights.items()},
+            "shadow": None if shadow is None else {"version": shadow.version, "percent": shadow.percent},
+            "refused_versions": refused,
+        })  # fmt: skip
         entries += cards
     return entries
 

@@ -41,9 +41,13 @@ from service.metrics import (
     MODEL_LOAD_SECONDS,
     MODEL_MEMORY_BYTES,
     MODEL_SERVING_VERSION,
+    MODEL_TRAFFIC_WEIGHT,
     MODEL_VERSIONS_REFUSED,
     PREFIX_CACHE_SHARED_BYTES,
 )
+from service.models.quality_gate import QualityGate
+from service.models.shadow import Kind, ShadowConfig, ShadowRunner
+from service.models.traffic import TrafficError, TrafficPlan, pick, read_traffic_file, settings_weights
 from service.models.versions import (
     VERSION_SEPARATOR,
     Fingerprint,
@@ -77,6 +81,15 @@ class ModelRepository:
         self.on_loaded = on_loaded
         self.sighup = SighupCounter()
         self._models: dict[str, dict[int, ModelVersion]] = {}  # name -> version -> loaded version
+        self._weights: dict[str, dict[int, float]] = {}  # name -> version -> weight, where weights are set
+        self._shadows: dict[str, ShadowConfig] = {}  # name -> its shadow candidate, where it has one
+        self.shadow = ShadowRunner(self.acquire_version, self.release)
+        self.quality_gate = QualityGate(settings)
+        try:
+            self._configured_weights = settings_weights(settings.traffic_weights)
+        except TrafficError as exc:
+            log.error("%s; the newest version of each model takes its traffic", exc)
+            self._configured_weights = {}
         self._refused: dict[Path, Refusal] = {}
         self._draining: set[ModelVersion] = set()  # retired versions that requests still hold
         self._lock = threading.Lock()  # the tables and the leases
@@ -162,21 +175,86 @@ class ModelRepository:
                 keep.append(mv)
             elif loaded is not None:
                 keep.append(loaded)
-        return self._publish(name, keep, "newer versions replaced it", on_disk={v for v, _ in folders})
+        plan = self._read_traffic(name)
+        keep = self._gate(name, keep, table, plan.weights)
+        return self._publish(name, keep, "newer versions replaced it", on_disk={v for v, _ in folders}, plan=plan)
 
-    def _publish(self, name: str, keep: list[ModelVersion], why: str, on_disk: set[int] | None = None) -> list[str]:
-        """Make `keep` the model's loaded versions in one swap of the tables (a reader sees the old set or
-        the new one, never a model without versions between them), then retire the versions left out."""
+    def _read_traffic(self, name: str) -> TrafficPlan:
+        """The model's traffic.json, else TRAFFIC_WEIGHTS; on a bad file, what is in force."""
+        root = self.settings.model_repository
+        try:
+            found = read_traffic_file(root / name) if root is not None else None
+        except TrafficError as exc:
+            log.error("%s; the traffic in force stays", exc)
+            return TrafficPlan(weights=self._weights.get(name), shadow=self._shadows.get(name))
+        if found is not None and found.weights is not None:
+            return found
+        return TrafficPlan(weights=self._configured_weights.get(name), shadow=found.shadow if found else None)
+
+    def _gate(
+        self, name: str, keep: list[ModelVersion], table: dict[int, ModelVersion], weights: dict[int, float] | None
+    ) -> list[ModelVersion]:
+        """The quality gate (service.models.quality_gate): a version loaded by this sync that would take
+        unpinned traffic is compared with the version that takes it now (at start-up, the next version
+        kept) and refused, unloaded, if it is worse by more than QUALITY_GATE_BITS."""
+        before = self.serving(name)
+        kept = list(keep)
+        for mv in keep:
+            if table.get(mv.version) is mv or not self._takes_traffic(mv, kept, weights):
+                continue
+            baseline = before if before is not None else next((o for o in kept if o is not mv), None)
+            if baseline is None or baseline is mv:
+                continue
+            verdict = self.quality_gate.judge(mv, baseline)
+            if verdict is not None:
+                kept.remove(mv)
+                mv.engine.close()
+                self._refuse(mv.path, mv.fingerprint, "quality", f"{mv.id}: {verdict}")
+        return kept
+
+    @staticmethod
+    def _takes_traffic(mv: ModelVersion, keep: list[ModelVersion], weights: dict[int, float] | None) -> bool:
+        effective = effective_weights(keep, weights)
+        return effective.get(mv.version, 0.0) > 0
+
+    def _publish(
+        self,
+        name: str,
+        keep: list[ModelVersion],
+        why: str,
+        on_disk: set[int] | None = None,
+        plan: TrafficPlan | None = None,
+    ) -> list[str]:
+        """Make `keep` the model's loaded versions, with their weights, in one swap of the tables (a reader
+        sees the old set or the new one, never a model without versions between them), then retire the
+        versions left out."""
         was = self._models.get(name, {})
         was_serving = self.serving(name)
+        was_weights = self.weights_in_force(name)
+        weights = plan.weights if plan is not None else None
         with self._lock:
-            models = dict(self._models)
+            models, all_weights, shadows = dict(self._models), dict(self._weights), dict(self._shadows)
             if keep:
                 models[name] = {mv.version: mv for mv in keep}
             else:
                 models.pop(name, None)
-            self._models = models
+            if keep and weights:
+                all_weights[name] = weights
+            else:
+                all_weights.pop(name, None)
+            if keep and plan is not None and plan.shadow is not None:
+                shadows[name] = plan.shadow
+            else:
+                shadows.pop(name, None)
+            self._models, self._weights, self._shadows = models, all_weights, shadows
         changes = []
+        now_weights = self.weights_in_force(name)
+        if now_weights != was_weights:
+            for mv in keep:
+                MODEL_TRAFFIC_WEIGHT.labels(model=mv.id).set(now_weights.get(mv.version, 0.0))
+            if len(keep) > 1 or weights:
+                shares = ", ".join(f"{v}: {w:.0%}" for v, w in sorted(now_weights.items()) if w > 0)
+                changes.append(f"model {name}: traffic {shares}")
         now_serving = self.serving(name)
         if now_serving is not was_serving:
             MODEL_SERVING_VERSION.labels(model=name).set(0 if now_serving is None else now_serving.version)
@@ -318,32 +396,56 @@ class ModelRepository:
     # ------------------------------------------------------------------ serving
 
     def serving(self, name: str) -> ModelVersion | None:
+        """The version that takes the largest share of the model's unpinned traffic (the newest of equals)."""
         versions = self._models.get(name)  # the tables are replaced, never changed in place: no lock needed
-        return versions[max(versions)] if versions else None
+        if not versions:
+            return None
+        shares = effective_weights(list(versions.values()), self._weights.get(name))
+        return versions[max(shares, key=lambda v: (shares[v], v))]
+
+    def mirror(self, serving: ModelVersion, kind: Kind, text: str) -> None:
+        """Offer a request's text for a shadow comparison, where the model has a shadow candidate loaded."""
+        config = self._shadows.get(serving.name)
+        if config is not None:
+            candidate = self._models.get(serving.name, {}).get(config.version)
+            self.shadow.offer(serving, candidate, config.percent, kind, text)
+
+    def shadow_in_force(self, name: str) -> ShadowConfig | None:
+        return self._shadows.get(name)
+
+    def weights_in_force(self, name: str) -> dict[int, float]:
+        """Each loaded version's share of the model's unpinned requests, from 0 to 1."""
+        versions = self._models.get(name)
+        if not versions:
+            return {}
+        shares = effective_weights(list(versions.values()), self._weights.get(name))
+        total = sum(shares.values())
+        return {v: shares.get(v, 0.0) / total for v in sorted(versions)}
 
     def default_name(self) -> str | None:
         if self.settings.default_model:
             return self.settings.default_model
         return min(self._models, default=None)
 
-    def resolve(self, model: str | None) -> ModelVersion:
-        """The version a request's `model` means (absent: DEFAULT_MODEL's serving version)."""
+    def resolve(self, model: str | None, sticky: str | None = None) -> ModelVersion:
+        """The version a request's `model` means (absent: DEFAULT_MODEL): the one it pins, or one of the
+        model's by weight, by `sticky`'s hash where the request has a sticky key (service.models.traffic)."""
         name, version = parse_model(model) if model is not None else (self.default_name() or "", None)
-        versions = self._models.get(name)
+        versions, weights = self._models.get(name), self._weights.get(name)  # one table, read once
         if not versions:
             known = ", ".join(sorted(self._models)) or "none"
             raise ModelNotFound(f"The model `{model or name}` does not exist; the models are: {known}")
         if version is None:
-            return versions[max(versions)]  # what serving(name) gives, from the table already read
+            return versions[pick(effective_weights(list(versions.values()), weights), sticky)]
         if version not in versions:
             loaded = ", ".join(mv.id for mv in versions.values())
             raise ModelNotFound(f"The model `{model}` is not loaded; the loaded versions are: {loaded}")
         return versions[version]
 
-    def acquire(self, model: str | None) -> ModelVersion:
+    def acquire(self, model: str | None, sticky: str | None = None) -> ModelVersion:
         """Resolve `model` and hold its version loaded until `release`."""
         with self._lock:
-            mv = self.resolve(model)
+            mv = self.resolve(model, sticky)
             mv.leases += 1
             return mv
 
@@ -443,6 +545,17 @@ class ModelRepository:
             next_poll = self._due_at() if poll > 0 else 0.0
 
     # ------------------------------------------------------------------ metadata
+
+
+def effective_weights(versions: list[ModelVersion], weights: dict[int, float] | None) -> dict[int, float]:
+    """The weights of the loaded `versions` (0 for those the weights leave out); without weights, or where
+    none of the loaded versions has one above 0, the newest takes everything."""
+    loaded = {mv.version for mv in versions}
+    if weights:
+        shares = {v: weights.get(v, 0.0) for v in loaded}
+        if any(shares.values()):
+            return shares
+    return {v: (1.0 if v == max(loaded) else 0.0) for v in loaded}
 
 
 def _set_gauges(mv: ModelVersion) -> None:

@@ -88,7 +88,7 @@ async def call(base: str, key: str, model: str, texts: list[str]) -> dict[str, A
     found["outputs"] = {out.name: out.as_numpy().tolist() for out in response.outputs}
     found["outputs"]["label"] = [v.decode() if isinstance(v, bytes) else v for v in found["outputs"]["label"]]
     found["outputs"]["vocabulary"] = [v.decode() if isinstance(v, bytes) else v for v in found["outputs"]["vocabulary"]]
-    errors = {}
+    errors: dict[str, list[Any] | None] = {}
     for what, bad_model, tensor in (
         ("wrong datatype", model, InferInput("text", [1], "FP32", data=[1.0])),
         ("unknown input", model, InferInput("prompt", [1], "BYTES", data=["a"])),

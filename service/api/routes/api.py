@@ -8,7 +8,16 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from service.api.context import open_session, parse, request_deadline, respond, runtime, seal_session, use_model
+from service.api.context import (
+    mirror,
+    open_session,
+    parse,
+    request_deadline,
+    respond,
+    runtime,
+    seal_session,
+    use_model,
+)
 from service.api.errors import ApiError
 from service.api.model_cards import model_entries
 from service.api.openapi import documented
@@ -48,6 +57,7 @@ def next_token() -> Response:
     req = parse(NextTokenRequest)
     mv = use_model(req.model)
     result = mv.engine.next_token(req.text, req.top_k)
+    mirror(mv, "next_token", req.text)
     return respond(NextTokenResponse.model_validate({"model": mv.id, **vars(result)}, from_attributes=True))
 
 
@@ -74,6 +84,7 @@ def generate() -> Response:
     if req.stream:
         return sse_response(generate_chunks(mv, gen))
     result = mv.engine.generate(gen)
+    mirror(mv, "generation", gen.prompt + result.choices[0].text)
     choices = [
         {"index": c.index, "text": c.text, "finish_reason": c.finish_reason, "session": seal_session(mv, c.session)}
         for c in result.choices
@@ -88,15 +99,18 @@ def generate() -> Response:
 
 def generate_chunks(mv: ModelVersion, gen: GenerationRequest) -> Iterator[dict[str, Any]]:
     """One chunk per released piece of text, then one with the usage and no choices."""
-    completion_tokens = 0
+    completion_tokens, first_choice = 0, []
     with closing(mv.engine.stream(gen)) as deltas:  # closed at once, not when collected: the rows leave the batch
         for delta in deltas:
             completion_tokens += delta.completion_tokens
+            if delta.index == 0:
+                first_choice.append(delta.text)
             choice = {"index": delta.index, "text": delta.text, "finish_reason": delta.finish_reason}
             if delta.session is not None:
                 choice["session"] = seal_session(mv, delta.session)
             yield {"model": mv.id, "choices": [choice]}
     yield {"model": mv.id, "choices": [], "usage": Usage.of(len(gen.prompt), completion_tokens).model_dump()}
+    mirror(mv, "generation", gen.prompt + "".join(first_choice))
 
 
 @bp.post("/score")
@@ -117,6 +131,9 @@ def score() -> Response:
             code="deadline_exceeded",
         ) from None
     CHARS_SCORED.labels(model=mv.id).inc(sum(len(t) for t in req.texts))
+    if not req.adapt:
+        for text in req.texts:
+            mirror(mv, "score", text)
     body = ScoreResponse.model_validate({"model": mv.id, "results": results}, from_attributes=True)
     if not req.include_tokens:
         for item in body.results:

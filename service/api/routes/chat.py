@@ -39,7 +39,7 @@ def chat_completions() -> Response:
             param="messages",
             code="conversation_too_long",
         )
-    mv = use_model(req.model)
+    mv = use_model(req.model, req.user)
     if req.user:
         log.info("chat completion requested by user %r", req.user)
     deadline = request_deadline(req.timeout)

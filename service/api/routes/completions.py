@@ -6,7 +6,7 @@ import logging
 
 from flask import Blueprint, Response
 
-from service.api.context import parse, request_deadline, respond, use_model
+from service.api.context import mirror, parse, request_deadline, respond, use_model
 from service.api.openai.completions import complete, stream_chunks
 from service.api.openapi import documented
 from service.api.schemas.openai import CompletionRequest, CompletionResponse
@@ -25,10 +25,13 @@ log = logging.getLogger("service.completions")
 )
 def completions() -> Response:
     req = parse(CompletionRequest)
-    mv = use_model(req.model)
+    mv = use_model(req.model, req.user)
     if req.user:
         log.info("completion requested by user %r", req.user)
     deadline = request_deadline(req.timeout)
     if req.stream:
         return sse_response(stream_chunks(mv.engine, mv.id, req, deadline))
-    return respond(complete(mv.engine, mv.id, req, deadline), exclude_none=False)  # OpenAI sends "logprobs": null
+    answer = complete(mv.engine, mv.id, req, deadline)
+    if isinstance(req.prompt, str) and answer.choices and not req.echo:
+        mirror(mv, "generation", req.prompt + answer.choices[0].text)
+    return respond(answer, exclude_none=False)  # OpenAI sends "logprobs": null
