@@ -46,6 +46,9 @@ CONNECTIONS_TIMED_OUT = Counter(
     "or a write not sent in time",
     ["phase"],
 )
+QUOTA_REFUSED = Counter(
+    "charlm_quota_refusals_total", "Requests refused by their API key's limits (key: a short hash)", ["key", "limit"]
+)
 GRPC_REQUESTS = Counter("charlm_grpc_requests_total", "gRPC calls of the inference protocol", ["method", "code"])
 GRPC_REQUEST_LATENCY = Histogram(
     "charlm_grpc_request_duration_seconds", "gRPC call latency, to the last response of a stream", ["method"]

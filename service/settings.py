@@ -221,6 +221,17 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty: CORS off")
     api_keys: str = Field("", repr=False, description="comma-separated bearer keys for /v1/*; empty: no auth")
 
+    api_keys_file: Path | None = Field(
+        None,
+        description="a JSON file of API keys with their limits (requests per second, generated characters per "
+        "minute, concurrent requests, models), read again when it changes; see docs/api.md",
+    )
+    quota_dir: Path | None = Field(
+        None,
+        description="where the keys' quota counters live, shared by the workers; gunicorn.conf.py sets it to a "
+        "fresh folder per server start; unset: a temporary folder of this process",
+    )
+
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]
 

@@ -7,6 +7,7 @@ This process imports tritonclient's copy of the protocol's messages only: the se
 
 from __future__ import annotations
 
+import json
 import queue
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +28,17 @@ TEXTS = ["ROMEO: But soft", "JULIET: O Romeo"]
 HEADERS = {"authorization": f"Bearer {KEY}"}
 
 
+NARROW_KEY, SLOW_KEY = "narrow-grpc-key", "slow-grpc-key"
+
+
 @pytest.fixture(scope="module")
-def server(tiny_artifacts: Path) -> Iterator[tuple[str, str]]:
+def server(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     port = free_port()
-    with gunicorn_server(tiny_artifacts, WORKERS="2", API_KEYS=f"{KEY},{OTHER_KEY}", GRPC_PORT=str(port)) as base:
+    keys = tmp_path_factory.mktemp("grpc-keys") / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"key": NARROW_KEY, "models": ["another-model"]},
+                                         {"key": SLOW_KEY, "requests_per_second": 1}]}))  # fmt: skip
+    with gunicorn_server(tiny_artifacts, WORKERS="2", API_KEYS=f"{KEY},{OTHER_KEY}", API_KEYS_FILE=str(keys),
+                         GRPC_PORT=str(port)) as base:  # fmt: skip
         yield base, f"127.0.0.1:{port}"
 
 
@@ -189,6 +197,20 @@ def test_bad_input_gets_clear_status_codes(triton: Any) -> None:
     )
     # Nothing was left behind: a good request still gets its answer.
     assert triton.infer(MODEL, [texts(["fine"])], headers=HEADERS).as_numpy("bits_per_char").shape == (1,)
+
+
+def test_key_limits_apply_to_grpc(triton: Any) -> None:
+    narrow = {"authorization": f"Bearer {NARROW_KEY}"}
+    assert status_of(lambda: triton.infer(MODEL, [texts(["a"])], headers=narrow)) == "StatusCode.PERMISSION_DENIED"
+    slow = {"authorization": f"Bearer {SLOW_KEY}"}
+    codes = []
+    for _ in range(3):
+        try:
+            triton.infer(MODEL, [texts(["a"])], headers=slow)
+            codes.append("OK")
+        except InferenceServerException as exc:
+            codes.append(str(exc.status()))
+    assert codes[0] == "OK" and "StatusCode.RESOURCE_EXHAUSTED" in codes[1:]
 
 
 def test_grpc_calls_are_counted(triton: Any, server: tuple[str, str]) -> None:

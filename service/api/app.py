@@ -7,19 +7,21 @@ import logging
 import time
 
 import torch
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
 from service import lifecycle
 from service.api import observability
-from service.api.api_keys import bearer_key
-from service.api.context import hand_leases_to_stream, needs_api_key, release_models, settings
+from service.api.context import hand_leases_to_stream, key_ring, needs_api_key, release_models, settings
 from service.api.errors import ApiError
 from service.api.inference_protocol import is_protocol_path
 from service.api.observability import configure_logging
+from service.api.quotas import KeyRing, QuotaCounters, quota_folder
 from service.api.routes import api, chat, completions, docs, health, inference_protocol, playground
 from service.api.schemas.common import ErrorResponse
+from service.engine import usage
+from service.metrics import QUOTA_REFUSED
 from service.models.runtime import ModelRuntime
 from service.settings import Settings
 
@@ -31,17 +33,44 @@ DRAIN_SECONDS = 10.0
 
 
 def _require_api_key() -> None:
-    """With API_KEYS set, every model route needs `Authorization: Bearer <key>`; probes stay open."""
-    keys = settings().api_key_list()
-    if not keys or not needs_api_key(request.path):
+    """With API_KEYS or API_KEYS_FILE set, every model route needs `Authorization: Bearer <key>`; probes stay
+    open. A key with limits (service.api.quotas) is admitted within them, or refused with 429."""
+    usage.reset()
+    keys = key_ring()
+    if not keys.enabled() or not needs_api_key(request.path):
         return
-    if bearer_key(keys, request.headers.get("Authorization", "")) is None:
+    policy = keys.authorize(request.headers.get("Authorization", ""))
+    if policy is None:
         raise ApiError(
             401,
             "missing or invalid API key; send Authorization: Bearer <key>",
             "invalid_request_error",
             code="invalid_api_key",
         )
+    g.key_policy = policy
+    if not policy.limited:
+        return
+    quota = g.quota = keys.counters.admit(policy)
+    if quota.refused is not None:
+        QUOTA_REFUSED.labels(key=policy.id, limit=quota.refused).inc()
+        what = {"requests": "requests per second", "chars": "generated characters per minute",
+                "concurrent": "concurrent requests"}[quota.refused]  # fmt: skip
+        raise ApiError(429, f"rate limit reached for this API key: {what}; retry after the Retry-After seconds",
+                       "tokens" if quota.refused == "chars" else "requests", code="rate_limit_exceeded")  # fmt: skip
+    g.quota_admitted = True
+
+
+def _quota_headers(response: Response) -> Response:
+    """OpenAI's x-ratelimit-* headers on every response to a key with limits; the request's running slot and
+    the characters it generated go back to the key's counters when the response (a stream: its end) closes."""
+    quota = g.get("quota")
+    if quota is None:
+        return response
+    response.headers.update(quota.headers())
+    if g.pop("quota_admitted", False):
+        counters, policy = key_ring().counters, g.key_policy
+        response.call_on_close(lambda: counters.finish(policy, usage.generated()))
+    return response
 
 
 def _error_response(error: ApiError) -> Response:
@@ -122,6 +151,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     models = ModelRuntime(settings)
     models.init_app(app)
+    counters = QuotaCounters(quota_folder(settings))
+    app.extensions["keys"] = KeyRing(settings.api_key_list(), settings.api_keys_file, counters)
     models.load()  # fail fast: a repository with nothing loadable stops start-up with a clear message
     torch.set_num_threads(settings.torch_threads)
 
@@ -133,6 +164,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.after_request(hand_leases_to_stream)  # a stream holds its model version until it is closed
     observability.install(app)  # first: request ids and metrics cover every response, 401s included
     app.before_request(_require_api_key)
+    app.after_request(_quota_headers)
     app.before_request(_refuse_when_draining)
     app.after_request(_drain_request_body)
     app.teardown_request(release_models)

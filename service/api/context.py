@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from service import lifecycle
 from service.api.errors import ApiError
 from service.api.inference_protocol import is_protocol_path
+from service.api.quotas import KeyRing
 from service.engine.types import SessionState
 from service.metrics import MODEL_REQUESTS, SESSIONS_ISSUED, SESSIONS_RESUMED
 from service.models.runtime import ModelRuntime
@@ -33,7 +34,7 @@ def sticky_key(user: str | None = None) -> str | None:
     request's OpenAI `user`, else its API key (hashed), else nothing."""
     if user:
         return "user\0" + user
-    if settings().api_key_list():
+    if key_ring().enabled():
         return "key\0" + principal().hex()
     return None
 
@@ -50,6 +51,10 @@ def use_model(model: str | None, user: str | None = None) -> ModelVersion:
     except ModelNotFound as exc:
         raise ApiError(404, str(exc), "invalid_request_error", param="model", code="model_not_found") from None
     _hold(mv)
+    policy = g.get("key_policy")
+    if policy is not None and policy.models is not None and mv.name not in policy.models:
+        raise ApiError(403, f"this API key may not use the model `{mv.name}`", "invalid_request_error",
+                       param="model", code="model_not_allowed")  # fmt: skip
     return mv
 
 
@@ -83,15 +88,17 @@ def release_models(_: BaseException | None = None) -> None:
         runtime().repository.release(mv)
 
 
-def mirror(mv: ModelVersion, kind: Kind, text: str) -> None:
-    """After the answer: offer the request's text for a shadow comparison (service.models.shadow)."""
-    runtime().repository.mirror(mv, kind, text)
+def mirror(mv: ModelVersion, kind: Kind, text: str, serving_bits: float | None = None,
+           serving_top1: int | None = None) -> None:  # fmt: skip
+    """After the answer: offer the request's text for a shadow comparison (service.models.shadow), with what
+    the request computed of it."""
+    runtime().repository.mirror(mv, kind, text, serving_bits, serving_top1)
 
 
 def principal() -> bytes:
     """Whom the current request's sessions belong to: its API key (hashed), or the anonymous principal
     when the server has no keys."""
-    if not settings().api_key_list():
+    if not key_ring().enabled():
         return principal_of(None)
     return principal_of(request.headers.get("Authorization", "").partition(" ")[2].strip())
 
@@ -143,6 +150,11 @@ def seal_session(mv: ModelVersion, state: SessionState | None) -> str | None:
 def runtime() -> ModelRuntime:
     models: ModelRuntime = current_app.extensions["models"]
     return models
+
+
+def key_ring() -> KeyRing:
+    keys: KeyRing = current_app.extensions["keys"]
+    return keys
 
 
 def settings() -> Settings:

@@ -16,6 +16,7 @@ import torch
 
 from seqmodels.artifacts import LoadedModels, load_artifacts
 from seqmodels.networks import LN2
+from service.engine import usage
 from service.engine.decode_batch import DecodeBatch, run_alone
 from service.engine.jobs import Job, Logits, merge_deltas
 from service.engine.lstm_kernels import FusedStep, off_the_scheduler
@@ -265,6 +266,7 @@ class Engine:
         try:
             for item in results:
                 assert isinstance(item, Delta)  # a generation job's results are deltas
+                usage.add(item.completion_tokens)
                 yield item
         finally:
             results.close()

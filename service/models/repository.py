@@ -360,6 +360,8 @@ class ModelRepository:
             serving = self.serving(name)
             if serving is not None:
                 MODEL_SERVING_VERSION.labels(model=name).set(serving.version)
+            for version, share in self.weights_in_force(name).items():
+                MODEL_TRAFFIC_WEIGHT.labels(model=f"{name}{VERSION_SEPARATOR}{version}").set(share)
 
     def _refuse(
         self, path: Path, current: Fingerprint, reason: str, message: str, committed: int = 0
@@ -403,12 +405,13 @@ class ModelRepository:
         shares = effective_weights(list(versions.values()), self._weights.get(name))
         return versions[max(shares, key=lambda v: (shares[v], v))]
 
-    def mirror(self, serving: ModelVersion, kind: Kind, text: str) -> None:
+    def mirror(self, serving: ModelVersion, kind: Kind, text: str, serving_bits: float | None = None,
+               serving_top1: int | None = None) -> None:  # fmt: skip
         """Offer a request's text for a shadow comparison, where the model has a shadow candidate loaded."""
         config = self._shadows.get(serving.name)
         if config is not None:
             candidate = self._models.get(serving.name, {}).get(config.version)
-            self.shadow.offer(serving, candidate, config.percent, kind, text)
+            self.shadow.offer(serving, candidate, config.percent, kind, text, serving_bits, serving_top1)
 
     def shadow_in_force(self, name: str) -> ShadowConfig | None:
         return self._shadows.get(name)

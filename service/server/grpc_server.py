@@ -14,13 +14,14 @@ import grpc
 
 from service.api.inference_protocol.grpc import open_inference_grpc_pb2_grpc as pb_grpc
 from service.api.inference_protocol.grpc.servicer import InferenceServicer, stream_handler
+from service.api.quotas import KeyRing
 from service.models.runtime import ModelRuntime
 
 log = logging.getLogger("service")
 MAX_RESPONSE_BYTES = 64 << 20  # a response's tensors (next_char_probs for MAX_TEXTS texts is far less)
 
 
-def start_grpc_server(models: ModelRuntime) -> grpc.Server | None:
+def start_grpc_server(models: ModelRuntime, keys: KeyRing) -> grpc.Server | None:
     """This worker's gRPC server, started; None where GRPC_PORT is 0 or the port cannot be bound (logged:
     the worker goes on serving HTTP)."""
     settings = models.settings
@@ -35,7 +36,7 @@ def start_grpc_server(models: ModelRuntime) -> grpc.Server | None:
             ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
         ],
     )
-    servicer = InferenceServicer(models)
+    servicer = InferenceServicer(models, keys)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     server.add_generic_rpc_handlers((stream_handler(servicer),))
     address = f"{settings.host}:{settings.grpc_port}"

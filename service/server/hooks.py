@@ -46,6 +46,9 @@ def prepare_environment(settings: Settings) -> None:
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         os.environ["SHARED_CACHE_DIR"] = owned_folder("charlm-states-", shm)
         _owned.append(os.environ["SHARED_CACHE_DIR"])
+    if settings.quota_dir is None:
+        os.environ["QUOTA_DIR"] = owned_folder("charlm-quotas-", None)
+        _owned.append(os.environ["QUOTA_DIR"])
     if settings.sequence_dir is None:
         os.environ["SEQUENCE_DIR"] = owned_folder("charlm-sequences-", None)
         _owned.append(os.environ["SEQUENCE_DIR"])

@@ -83,7 +83,8 @@ class GracefulThreadWorker(LoopReadingWorker):
         self.metrics = metrics
         from service.server.grpc_server import start_grpc_server  # gRPC only after the fork
 
-        self.grpc_server = start_grpc_server(self.app.wsgi().extensions["models"])
+        app = self.app.wsgi()
+        self.grpc_server = start_grpc_server(app.extensions["models"], app.extensions["keys"])
         super().init_process()
 
     def handle_exit(self, sig: int, frame: Any) -> None:

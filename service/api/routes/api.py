@@ -57,7 +57,7 @@ def next_token() -> Response:
     req = parse(NextTokenRequest)
     mv = use_model(req.model)
     result = mv.engine.next_token(req.text, req.top_k)
-    mirror(mv, "next_token", req.text)
+    mirror(mv, "next_token", req.text, serving_top1=mv.engine.vocab.chars.index(result.candidates[0].token))
     return respond(NextTokenResponse.model_validate({"model": mv.id, **vars(result)}, from_attributes=True))
 
 
@@ -132,8 +132,8 @@ def score() -> Response:
         ) from None
     CHARS_SCORED.labels(model=mv.id).inc(sum(len(t) for t in req.texts))
     if not req.adapt:
-        for text in req.texts:
-            mirror(mv, "score", text)
+        for text, result in zip(req.texts, results, strict=True):
+            mirror(mv, "score", text, serving_bits=result.bits_per_char * result.n_chars)
     body = ScoreResponse.model_validate({"model": mv.id, "results": results}, from_attributes=True)
     if not req.include_tokens:
         for item in body.results:

@@ -11,6 +11,7 @@ RESOURCE_EXHAUSTED, 503 UNAVAILABLE and 504 DEADLINE_EXCEEDED."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -19,7 +20,6 @@ from typing import Any, TypeVar
 import grpc
 
 from service import lifecycle
-from service.api.api_keys import bearer_key
 from service.api.errors import ApiError
 from service.api.inference_protocol import EXTENSIONS, SERVER_NAME, server_version
 from service.api.inference_protocol.grpc import open_inference_grpc_pb2 as pb
@@ -44,8 +44,10 @@ from service.api.inference_protocol.tensors import (
     decode_binary,
     encode_binary,
 )
+from service.api.quotas import KeyPolicy, KeyRing
+from service.engine import usage
 from service.engine.types import Delta
-from service.metrics import GRPC_REQUEST_LATENCY, GRPC_REQUESTS, MODEL_REQUESTS
+from service.metrics import GRPC_REQUEST_LATENCY, GRPC_REQUESTS, MODEL_REQUESTS, QUOTA_REFUSED
 from service.models.runtime import ModelRuntime
 from service.models.sessions import principal_of
 from service.models.versions import ModelNotFound, ModelVersion
@@ -56,6 +58,7 @@ SERVICE = "inference.GRPCInferenceService"
 STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
@@ -124,21 +127,43 @@ def write_answer(answer: InferAnswer) -> pb.ModelInferResponse:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, models: ModelRuntime) -> None:
+    def __init__(self, models: ModelRuntime, keys: KeyRing) -> None:
         self.models = models
+        self.keys = keys
+        self._policy = threading.local()  # the key of the call on this thread
 
     # ----------------------------------------------------------------- the call around each method
 
     def _authorized(self, context: grpc.ServicerContext) -> bytes:
-        """The caller's principal; UNAUTHENTICATED without one of API_KEYS (`authorization: Bearer <key>`)."""
-        keys = self.models.settings.api_key_list()
-        if not keys:
+        """The caller's principal; UNAUTHENTICATED without one of the keys (`authorization: Bearer <key>`).
+        The key's policy is kept for the call (its models and its limits)."""
+        self._policy.value = None
+        if not self.keys.enabled():
             return principal_of(None)
-        key = bearer_key(keys, str(dict(context.invocation_metadata()).get("authorization", "")))
-        if key is None:
+        policy = self.keys.authorize(str(dict(context.invocation_metadata()).get("authorization", "")))
+        if policy is None:
             raise ApiError(401, "missing or invalid API key; send authorization: Bearer <key>",
                            "invalid_request_error", code="invalid_api_key")  # fmt: skip
-        return principal_of(key)
+        self._policy.value = policy
+        return principal_of(policy.key)
+
+    @contextmanager
+    def _within_quota(self) -> Iterator[None]:
+        """Hold the caller's key within its limits for one request (service.api.quotas), as REST does."""
+        policy: KeyPolicy | None = self._policy.value
+        if policy is None or not policy.limited:
+            yield
+            return
+        quota = self.keys.counters.admit(policy)
+        if quota.refused is not None:
+            QUOTA_REFUSED.labels(key=policy.id, limit=quota.refused).inc()
+            raise ApiError(429, f"rate limit reached for this API key ({quota.refused}); retry after "
+                           f"{quota.headers()['Retry-After']} s", "requests", code="rate_limit_exceeded")  # fmt: skip
+        usage.reset()
+        try:
+            yield
+        finally:
+            self.keys.counters.finish(policy, usage.generated())
 
     def _answer(self, method: str, context: grpc.ServicerContext, work: Callable[[], Reply]) -> Reply:
         """Run one unary method: its metric, and its ApiError as the matching status."""
@@ -181,6 +206,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         try:
             mv = acquire(f"{name}@{version}" if version else name)
+            policy: KeyPolicy | None = self._policy.value
+            if policy is not None and policy.models is not None and mv.name not in policy.models:
+                raise ApiError(403, f"this API key may not use the model `{mv.name}`", "invalid_request_error",
+                               code="model_not_allowed")  # fmt: skip
             yield mv, lambda other: acquire(f"{name}@{other}")
             MODEL_REQUESTS.labels(model=held[-1].id).inc()
         finally:
@@ -251,7 +280,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         def run() -> pb.ModelInferResponse:
             principal = self._authorized(context)
             call = read_call(request)
-            with self._leased(request.model_name, request.model_version) as (mv, version_of):
+            with self._within_quota(), self._leased(request.model_name, request.model_version) as (mv, version_of):
                 answer = infer(mv, call, self._context(call, principal, bool(request.model_version), context,
                                                        version_of))  # fmt: skip
             return write_answer(answer)
@@ -288,7 +317,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, principal: bytes, context: grpc.ServicerContext
     ) -> Iterator[stream_pb.ModelStreamInferResponse]:
         call = read_call(request)
-        with self._leased(request.model_name, request.model_version) as (mv, version_of):
+        with self._within_quota(), self._leased(request.model_name, request.model_version) as (mv, version_of):
             infer_context = self._context(call, principal, bool(request.model_version), context, version_of)
             if not is_generation(call):
                 answer = infer(mv, call, infer_context)
