@@ -5,12 +5,12 @@ reaches every worker.
 
 One gunicorn server (2 workers) on a repository of two copies of the committed artifacts, loopback only.
 Shadow cost: `--clients` closed-loop clients ask /v1/next-token (each prompt of its own) with the model's
-shadow off and at `--percent` of requests, switched by traffic.json and SIGHUP, alternating round after
-round so both see the same machine; goodput (200 answers per second) and p50 / p99 are medians over the
-rounds. Reach: after traffic.json moves all weight to the other version, the time until every worker's
-`charlm_model_traffic_weight` shows it, after a SIGHUP to the master (5 times), and found by polling with
-REPOSITORY_POLL_SECONDS=1 (3 times); the report gives the median and the largest. Writes traffic.json and
-traffic.md into --out.
+shadow off and at `--percent` of requests, switched by traffic.json and SIGHUP, in alternating order
+round after round so both see the same machine; goodput (200 answers per second) and p50 / p99 are
+medians over the rounds. Reach: after traffic.json moves all weight to the other version, the time until
+every worker's `charlm_model_traffic_weight` shows it, after a SIGHUP to the master (5 times), and found
+by polling with REPOSITORY_POLL_SECONDS=1 (3 times); the report gives the median and the largest. Writes
+traffic.json and traffic.md into --out.
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ def shadow_cost(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     rounds: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
     try:
         wait_until_up(proc, base)
-        for _ in range(args.rounds):
-            for phase, percent in (("off", None), ("on", args.percent)):
+        phases = [("off", None), ("on", args.percent)]
+        for round_number in range(args.rounds):
+            for phase, percent in phases if round_number % 2 == 0 else phases[::-1]:  # off-on, on-off, ...
                 plan(root, {"1": 1}, percent)
                 os.kill(proc.pid, signal.SIGHUP)
                 time.sleep(1.0)

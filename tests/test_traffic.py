@@ -172,3 +172,21 @@ def test_models_lists_a_refused_version_with_its_figures(tmp_path: Path, tiny_ar
     finally:
         for mv in repo_of(app).versions():
             mv.engine.close()
+
+
+def test_api_keys_stay_on_one_version(repository: Path) -> None:
+    keys = [f"reader-key-{i:03d}" for i in range(60)]
+    app = make_app(repository, api_keys=",".join(keys))
+    try:
+        client = app.test_client()
+        seen: dict[str, set[str]] = {}
+        for _ in range(3):
+            for key in keys:
+                answer = client.post("/v1/next-token", json={"model": "bard", "text": "a"},
+                                     headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+                seen.setdefault(key, set()).add(answer.get_json()["model"])
+        assert all(len(models) == 1 for models in seen.values())
+        assert {model for models in seen.values() for model in models} == {"bard@1", "bard@2"}
+    finally:
+        for mv in repo_of(app).versions():
+            mv.engine.close()
