@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,13 @@ def write_report(folder: Path, stem: str, report: dict[str, Any], table: str) ->
     (folder / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (folder / f"{stem}.md").write_text(table)
     print(table)
+
+
+def stamp(module: str, argv: list[str] | None) -> dict[str, str]:
+    """What a report starts with: the command that made it, when, and on what machine."""
+    args = sys.argv[1:] if argv is None else argv
+    return {"command": f"python -m {module}" + "".join(f" {a}" for a in args), "when": utc_now(),
+            "machine": machine(), "cpu": cpu_name()}  # fmt: skip
 
 
 def utc_now() -> str:

@@ -21,7 +21,6 @@ import itertools
 import json
 import statistics
 import struct
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,11 +31,9 @@ import aiohttp
 from benchmarks.common import (
     ARTIFACTS,
     RESULTS,
-    cpu_name,
-    machine,
     percentile,
+    stamp,
     unique_tag,
-    utc_now,
     window,
     write_report,
 )
@@ -252,18 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         for level, ways in runs.items()
     }
     report = {
-        "command": "python -m benchmarks.inference_protocol"
-        + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)),
-        "when": utc_now(),
-        "machine": machine(),
-        "cpu": cpu_name(),
+        **stamp("benchmarks.inference_protocol", argv),
         "rounds": args.rounds,
         "seconds": args.seconds,
         "levels": levels,
     }
-    text = markdown(report)
-    write_report(args.out, "inference_protocol", report, text)
-    print(text)
+    write_report(args.out, "inference_protocol", report, markdown(report))
     return 0
 
 

@@ -22,13 +22,12 @@ import os
 import re
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ARTIFACTS, RESULTS, cpu_name, machine, utc_now, write_report
+from benchmarks.common import ARTIFACTS, RESULTS, stamp, write_report
 from benchmarks.inference_protocol import closed_loop, v1
 from benchmarks.rollout import metrics, wait_for, workers_of
 from benchmarks.servers import start_gunicorn, stop, wait_until_up
@@ -152,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         shadow = shadow_cost(args, root)
         times = reach_times(root)
     report = {
-        "command": "python -m benchmarks.traffic" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv)),
-        "when": utc_now(),
-        "machine": machine(),
-        "cpu": cpu_name(),
+        **stamp("benchmarks.traffic", argv),
         "clients": args.clients,
         "seconds": args.seconds,
         "rounds": args.rounds,
@@ -163,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "shadow": shadow,
         "reach": times,
     }
-    text = markdown(report)
-    write_report(args.out, "traffic", report, text)
-    print(text)
+    write_report(args.out, "traffic", report, markdown(report))
     return 0
 
 

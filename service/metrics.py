@@ -34,6 +34,17 @@ OPEN_CONNECTIONS = Gauge(
 REQUESTS_WAITING = Gauge(
     "charlm_requests_waiting", "Complete requests waiting for a free request thread", multiprocess_mode="livesum"
 )
+REQUESTS_IN_SYSTEM = Gauge(
+    "charlm_model_requests_in_system",
+    "Model requests a worker holds: running on a request thread or waiting for one",
+    multiprocess_mode="livesum",
+)
+EXPECTED_WAIT = Gauge(
+    "charlm_expected_wait_seconds",
+    "The signal to scale on: how long the work a worker holds takes to drain at the rate it has been answering "
+    "(requests held / requests answered per second), the largest over the pod's workers",
+    multiprocess_mode="livemax",
+)
 REQUESTS_REFUSED = Counter(
     "charlm_requests_refused_total",
     "Requests answered by the worker's event loop without reaching the app: overloaded (503), "

@@ -52,6 +52,14 @@ class Settings(BaseSettings):
         description="per model: the newest verified versions kept loaded; the newest serves, older ones answer "
         "requests pinned to them (NAME@VERSION)",
     )
+    warmup_batch_sizes: str = Field(
+        "1,8,32",
+        pattern=r"^(\d{1,4}(,\d{1,4})*)?$",
+        description="before a version serves (at start-up and on rollout), it runs synthetic requests at these "
+        "numbers of prompts and decode rows at once, so the first real requests do not pay first-call costs; "
+        "empty: no warmup",
+    )
+    warmup_prompt_chars: int = Field(100, ge=1, le=255, description="the length of the warmup's synthetic prompts")
     traffic_weights: str = Field(
         "",
         description='weights of unpinned requests over a model\'s loaded versions, {"MODEL": {"VERSION": weight}}, '
@@ -231,6 +239,9 @@ class Settings(BaseSettings):
         description="where the keys' quota counters live, shared by the workers; gunicorn.conf.py sets it to a "
         "fresh folder per server start; unset: a temporary folder of this process",
     )
+
+    def warmup_sizes(self) -> list[int]:
+        return [int(size) for size in self.warmup_batch_sizes.split(",") if size and int(size) > 0]
 
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]

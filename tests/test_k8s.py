@@ -16,13 +16,19 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 from flask import Flask
 
 from benchmarks.pod import image_config, kubectl, one, pod_spec, quantity, render
+from service import metrics
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
-KUSTOMIZATIONS = {"base": REPO / "deploy/k8s/base", "overlay": REPO / "deploy/k8s/overlays/example"}
+KUSTOMIZATIONS = {
+    "base": REPO / "deploy/k8s/base",
+    "overlay": REPO / "deploy/k8s/overlays/example",
+    "autoscale-on-wait": REPO / "deploy/k8s/overlays/autoscale-on-wait",
+}
 # Rendered and checked like the others; not run as a pod here (it mounts a PersistentVolumeClaim).
 RENDERED_ONLY = {"repository": REPO / "deploy/k8s/overlays/repository"}
 # The oldest Kubernetes minor release still maintained when this was written, and the newest that
@@ -246,11 +252,16 @@ def test_service_budget_and_autoscaler_select_the_pods(docs: list[dict[str, Any]
     assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
     assert hpa["minReplicas"] > budget["maxUnavailable"], "a drain must leave a pod serving"
     (metric,) = hpa["metrics"]
-    assert metric["resource"]["name"] == "cpu" and "cpu" in container(docs)["resources"]["requests"]
+    if metric["type"] == "Resource":
+        assert metric["resource"]["name"] == "cpu" and "cpu" in container(docs)["resources"]["requests"]
+    else:  # the autoscale-on-wait overlay (test_the_wait_overlay_scales_on_a_metric_the_service_exports)
+        assert metric["type"] == "Pods"
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    # One namespace for everything: the overlay's own Namespace, or the one applied to.
-    namespaces = {doc["metadata"].get("namespace") for doc in docs if doc["kind"] != "Namespace"}
+    # One namespace for everything: the overlay's own Namespace, or the one applied to (prometheus-adapter's
+    # rules go where the adapter runs).
+    namespaces = {doc["metadata"].get("namespace") for doc in docs
+                  if doc["kind"] != "Namespace" and "adapter" not in doc["metadata"]["name"]}  # fmt: skip
     assert namespaces == {doc["metadata"]["name"] for doc in docs if doc["kind"] == "Namespace"} or namespaces == {None}
 
 
@@ -297,3 +308,15 @@ def test_the_repository_overlay_mounts_the_models_read_only() -> None:
     claim = one(docs, "PersistentVolumeClaim")
     assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     assert float(env["REPOSITORY_POLL_SECONDS"]) > 0 and env["DEFAULT_MODEL"]
+
+
+def test_the_wait_overlay_scales_on_a_metric_the_service_exports() -> None:
+    _kubectl_or_skip()
+    docs = render(KUSTOMIZATIONS["autoscale-on-wait"])
+    (hpa,) = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    (metric,) = hpa["spec"]["metrics"]
+    name = metric["pods"]["metric"]["name"]
+    assert metric["type"] == "Pods" and name == metrics.EXPECTED_WAIT._name
+    (rules,) = [d for d in docs if d["kind"] == "ConfigMap" and "adapter" in d["metadata"]["name"]]
+    (rule,) = yaml.safe_load(rules["data"]["config.yaml"])["rules"]
+    assert rule["seriesQuery"].startswith(name + "{") and rule["name"]["as"] == name

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +228,25 @@ class Engine:
                     lambda: self.scorer.adapted(texts, include_tokens, self.models.adapt, deadline)
                 )
             return off_the_scheduler(lambda: self.scorer.score(texts, include_tokens, top_logprobs))
+
+    def warm_up(self, batch_sizes: Sequence[int], prompt_chars: int) -> float:
+        """Run synthetic requests through every path a request takes, at `batch_sizes` prompts (and decode
+        rows) at once, so that real requests do not pay the first calls' costs (kernel primitives built per
+        shape, allocator growth, lazily imported code); returns the seconds it took. The synthetic prompts
+        are the vocabulary's characters in turn, shorter than a prefix-cache checkpoint; a generation's
+        state may still take an entry or two of the cache, which real prompts soon evict."""
+        started = time.perf_counter()
+        chars = [c for c in self.vocab.chars if c.isprintable() and len(c) == 1] or ["a"]
+        for size in batch_sizes:
+            prompts = ["".join(chars[(i + j) % len(chars)] for j in range(prompt_chars)) for i in range(size)]
+            with ThreadPoolExecutor(max_workers=size, thread_name_prefix="warmup") as pool:
+                list(pool.map(self.next_token_logits, prompts))  # encoded together, as concurrent requests are
+            rows = min(size, self.options.max_batch_rows)
+            self.generate(GenerationRequest(prompt=prompts[0], max_tokens=4, n=rows, seed=0))  # `rows` decoded
+            self.score(prompts[: min(size, 8)], include_tokens=False)
+            if self.classifier is not None:
+                self.classify(prompts[: min(size, 8)])
+        return time.perf_counter() - started
 
     def continue_sequence(self, state: SequenceState | None, text: str) -> tuple[SequenceState, TextScore]:
         """A sequence's next piece of text (see `Scorer.continue_sequence`): the state after it, and its score

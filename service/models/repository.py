@@ -330,6 +330,14 @@ class ModelRepository:
             engine.close()
             message = f"{model_id}: {self._over_budget(committed, mv.memory_bytes)}"
             return self._refuse(path, before, "memory", message, committed)
+        sizes = self.settings.warmup_sizes()
+        if sizes:  # before it can serve: its first real requests do not pay the first calls' costs
+            try:
+                seconds = engine.warm_up(sizes, self.settings.warmup_prompt_chars)
+            except Exception as exc:  # a version that cannot answer synthetic requests would not answer real ones
+                engine.close()
+                return self._refuse(path, before, "unverified", f"{model_id}: warmup failed: {type(exc).__name__}: {exc}")
+            log.info("warmed up model %s in %.2f s (batches of %s)", model_id, seconds, self.settings.warmup_batch_sizes)
         if self.on_loaded is not None:
             self.on_loaded(mv)
         self._refused.pop(path, None)

@@ -114,6 +114,12 @@ class AdmissionQueue:
         self.throughput = Throughput(cold_queue=max(4 * threads, COLD_QUEUE))
         self.queue_wait = queue_wait  # QUEUE_WAIT_SECONDS
 
+    def drain_seconds(self, held: int, now: float) -> float:
+        """How long `held` requests (running and waiting) take to answer at the measured rate: 0 with none,
+        and while no rate is measured yet (an idle worker answering its first few)."""
+        rate = self.throughput.rate(now)
+        return 0.0 if held == 0 or rate is None else held / rate
+
     def __len__(self) -> int:
         return len(self.heap)
 

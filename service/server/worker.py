@@ -264,6 +264,9 @@ class GracefulThreadWorker(LoopReadingWorker):
         self._expire_queued(now)
         self.metrics.OPEN_CONNECTIONS.set(self.nr_conns)
         self.metrics.REQUESTS_WAITING.set(len(self.queue))
+        held = self.admitted + len(self.queue)
+        self.metrics.REQUESTS_IN_SYSTEM.set(held)
+        self.metrics.EXPECTED_WAIT.set(self.queue.drain_seconds(held, now))
 
     # ------------------------------------------------------------------ connection balancing
 
