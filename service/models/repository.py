@@ -336,8 +336,9 @@ class ModelRepository:
                 seconds = engine.warm_up(sizes, self.settings.warmup_prompt_chars)
             except Exception as exc:  # a version that cannot answer synthetic requests would not answer real ones
                 engine.close()
-                return self._refuse(path, before, "unverified", f"{model_id}: warmup failed: {type(exc).__name__}: {exc}")
-            log.info("warmed up model %s in %.2f s (batches of %s)", model_id, seconds, self.settings.warmup_batch_sizes)
+                why = f"{model_id}: warmup failed: {type(exc).__name__}: {exc}"
+                return self._refuse(path, before, "unverified", why)
+            log.info("warmed up model %s in %.2f s (batches of %s)", model_id, seconds, ",".join(map(str, sizes)))
         if self.on_loaded is not None:
             self.on_loaded(mv)
         self._refused.pop(path, None)
