@@ -354,3 +354,14 @@ def test_tritonclient_sees_clear_errors(triton: Any) -> None:
     fine = httpclient.InferInput("text", [1], "BYTES")
     fine.set_data_from_numpy(np.array([b"fine"], dtype=np.object_))
     assert triton.infer("char-lstm", [fine], headers=auth()).as_numpy("bits_per_char").shape == (1,)
+
+
+@pytest.mark.unit
+def test_the_event_loops_own_answers_use_the_protocols_envelope_on_v2() -> None:
+    from service.server.loop_answers import error_answer
+
+    for protocol, expected in ((True, {"error": "busy"}), (False, None)):
+        answer = error_answer(503, "Service Unavailable", "busy", "service_unavailable", "overloaded",
+                              protocol=protocol)  # fmt: skip
+        body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert body == expected if protocol else body["error"]["code"] == "overloaded"

@@ -9,11 +9,12 @@ from service.api.schemas.common import ErrorResponse
 
 
 def error_answer(status: int, reason: str, message: str, type_: str, code: str, *, head_only: bool = False,
-                  headers: str = "") -> bytes:  # fmt: skip
+                  headers: str = "", protocol: bool = False) -> bytes:  # fmt: skip
     """A whole HTTP answer carrying the API's error envelope (the app's ErrorResponse), for the answers
     the event loop gives without the app, each closing the connection; `headers`: extra lines, each
-    ending CRLF."""
-    body = json.dumps(ErrorResponse.of(message, type_, code=code)).encode()
+    ending CRLF. With `protocol` (a /v2 path), the Open Inference Protocol's `{"error": message}` instead."""
+    envelope = {"error": message} if protocol else ErrorResponse.of(message, type_, code=code)
+    body = json.dumps(envelope).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         f"{headers}Connection: close\r\n\r\n"

@@ -19,6 +19,7 @@ from typing import Any
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from service import lifecycle
+from service.api.inference_protocol import is_protocol_path
 from service.server.loop_answers import CapturedAnswer, error_answer
 from service.server.request_framing import Limits, PendingRequest, Refused
 
@@ -156,12 +157,13 @@ class LoopReadingWorker(ThreadWorker):
             return False
 
     def _answer_busy(self, conn: TConn, message: str, head_only: bool, retry_after: float = 1.0,
-                     code: str = "overloaded") -> None:  # fmt: skip
+                     code: str = "overloaded", path: str = "") -> None:  # fmt: skip
         """503 with Retry-After (whole seconds, at least 1), then a close (lingering where the client sent
         more): what the client pipelined behind is not read."""
         answer = error_answer(
             503, "Service Unavailable", message, "service_unavailable", code,
             head_only=head_only, headers=f"Retry-After: {math.ceil(max(retry_after, 1.0))}" + CRLF,
+            protocol=is_protocol_path(path),
         )  # fmt: skip
         if not self._send(conn, answer) or self._nothing_unread(conn):
             self._close(conn)  # nothing unread: the close sends FIN, not a reset, so no lingering is needed

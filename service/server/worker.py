@@ -16,6 +16,7 @@ from typing import Any
 from gunicorn.workers.gthread import TConn
 
 from service import lifecycle
+from service.api.inference_protocol import is_protocol_path
 from service.server import connection_balancing
 from service.server.admission import AdmissionQueue, Queued, request_options
 from service.server.loop_answers import error_answer
@@ -141,7 +142,7 @@ class GracefulThreadWorker(LoopReadingWorker):
             if self.probes_admitted[kind] >= PROBE_THREADS[kind] + PROBE_MAX_WAITING[kind]:
                 self.metrics.REQUESTS_REFUSED.labels("probes_waiting").inc()
                 message = f"too many {request.path} requests are waiting; retry in a second"
-                self._answer_busy(conn, message, head_only=request.method == "HEAD")
+                self._answer_busy(conn, message, head_only=request.method == "HEAD", path=request.path)
                 return
             self.probes_admitted[kind] += 1
             pool = self.probe_pools[kind]
@@ -175,13 +176,13 @@ class GracefulThreadWorker(LoopReadingWorker):
         if self.buffered + self.queue.bytes + size > self.max_buffered:
             self.metrics.REQUESTS_REFUSED.labels("buffers_full").inc()
             message = f"the server holds {(self.buffered + self.queue.bytes) >> 20} MiB of requests; retry"
-            self._answer_busy(conn, message, head_only=request.method == "HEAD")
+            self._answer_busy(conn, message, head_only=request.method == "HEAD", path=request.path)
             return
         refused = self.queue.refusal(priority, timeout, now)
         if refused is not None:
             self.metrics.REQUESTS_REFUSED.labels("overloaded").inc()
             message, retry = refused
-            self._answer_busy(conn, message, head_only=request.method == "HEAD", retry_after=retry)
+            self._answer_busy(conn, message, head_only=request.method == "HEAD", retry_after=retry, path=request.path)
             return
         deadline = None if timeout is None else arrived + timeout
         entry = Queued(
@@ -230,13 +231,14 @@ class GracefulThreadWorker(LoopReadingWorker):
         if lifecycle.draining(now):
             self.metrics.REQUESTS_REFUSED.labels("shutting_down").inc()
             self._answer_busy(entry.conn, "the server is shutting down; retry", entry.request.method == "HEAD",
-                              code="shutting_down")  # fmt: skip
+                              code="shutting_down", path=entry.request.path)  # fmt: skip
             return True
         if entry.deadline is not None and now >= entry.deadline:
             self.metrics.REQUESTS_REFUSED.labels("timeout").inc()
             message = f"the request waited {now - entry.arrived:.2f} s for the model, past its timeout"
             answer = error_answer(504, "Gateway Timeout", message, "timeout", "timeout",
-                                   head_only=entry.request.method == "HEAD")  # fmt: skip
+                                   head_only=entry.request.method == "HEAD",
+                                   protocol=is_protocol_path(entry.request.path))  # fmt: skip
             if self._send(entry.conn, answer):
                 self._close_lingering(entry.conn)
             else:
