@@ -1,5 +1,5 @@
 """What warmup buys: the first requests' latency after a start and after a rollout, with the warmup
-(WARMUP_BATCH_SIZES, default 1,8,32) and without it.
+(WARMUP_BATCH_SIZES=1,8,32) and without it.
 
     python -m benchmarks.warmup [--starts 3] [--out DIR]
 
@@ -32,7 +32,7 @@ from benchmarks.servers import answers, start_gunicorn, stop
 from training.publish import main as publish
 
 MODEL = "shakespeare"
-SETTINGS = {"warmup": {}, "no warmup": {"WARMUP_BATCH_SIZES": ""}}
+SETTINGS = {"warmup": {"WARMUP_BATCH_SIZES": "1,8,32"}, "no warmup": {"WARMUP_BATCH_SIZES": ""}}
 
 
 def post_ms(base: str, path: str, body: dict[str, Any]) -> float:

@@ -53,11 +53,11 @@ class Settings(BaseSettings):
         "requests pinned to them (NAME@VERSION)",
     )
     warmup_batch_sizes: str = Field(
-        "1,8,32",
+        "",
         pattern=r"^(\d{1,4}(,\d{1,4})*)?$",
         description="before a version serves (at start-up and on rollout), it runs synthetic requests at these "
-        "numbers of prompts and decode rows at once, so the first real requests do not pay first-call costs; "
-        "empty: no warmup",
+        "numbers of prompts and decode rows at once (1,8,32, say), so the first real requests do not pay "
+        "first-call costs; empty (the default, as it bought nothing measurable on the machines measured): none",
     )
     warmup_prompt_chars: int = Field(100, ge=1, le=255, description="the length of the warmup's synthetic prompts")
     traffic_weights: str = Field(

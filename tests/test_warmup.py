@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -25,18 +24,25 @@ def test_warm_up_runs_every_path_and_leaves_answers_unchanged(tiny_artifacts: Pa
 
 
 def test_versions_warm_up_before_they_serve_unless_turned_off(
-    tmp_path: Path, tiny_artifacts: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, tiny_artifacts: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert Settings(warmup_batch_sizes="1,8,32").warmup_sizes() == [1, 8, 32]
-    assert Settings(warmup_batch_sizes="").warmup_sizes() == []
+    assert Settings().warmup_sizes() == []
+    calls: list[list[int]] = []
+    original = Engine.warm_up
+
+    def recording(engine: Engine, sizes: list[int], prompt_chars: int) -> float:
+        calls.append(list(sizes))
+        return original(engine, sizes, prompt_chars)
+
+    monkeypatch.setattr(Engine, "warm_up", recording)
     root = tmp_path / "models"
     publish(tiny_artifacts, root, "bard", 1)
-    for sizes, warmed in (("1,2", True), ("", False)):
-        with caplog.at_level(logging.INFO, logger="service.models.repository"):
-            caplog.clear()
-            app = make_app(root, warmup_batch_sizes=sizes)
+    for sizes, expected in (("1,2", [[1, 2]]), ("", [])):
+        calls.clear()
+        app = make_app(root, warmup_batch_sizes=sizes)
         try:
-            assert any("warmed up model bard@1" in r.getMessage() for r in caplog.records) == warmed
+            assert calls == expected
             assert repo_of(app).serving("bard") is not None
         finally:
             for mv in repo_of(app).versions():
