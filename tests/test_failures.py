@@ -157,13 +157,21 @@ def test_interrupted_training_leaves_artifacts_byte_identical(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # As from a shell: SIGINT at its default, whatever this test process inherited (an ignored SIGINT
+        # would be inherited, and the training would then never see Ctrl-C).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     for line in proc.stdout:  # wait until the optimizer loop runs
         if line.startswith("step "):
             break
     proc.send_signal(sig)
-    rest, _ = proc.communicate(timeout=60)
+    try:
+        rest, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest, _ = proc.communicate()
+        pytest.fail(f"training did not stop within 120 s of {sig.name}; its output:\n{rest[-2000:]}")
     assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL)
     if sig == signal.SIGINT:
         assert "previous artifacts are untouched" in rest
