@@ -22,7 +22,7 @@ import json
 import statistics
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,35 +101,25 @@ async def grpc_closed_loop(target: str, clients: int, seconds: float) -> dict[st
     import grpc
     from tritonclient.grpc import service_pb2_grpc
 
-    latencies: list[float] = []
-    other = 0
+    tally = Tally(seconds)
 
-    async def client(measure_from: float, until: float) -> None:
-        nonlocal other
+    async def client() -> None:
         # A connection of its own: gRPC shares one between channels with the same arguments by default, which
         # would put every client on the one worker that accepted it.
         async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            while (started := time.monotonic()) < until:
+
+            async def attempt() -> bool:
                 try:
                     await stub.ModelInfer(grpc_request(prompt(next(NUMBERS))), timeout=60)
-                    ok = True
                 except grpc.aio.AioRpcError:
-                    ok = False
-                if started >= measure_from:
-                    if ok:
-                        latencies.append(time.monotonic() - started)
-                    else:
-                        other += 1
+                    return False
+                return True
 
-    measure_from = time.monotonic() + 1.0
-    await asyncio.gather(*(client(measure_from, measure_from + seconds) for _ in range(clients)))
-    return {
-        "goodput": len(latencies) / seconds,
-        "failed": other,
-        "p50_ms": percentile(latencies, 50) * 1000,
-        "p99_ms": percentile(latencies, 99) * 1000,
-    }
+            await tally.loop(attempt)
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return tally.summary()
 
 
 def grpc_top(target: str, text: str) -> list[str]:
@@ -142,37 +132,51 @@ def grpc_top(target: str, text: str) -> list[str]:
     return [v.split(":", 2)[2] for v in values]
 
 
+class Tally:
+    """Closed-loop clients' answers over `seconds` after a 1 s warm-up: goodput, failures, p50 and p99 (ms)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.measure_from = time.monotonic() + 1.0
+        self.latencies: list[float] = []
+        self.failed = 0
+
+    async def loop(self, attempt: Callable[[], Awaitable[bool]]) -> None:
+        """One client: `attempt()` (whether it got its answer) again and again until the time is up."""
+        while (started := time.monotonic()) < self.measure_from + self.seconds:
+            ok = await attempt()
+            if started >= self.measure_from:
+                if ok:
+                    self.latencies.append(time.monotonic() - started)
+                else:
+                    self.failed += 1
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "goodput": len(self.latencies) / self.seconds,
+            "failed": self.failed,
+            "p50_ms": percentile(self.latencies, 50) * 1000,
+            "p99_ms": percentile(self.latencies, 99) * 1000,
+        }
+
+
 async def closed_loop(base: str, clients: int, seconds: float, build: Callable[[str], Request]) -> dict[str, float]:
     """`clients` clients sending `build`'s requests for `seconds` after a 1 s warm-up: goodput, p50, p99 (ms)."""
-    latencies: list[float] = []
-    other = 0
+    tally = Tally(seconds)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(base, connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
 
-        async def client(measure_from: float, until: float) -> None:
-            nonlocal other
-            while (started := time.monotonic()) < until:
-                path, body, headers = build(prompt(next(NUMBERS)))
-                try:
-                    async with session.post(path, data=body, headers=headers) as response:
-                        await response.read()
-                        ok = response.status == 200
-                except (TimeoutError, aiohttp.ClientError):
-                    ok = False
-                if started >= measure_from:
-                    if ok:
-                        latencies.append(time.monotonic() - started)
-                    else:
-                        other += 1
+        async def attempt() -> bool:
+            path, body, headers = build(prompt(next(NUMBERS)))
+            try:
+                async with session.post(path, data=body, headers=headers) as response:
+                    await response.read()
+                    return response.status == 200
+            except (TimeoutError, aiohttp.ClientError):
+                return False
 
-        measure_from = time.monotonic() + 1.0
-        await asyncio.gather(*(client(measure_from, measure_from + seconds) for _ in range(clients)))
-    return {
-        "goodput": len(latencies) / seconds,
-        "failed": other,
-        "p50_ms": percentile(latencies, 50) * 1000,
-        "p99_ms": percentile(latencies, 99) * 1000,
-    }
+        await asyncio.gather(*(tally.loop(attempt) for _ in range(clients)))
+    return tally.summary()
 
 
 def check_same_answer(base: str, target: str) -> None:

@@ -21,7 +21,6 @@ from service.api.quotas import KeyRing, QuotaCounters, quota_folder
 from service.api.routes import api, chat, completions, docs, health, inference_protocol, playground
 from service.api.schemas.common import ErrorResponse
 from service.engine import usage
-from service.metrics import QUOTA_REFUSED
 from service.models.runtime import ModelRuntime
 from service.settings import Settings
 
@@ -50,13 +49,9 @@ def _require_api_key() -> None:
     g.key_policy = policy
     if not policy.limited:
         return
-    quota = g.quota = keys.counters.admit(policy)
+    quota = g.quota = keys.admit(policy)
     if quota.refused is not None:
-        QUOTA_REFUSED.labels(key=policy.id, limit=quota.refused).inc()
-        what = {"requests": "requests per second", "chars": "generated characters per minute",
-                "concurrent": "concurrent requests"}[quota.refused]  # fmt: skip
-        raise ApiError(429, f"rate limit reached for this API key: {what}; retry after the Retry-After seconds",
-                       "tokens" if quota.refused == "chars" else "requests", code="rate_limit_exceeded")  # fmt: skip
+        raise quota.error()
     g.quota_admitted = True
 
 

@@ -89,7 +89,7 @@ def release_models(_: BaseException | None = None) -> None:
 
 
 def mirror(mv: ModelVersion, kind: Kind, text: str, serving_bits: float | None = None,
-           serving_top1: int | None = None) -> None:  # fmt: skip
+           serving_top1: str | None = None) -> None:  # fmt: skip
     """After the answer: offer the request's text for a shadow comparison (service.models.shadow), with what
     the request computed of it."""
     runtime().repository.mirror(mv, kind, text, serving_bits, serving_top1)

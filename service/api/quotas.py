@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from service.api.api_keys import bearer_key
+from service.api.errors import ApiError
+from service.metrics import QUOTA_REFUSED
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -137,6 +139,13 @@ class Quota:
     chars_reset: float = 0.0
     retry_after: float | None = None  # set when the request is refused
     refused: str | None = None  # which limit refused it: "requests", "chars" or "concurrent"
+
+    def error(self) -> ApiError:
+        """The 429 of a refused request (`rate_limit_exceeded`, OpenAI's type: requests or tokens)."""
+        what = {"requests": "requests per second", "chars": "generated characters per minute",
+                "concurrent": "concurrent requests"}[self.refused or "requests"]  # fmt: skip
+        return ApiError(429, f"rate limit reached for this API key: {what}; retry in {self.headers()['Retry-After']} s",
+                        "tokens" if self.refused == "chars" else "requests", code="rate_limit_exceeded")  # fmt: skip
 
     def headers(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -315,6 +324,13 @@ class KeyRing:
 
     def enabled(self) -> bool:
         return bool(self._env) or self.key_file is not None
+
+    def admit(self, policy: KeyPolicy) -> Quota:
+        """A request of a key with limits, admitted or refused (`Quota.refused`, counted in metrics)."""
+        quota = self.counters.admit(policy)
+        if quota.refused is not None:
+            QUOTA_REFUSED.labels(key=policy.id, limit=quota.refused).inc()
+        return quota
 
     def authorize(self, authorization: str) -> KeyPolicy | None:
         """The policy of the key an `Authorization` value presents; None for no key or an unknown one."""

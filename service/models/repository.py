@@ -415,7 +415,7 @@ class ModelRepository:
         return versions[max(shares, key=lambda v: (shares[v], v))]
 
     def mirror(self, serving: ModelVersion, kind: Kind, text: str, serving_bits: float | None = None,
-               serving_top1: int | None = None) -> None:  # fmt: skip
+               serving_top1: str | None = None) -> None:  # fmt: skip
         """Offer a request's text for a shadow comparison, where the model has a shadow candidate loaded."""
         config = self._shadows.get(serving.name)
         if config is not None:

@@ -57,7 +57,7 @@ class Comparison:
     kind: Kind
     text: str
     serving_bits: float | None = None  # what the request already knows: the serving version's bits on text
-    serving_top1: int | None = None  # ... and its most likely next character after it (next-token)
+    serving_top1: str | None = None  # ... and its most likely next character after it (next-token)
 
 
 class ShadowRunner:
@@ -73,7 +73,7 @@ class ShadowRunner:
         self._pid = os.getpid()
 
     def offer(self, serving: ModelVersion, candidate: ModelVersion | None, percent: float, kind: Kind, text: str,
-              serving_bits: float | None = None, serving_top1: int | None = None) -> None:  # fmt: skip
+              serving_bits: float | None = None, serving_top1: str | None = None) -> None:  # fmt: skip
         """Mirror this request to `candidate` with probability `percent` / 100, if the queue has room; what the
         request computed anyway (the serving version's bits on the text, its top next character) is not
         computed again."""
@@ -125,10 +125,11 @@ class ShadowRunner:
                 self._queue.task_done()
 
 
-def read(mv: ModelVersion, text: str) -> tuple[float, int]:
-    """A version's bits on `text` and its most likely next character after it, in one pass."""
+def read(mv: ModelVersion, text: str) -> tuple[float, str]:
+    """A version's bits on `text` and its most likely next character after it, in one pass (characters, not
+    ids, are compared: two versions' vocabularies may differ)."""
     state, score = mv.engine.continue_sequence(None, text)
-    return score.bits_per_char * score.n_chars, int(torch.argmax(state.logits))
+    return score.bits_per_char * score.n_chars, mv.engine.vocab.chars[int(torch.argmax(state.logits))]
 
 
 def compare(item: Comparison) -> None:

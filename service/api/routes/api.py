@@ -57,7 +57,7 @@ def next_token() -> Response:
     req = parse(NextTokenRequest)
     mv = use_model(req.model)
     result = mv.engine.next_token(req.text, req.top_k)
-    mirror(mv, "next_token", req.text, serving_top1=mv.engine.vocab.chars.index(result.candidates[0].token))
+    mirror(mv, "next_token", req.text, serving_top1=result.candidates[0].token)
     return respond(NextTokenResponse.model_validate({"model": mv.id, **vars(result)}, from_attributes=True))
 
 

@@ -47,7 +47,7 @@ from service.api.inference_protocol.tensors import (
 from service.api.quotas import KeyPolicy, KeyRing
 from service.engine import usage
 from service.engine.types import Delta
-from service.metrics import GRPC_REQUEST_LATENCY, GRPC_REQUESTS, MODEL_REQUESTS, QUOTA_REFUSED
+from service.metrics import GRPC_REQUEST_LATENCY, GRPC_REQUESTS, MODEL_REQUESTS
 from service.models.runtime import ModelRuntime
 from service.models.sessions import principal_of
 from service.models.versions import ModelNotFound, ModelVersion
@@ -154,11 +154,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if policy is None or not policy.limited:
             yield
             return
-        quota = self.keys.counters.admit(policy)
+        quota = self.keys.admit(policy)
         if quota.refused is not None:
-            QUOTA_REFUSED.labels(key=policy.id, limit=quota.refused).inc()
-            raise ApiError(429, f"rate limit reached for this API key ({quota.refused}); retry after "
-                           f"{quota.headers()['Retry-After']} s", "requests", code="rate_limit_exceeded")  # fmt: skip
+            raise quota.error()
         usage.reset()
         try:
             yield
