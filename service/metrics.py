@@ -57,6 +57,11 @@ CONNECTIONS_TIMED_OUT = Counter(
     "or a write not sent in time",
     ["phase"],
 )
+LOOP_FAILURES = Counter(
+    "charlm_loop_failures_total",
+    "Events of a worker's event loop that raised: each closed its connection and the worker went on "
+    "(the log has the first one's traceback)",
+)
 QUOTA_REFUSED = Counter(
     "charlm_quota_refusals_total", "Requests refused by their API key's limits (key: a short hash)", ["key", "limit"]
 )

@@ -44,12 +44,59 @@ class LoopReadingWorker(ThreadWorker):
     buffered: int  # their sum, within max_buffered
     lingering: dict[TConn, tuple[float, int]]  # closing connections: deadline, bytes drained
     read_failures: int
+    loop_failures: int  # events whose callback raised (wait_for_and_dispatch_events)
     next_sweep: float
     metrics: Any  # service.metrics, imported once PROMETHEUS_MULTIPROC_DIR is set
 
     def _dispatch(self, conn: TConn, pending: PendingRequest) -> None:
         """A complete request, parsed with its body: give it to a thread, or answer it."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ the loop's turn
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        """gthread's, made safe for events that an earlier callback of the same turn made stale.
+
+        One select() returns the events of many sockets; a callback may unregister, close or re-register
+        another of them (a finished request frees a thread for a queued one, a sweep closes a connection),
+        so each event runs only if its socket is still registered with the same key. A callback that fails
+        anyway is logged and costs its connection, never the worker and every connection it holds."""
+        try:
+            events = self.poller.select(timeout)
+        except OSError as exc:
+            if exc.errno != errno.EINTR:
+                raise
+            return
+        registered = self.poller.get_map()
+        for key, _ in events:
+            if registered.get(key.fd) is not key:
+                continue  # stale: unregistered or registered anew since the select
+            try:
+                key.data(key.fileobj)
+            except Exception:
+                self.loop_failures += 1
+                self.metrics.LOOP_FAILURES.inc()
+                log = self.log.exception if self.loop_failures == 1 else self.log.warning
+                log("an event of %r failed; its connection is closed", key.fileobj)
+                target = key.data.args[0] if isinstance(key.data, partial) and key.data.args else None
+                conn = self._connection_of(target)
+                if conn is not None:  # else the loop's own (a listener, the method queue): kept registered
+                    self._forget(conn)
+
+    def _connection_of(self, target: Any) -> TConn | None:
+        """The connection a callback's first argument stands for (a subclass knows its own kinds)."""
+        return target if isinstance(target, TConn) else None
+
+    def _forget(self, conn: TConn) -> None:
+        """After a failed event: drop every hold on the connection, then close it."""
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.poller.unregister(conn.sock)
+        self.buffered -= self.reserved.pop(conn, 0)
+        self.reading.pop(conn, None)
+        self.lingering.pop(conn, None)
+        with contextlib.suppress(ValueError):
+            self.keepalived_conns.remove(conn)
+        self._close(conn)
 
     # ------------------------------------------------------------------ reading requests in the loop
 

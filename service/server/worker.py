@@ -73,6 +73,7 @@ class GracefulThreadWorker(LoopReadingWorker):
         self.admitted = 0  # model requests handed to the request threads and not yet finished
         self.probes_admitted = dict.fromkeys(PROBE_THREADS, 0)  # the same, per probe pool
         self.read_failures = 0
+        self.loop_failures = 0
         self.next_sweep = 0.0
         self.probe_pools = {
             kind: ThreadPoolExecutor(max_workers=threads, thread_name_prefix=kind)
@@ -197,6 +198,8 @@ class GracefulThreadWorker(LoopReadingWorker):
 
     def _on_queued_readable(self, entry: Queued, _sock: socket.socket) -> None:
         """A queued request's client sent more (pipelined, kept for later) or closed: a closed one leaves."""
+        if not entry.watched or entry.gone:
+            return
         try:
             data = entry.conn.sock.recv(READ_SIZE, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
@@ -211,6 +214,14 @@ class GracefulThreadWorker(LoopReadingWorker):
         self.poller.unregister(entry.conn.sock)
         entry.watched = False
         self._close(entry.conn)
+
+    def _connection_of(self, target: Any) -> TConn | None:
+        if isinstance(target, Queued):  # a failed event of a waiting request: it leaves the queue
+            if not target.gone:
+                self.queue.leave(target)
+            target.watched = False
+            return target.conn
+        return super()._connection_of(target)
 
     def _serve_queue(self) -> None:
         """Give free threads to the queue's first requests, answering those past their time from the loop."""
