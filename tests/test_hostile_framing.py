@@ -198,15 +198,24 @@ def test_pipelining_still_works_where_the_framing_is_sound(server: Watched) -> N
     server.check()
 
 
-def test_the_overload_answer_closes_and_reads_nothing_behind_it(overloaded: Watched) -> None:
-    status, head, error = refused_once(overloaded.port, POST + b"Content-Length: %d\r\n\r\n" % len(PAYLOAD) + PAYLOAD)
-    assert status == 503 and b"Retry-After: 1" in head and error["code"] == "overloaded"
-    with socket.create_connection(("127.0.0.1", overloaded.port), timeout=10) as sock:  # HEAD: the head only
-        sock.sendall(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n" + SMUGGLED)
+def test_an_overload_answer_keeps_the_connection_and_reads_on_after_its_retry_after(overloaded: Watched) -> None:
+    """A whole request refused for load gets 503 with Retry-After and keeps its connection; what the client
+    pipelined behind it is read only once the Retry-After has passed (a client that retries at once costs
+    nothing meanwhile), then answered. With `Connection: close` it closes, and HEAD gets the head only."""
+    with socket.create_connection(("127.0.0.1", overloaded.port), timeout=10) as sock:
+        sent = time.monotonic()
+        sock.sendall(POST + b"Content-Length: %d\r\n\r\n" % len(PAYLOAD) + PAYLOAD + SMUGGLED)
+        (status, head, body), (behind, _, _) = read_answers(sock, 2)
+        assert status == 503 and b"Retry-After: 1" in head and b"Connection: keep-alive" in head
+        assert json.loads(body)["error"]["code"] == "overloaded"
+        assert behind == 200 and time.monotonic() - sent >= 1.0  # /readyz, read after the Retry-After
+    with socket.create_connection(("127.0.0.1", overloaded.port), timeout=10) as sock:
+        sock.sendall(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" + SMUGGLED)
         data = b""
         while chunk := sock.recv(1 << 16):
             data += chunk
     assert data.startswith(b"HTTP/1.1 503") and data.count(b"HTTP/1.1") == 1 and data.endswith(b"\r\n\r\n")
+    assert b"Connection: close" in data
     overloaded.check()
 
 

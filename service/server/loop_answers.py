@@ -1,5 +1,5 @@
 """The answers the worker's event loop writes itself, without the app (400, 408, 413, 503, ...), in the
-API's JSON error envelope, each closing the connection."""
+API's JSON error envelope; all but the overload 503 on a whole request close the connection."""
 
 from __future__ import annotations
 
@@ -9,15 +9,16 @@ from service.api.schemas.common import ErrorResponse
 
 
 def error_answer(status: int, reason: str, message: str, type_: str, code: str, *, head_only: bool = False,
-                  headers: str = "", protocol: bool = False) -> bytes:  # fmt: skip
+                  headers: str = "", protocol: bool = False, close: bool = True) -> bytes:  # fmt: skip
     """A whole HTTP answer carrying the API's error envelope (the app's ErrorResponse), for the answers
-    the event loop gives without the app, each closing the connection; `headers`: extra lines, each
-    ending CRLF. With `protocol` (a /v2 path), the Open Inference Protocol's `{"error": message}` instead."""
+    the event loop gives without the app, closing the connection unless `close` is False; `headers`:
+    extra lines, each ending CRLF. With `protocol` (a /v2 path), the Open Inference Protocol's
+    `{"error": message}` instead."""
     envelope = {"error": message} if protocol else ErrorResponse.of(message, type_, code=code)
     body = json.dumps(envelope).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        f"{headers}Connection: close\r\n\r\n"
+        f"{headers}Connection: {'close' if close else 'keep-alive'}\r\n\r\n"
     )
     return head.encode() + (b"" if head_only else body)
 

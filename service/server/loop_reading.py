@@ -21,7 +21,7 @@ from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 from service import lifecycle
 from service.api.inference_protocol import is_protocol_path
 from service.server.loop_answers import CapturedAnswer, error_answer
-from service.server.request_framing import Limits, PendingRequest, Refused
+from service.server.request_framing import Limits, PendingRequest, Refused, WSGIRequest
 
 CRLF = "\r\n"
 READ_SIZE = 1 << 16  # bytes read from a client per readiness event
@@ -43,6 +43,7 @@ class LoopReadingWorker(ThreadWorker):
     reserved: dict[TConn, int]  # body bytes held for each connection being read
     buffered: int  # their sum, within max_buffered
     lingering: dict[TConn, tuple[float, int]]  # closing connections: deadline, bytes drained
+    paused: dict[TConn, float]  # kept open after an overload 503: not read again before this time.monotonic()
     read_failures: int
     loop_failures: int  # events whose callback raised (wait_for_and_dispatch_events)
     next_sweep: float
@@ -94,6 +95,7 @@ class LoopReadingWorker(ThreadWorker):
         self.buffered -= self.reserved.pop(conn, 0)
         self.reading.pop(conn, None)
         self.lingering.pop(conn, None)
+        self.paused.pop(conn, None)
         with contextlib.suppress(ValueError):
             self.keepalived_conns.remove(conn)
         self._close(conn)
@@ -204,18 +206,39 @@ class LoopReadingWorker(ThreadWorker):
             return False
 
     def _answer_busy(self, conn: TConn, message: str, head_only: bool, retry_after: float = 1.0,
-                     code: str = "overloaded", path: str = "") -> None:  # fmt: skip
-        """503 with Retry-After (whole seconds, at least 1), then a close (lingering where the client sent
-        more): what the client pipelined behind is not read."""
+                     code: str = "overloaded", path: str = "", kept: WSGIRequest | None = None,
+                     leftover: bytes = b"") -> None:  # fmt: skip
+        """503 with Retry-After (whole seconds, at least 1). With `kept`, the whole request it answers, the
+        connection stays open for the client's next request (`leftover`: what it pipelined behind), unless
+        that request or the server's state says to close; else a close (lingering where the client sent
+        more), and what the client pipelined behind is not read."""
+        keep = kept is not None and not kept.should_close() and self.alive
         answer = error_answer(
             503, "Service Unavailable", message, "service_unavailable", code,
             head_only=head_only, headers=f"Retry-After: {math.ceil(max(retry_after, 1.0))}" + CRLF,
-            protocol=is_protocol_path(path),
+            protocol=is_protocol_path(path), close=not keep,
         )  # fmt: skip
-        if not self._send(conn, answer) or self._nothing_unread(conn):
+        sent = self._send(conn, answer)
+        if sent and keep:
+            conn.pipelined = leftover
+            self.paused[conn] = time.monotonic() + math.ceil(max(retry_after, 1.0))
+        elif not sent or self._nothing_unread(conn):
             self._close(conn)  # nothing unread: the close sends FIN, not a reset, so no lingering is needed
         else:
             self._close_lingering(conn)
+
+    def _resume(self, conn: TConn) -> None:
+        """A refused connection's pause is over: read its next request (pipelined already, or when it comes)."""
+        del self.paused[conn]
+        if not self.alive:
+            self._close(conn)
+        elif conn.pipelined:
+            self.enqueue_req(conn)
+        else:
+            try:
+                self._keep_alive(conn)
+            except (OSError, ValueError):  # the socket is gone
+                self._close(conn)
 
     @staticmethod
     def _nothing_unread(conn: TConn) -> bool:
@@ -323,6 +346,9 @@ class LoopReadingWorker(ThreadWorker):
         for conn, (deadline, _) in list(self.lingering.items()):
             if now > deadline:
                 self._end_lingering(conn)
+        for conn, resume_at in list(self.paused.items()):
+            if now >= resume_at or not self.alive:
+                self._resume(conn)
         self._sweep(now)
 
     def _sweep(self, now: float) -> None:

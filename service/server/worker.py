@@ -70,6 +70,7 @@ class GracefulThreadWorker(LoopReadingWorker):
         self.reserved: dict[TConn, int] = {}  # body bytes held for each connection being read
         self.buffered = 0  # their sum, within max_buffered
         self.lingering: dict[TConn, tuple[float, int]] = {}  # closing connections: deadline, bytes drained
+        self.paused: dict[TConn, float] = {}  # kept open after an overload 503, unread until its Retry-After
         self.admitted = 0  # model requests handed to the request threads and not yet finished
         self.probes_admitted = dict.fromkeys(PROBE_THREADS, 0)  # the same, per probe pool
         self.read_failures = 0
@@ -183,7 +184,8 @@ class GracefulThreadWorker(LoopReadingWorker):
         if refused is not None:
             self.metrics.REQUESTS_REFUSED.labels("overloaded").inc()
             message, retry = refused
-            self._answer_busy(conn, message, head_only=request.method == "HEAD", retry_after=retry, path=request.path)
+            self._answer_busy(conn, message, head_only=request.method == "HEAD", retry_after=retry,
+                              path=request.path, kept=request, leftover=pending.leftover())  # fmt: skip
             return
         deadline = None if timeout is None else arrived + timeout
         entry = Queued(
