@@ -85,6 +85,17 @@ class Settings(BaseSettings):
         pattern=r"^(?i)(DEBUG|INFO|WARNING|ERROR|CRITICAL)$",
         description="DEBUG, INFO (one JSON access line per request), WARNING, ERROR or CRITICAL",
     )
+    # Traces (service.api.tracing): OpenTelemetry's own variables; the SDK reads the rest of them itself.
+    otel_traces_exporter: Literal["none", "otlp", "console"] = Field(
+        "none", description="OpenTelemetry traces: none (the default here: off), otlp or console"
+    )
+    otel_exporter_otlp_traces_protocol: Literal["", "http/protobuf", "grpc"] = Field(
+        "", description="OTLP for traces over http/protobuf or grpc; empty: OTEL_EXPORTER_OTLP_PROTOCOL"
+    )
+    otel_exporter_otlp_protocol: Literal["http/protobuf", "grpc"] = Field(
+        "http/protobuf", description="OTLP's protocol for every signal, where a signal's own is not set"
+    )
+    otel_sdk_disabled: bool = Field(False, description="true: no traces, whatever OTEL_TRACES_EXPORTER says")
     torch_threads: int = Field(
         1,
         ge=1,
@@ -242,6 +253,9 @@ class Settings(BaseSettings):
 
     def warmup_sizes(self) -> list[int]:
         return [int(size) for size in self.warmup_batch_sizes.split(",") if size and int(size) > 0]
+
+    def otlp_traces_protocol(self) -> str:
+        return self.otel_exporter_otlp_traces_protocol or self.otel_exporter_otlp_protocol
 
     def api_key_list(self) -> list[str]:
         return [key.strip() for key in self.api_keys.split(",") if key.strip()]

@@ -12,7 +12,7 @@ from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
 from service import lifecycle
-from service.api import observability
+from service.api import observability, tracing
 from service.api.context import hand_leases_to_stream, key_ring, needs_api_key, release_models, settings
 from service.api.errors import ApiError
 from service.api.inference_protocol import is_protocol_path
@@ -157,6 +157,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # after_request hooks run in reverse order of registration: registered first, the hand-over of a stream's
     # leases runs last, so no hook can fail after it and leave a lease that no stream will end.
     app.after_request(hand_leases_to_stream)  # a stream holds its model version until it is closed
+    tracing.install(app, settings)  # off unless OTEL_TRACES_EXPORTER names an exporter
     observability.install(app)  # first: request ids and metrics cover every response, 401s included
     app.before_request(_require_api_key)
     app.after_request(_quota_headers)

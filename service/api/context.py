@@ -176,7 +176,8 @@ def parse(model: type[BaseModel]) -> Any:
             "invalid_request_error",
             code="unsupported_media_type",
         )
-    return validated(model, request.get_data(cache=False))
+    g.parsed_request = parsed = validated(model, request.get_data(cache=False))  # its fields go on its trace
+    return parsed
 
 
 def validated(model: type[BaseModel], data: bytes | dict[str, Any], where: str = "") -> Any:

@@ -91,6 +91,7 @@ def _after(response: Response) -> Response:
             "duration_ms": round(elapsed * 1000, 3),
             "bytes_in": request.content_length or 0,
             "streamed": response.is_streamed,
+            **({"trace_id": g.trace_id} if "trace_id" in g else {}),
         },
     )
     # A streamed body is still being sent: the request leaves the in-flight count when it closes.

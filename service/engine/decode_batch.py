@@ -86,6 +86,11 @@ class _Row:
             )
         )
         self.job.open_choices -= 1
+        if (trace := self.job.trace) is not None:
+            trace.generated_chars += self.produced
+            trace.finish_reasons.append(reason)
+            if self.job.open_choices == 0:
+                trace.finished_ns = time.time_ns()
         if self.job.open_choices == 0:
             self.job.results.put(FINISHED)
 
@@ -172,9 +177,13 @@ class DecodeBatch:
         for e in encoded:
             job, req, state = e.job, e.job.request, e.encoded()
             if req is None:
+                if job.trace is not None:
+                    job.trace.finished_ns = time.time_ns()
                 job.results.put(Logits(state.logits.clone()))
                 job.results.put(FINISHED)
                 continue
+            if job.trace is not None:
+                job.trace.decode_started_ns = time.time_ns()
             for index, generator in enumerate(make_generators(req.seed, req.n)):
                 counts = torch.zeros(len(self.chars)) if req.params.penalized else None
                 self.rows.append(

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import torch
 
+from service.engine import timings
 from service.engine.types import Delta, GenerationRequest
 
 
@@ -54,6 +55,7 @@ class Job:
         self.cancelled = False  # set by the consumer when it goes away; its rows leave at the next step
         self.open_choices = request.n if request is not None else 0
         self.taken_by: threading.Thread | None = None  # the scheduler thread that took it from the queue
+        self.trace = timings.for_job()  # its timings when its request is traced (service.engine.timings)
 
     @classmethod
     def next_token(cls, prompt_ids: list[int]) -> Job:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +11,7 @@ from service.engine.jobs import Job
 from service.engine.lstm_kernels import FusedStep
 from service.engine.observer import IGNORED, EngineObserver
 from service.engine.prefix_cache import CHECKPOINT, CachedState, PrefixCache, PrefixKeys
+from service.engine.timings import PromptBatch
 
 
 @dataclass(kw_only=True)
@@ -65,10 +67,16 @@ class PromptEncoder:
         if start is not None:
             encoding.h, encoding.c = start.h, start.c
         elif self.cache is not None:  # a session's state is its own: only prompts from the start are cached
+            looked_up = time.time_ns()
             encoding.keys = PrefixKeys(job.prompt_ids)
             hit = self.cache.lookup(encoding.keys)
             if hit is not None:
                 encoding.done, encoding.h, encoding.c, encoding.logits = hit.length, hit.h, hit.c, hit.logits
+            if job.trace is not None:
+                job.trace.cache_lookup_ns = (looked_up, time.time_ns())
+                job.trace.cache_hit_chars = encoding.done
+        if job.trace is not None:
+            job.trace.prompt_chars = len(job.prompt_ids) - 1  # after the start symbol (or a session's last)
         self.pending.append(encoding)
 
     def jobs(self) -> list[Job]:
@@ -109,8 +117,13 @@ class PromptEncoder:
                 torch.stack([zeros if e.h is None else e.h for e in encodings], dim=1),
                 torch.stack([zeros if e.c is None else e.c for e in encodings], dim=1),
             )
+        began = time.time_ns()
         logits, (h, c) = self.kernel.prefill(pieces, initial)
         self.observer.prefilled(len(encodings))
+        if traced := [e.job.trace for e in encodings if e.job.trace is not None]:
+            batch = PromptBatch(started_ns=began, ended_ns=time.time_ns(), prompts=len(encodings), members=traced)
+            for trace in traced:
+                trace.batches.append(batch)
         for i, (e, end) in enumerate(zip(encodings, ends, strict=True)):
             e.done, e.h, e.c, e.logits = end, h[:, i].clone(), c[:, i].clone(), logits[i].clone()
             if self.cache is not None and e.keys is not None and (end % CHECKPOINT == 0 or not e.remaining):

@@ -1,0 +1,100 @@
+"""What OpenTelemetry traces cost: goodput with tracing on, exporting spans over OTLP/HTTP to a receiver on
+loopback, against tracing off, side by side.
+
+    python -m benchmarks.tracing [--clients 8] [--seconds 8] [--rounds 4] [--out DIR]
+
+Three gunicorn servers on the committed artifacts (2 workers each): tracing off; on with every request
+traced (OTEL_TRACES_EXPORTER=otlp, the default sampler); and on with 10 % of traces sampled
+(OTEL_TRACES_SAMPLER=parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG=0.1). They are up at once and loaded
+in turn, in an order reversed every other round, so all see the same machine. `--clients` closed-loop
+clients ask /v1/next-token, each prompt of its own, as in benchmarks.inference_protocol; the receiver
+(benchmarks/otlp_receiver.py, decoding every export) runs in this process, on the same cores. Reported:
+medians over the rounds of goodput (200 answers per second), p50 and p99, and the spans received. Writes
+tracing.json and tracing.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import ARTIFACTS, RESULTS, stamp, write_report
+from benchmarks.inference_protocol import closed_loop, v1
+from benchmarks.otlp_receiver import http_receiver
+from benchmarks.servers import start_gunicorn, stop, wait_until_up
+
+PHASES = ("off", "on, every request", "on, 10 % sampled")
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    with http_receiver() as (endpoint, received):
+        traced = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint}
+        sampled = {**traced, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+        servers = {
+            PHASES[0]: start_gunicorn(ARTIFACTS),
+            PHASES[1]: start_gunicorn(ARTIFACTS, **traced),
+            PHASES[2]: start_gunicorn(ARTIFACTS, **sampled),
+        }
+        rounds: dict[str, list[dict[str, float]]] = {phase: [] for phase in PHASES}
+        try:
+            for proc, base in servers.values():
+                wait_until_up(proc, base)
+            for round_number in range(args.rounds):
+                for phase in PHASES if round_number % 2 == 0 else PHASES[::-1]:
+                    base = servers[phase][1]
+                    rounds[phase].append(asyncio.run(closed_loop(base, args.clients, args.seconds, v1)))
+        finally:
+            for proc, _ in servers.values():
+                stop(proc)
+        spans = len(received.spans)
+    medians = {phase: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for phase, runs in rounds.items()}
+    return {"phases": medians, "rounds_run": rounds, "spans_received": spans}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    phases = report["tracing"]["phases"]
+    ratios = ", ".join(f"{p} {phases[p]['goodput'] / phases['off']['goodput']:.2f} x" for p in PHASES[1:])
+    lines = [
+        "# What traces cost",
+        "",
+        f"`{report['command']}`, {report['when']}, on {report['machine']} ({report['cpu']}); three servers of "
+        "2 workers each, loopback, the OTLP receiver in the benchmark's process.",
+        "",
+        f"{report['clients']} clients on /v1/next-token, medians of {report['rounds']} alternating rounds of "
+        f"{report['seconds']:g} s:",
+        "",
+        "| tracing | goodput/s | p50 ms | p99 ms |",
+        "|---|---|---|---|",
+    ]
+    for phase, figures in phases.items():
+        lines.append(f"| {phase} | {figures['goodput']:.0f} | {figures['p50_ms']:.1f} | {figures['p99_ms']:.1f} |")
+    lines += [
+        "",
+        f"Goodput against tracing off: {ratios}; the receiver got {report['tracing']['spans_received']} spans.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tracing", description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    report: dict[str, Any] = {
+        **stamp("benchmarks.tracing", argv),
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "tracing": measure(args),
+    }
+    write_report(args.out, "tracing", report, markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

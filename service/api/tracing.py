@@ -1,0 +1,258 @@
+"""OpenTelemetry traces of the HTTP API: off unless configured, and then one span per request with children
+for what it spent its time on.
+
+Configured by OpenTelemetry's own variables. `OTEL_TRACES_EXPORTER` (`none` here unless set) names the
+exporter: `otlp` over `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL` / `OTEL_EXPORTER_OTLP_PROTOCOL` (`http/protobuf`,
+the default, or `grpc`), or `console`. The SDK reads the rest itself: the endpoint, headers, timeout and
+compression (`OTEL_EXPORTER_OTLP_*`), the sampler (`OTEL_TRACES_SAMPLER`, parent-based always-on by
+default), the batching of exports (`OTEL_BSP_*`), the propagators (`OTEL_PROPAGATORS`, W3C trace context
+and baggage) and the resource (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`). `OTEL_SDK_DISABLED=true`
+turns it off whatever else is set. Off, nothing of the SDK is imported and no exporter exists. Health
+probes and /metrics are never traced.
+
+A request's span starts when the worker's event loop had read it whole, so it covers the wait for a
+request thread, and ends when its response (a stream: its last byte) is written. Its `traceparent`, where
+it sends one, makes it a child of the caller's span. The engine's records (service.engine.timings) become
+child spans once the request has ended: the wait for admission (for a request thread, then for the decode
+scheduler), the prompt's encoding (with its prefix-cache lookup as an event), the decoding, and the
+writing of a stream. One encoder call reads many requests' prompts at once, so a request's `encode prompt`
+span links to the spans of the other requests its encoder calls served, and says how many prompts they
+read together; a span of its own per call would cost more than the rest of a request's trace.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+from service import lifecycle
+from service.engine import timings
+from service.settings import Settings
+
+MAX_LINKS = 63  # an encode span links to at most this many other requests (a batch holds 64 prompts at most)
+
+# Probes and scrapes come every few seconds from the platform, not from users: they are not traced.
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+
+# The operation names of OpenTelemetry's generative-AI conventions, for the routes they fit.
+GEN_AI_OPERATIONS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "text_completion",
+    "/v1/generate": "text_completion",
+}
+
+
+def enabled(settings: Settings) -> bool:
+    """Whether the settings ask for traces (an exporter named, the SDK not disabled)."""
+    return not settings.otel_sdk_disabled and settings.otel_traces_exporter != "none"
+
+
+class Tracing:
+    """The tracer of one process: made at the first request in each process (after gunicorn's fork, where
+    the exporter's thread must live), from the settings the app was made with."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()  # makes the tracer once per process
+        self._pid = 0
+        self._tracer: Any = None
+        self._provider: Any = None
+
+    def tracer(self) -> Any:
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._provider, self._tracer = self._make()
+                    self._pid = os.getpid()
+        return self._tracer
+
+    def _make(self) -> tuple[Any, Any]:
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+        named = "OTEL_SERVICE_NAME" in os.environ or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
+        resource = Resource.create({} if named else {SERVICE_NAME: "charlm-serve"})
+        provider = TracerProvider(resource=resource)  # the sampler from OTEL_TRACES_SAMPLER
+        exporter: SpanExporter
+        if self.settings.otel_traces_exporter == "console":
+            exporter = ConsoleSpanExporter()
+        elif self.settings.otlp_traces_protocol() == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+            exporter = GrpcExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+            exporter = HttpExporter()
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        return provider, provider.get_tracer("service.api.tracing")
+
+    def flush(self, timeout_millis: int = 5000) -> bool:
+        """Export what is buffered now (tests and shutdown)."""
+        return self._provider is None or bool(self._provider.force_flush(timeout_millis))
+
+
+def install(app: Flask, settings: Settings) -> None:
+    """Trace every request of `app` when the settings ask for it; else nothing is installed at all."""
+    app.extensions["tracing"] = None
+    if not enabled(settings):
+        return
+    tracing = app.extensions["tracing"] = Tracing(settings)
+    app.before_request(lambda: _begin(tracing))
+    app.after_request(lambda response: _after(tracing, response))
+    app.teardown_request(lambda _exc: _teardown(tracing))
+
+
+def _arrival_ns() -> int:
+    """When the loop had the request whole, on the wall clock; now where it is not known."""
+    now_ns, arrived = time.time_ns(), lifecycle.arrival()
+    if arrived is None:
+        return now_ns
+    return now_ns - max(int((time.monotonic() - arrived) * 1e9), 0)
+
+
+def _begin(tracing: Tracing) -> None:
+    if request.path in UNTRACED_PATHS:
+        return
+    from opentelemetry import propagate
+    from opentelemetry.trace import SpanKind
+
+    started_ns = _arrival_ns()
+    parent = propagate.extract(request.headers)
+    route = request.url_rule.rule if request.url_rule is not None else None
+    attributes: dict[str, Any] = {
+        "http.request.method": request.method,
+        "url.path": request.path,
+        "url.scheme": request.scheme,
+        "server.address": request.host.rsplit(":", 1)[0],
+        "client.address": request.remote_addr or "",
+        "user_agent.original": request.headers.get("User-Agent", ""),
+    }
+    if route is not None:
+        attributes["http.route"] = route
+    span = tracing.tracer().start_span(
+        f"{request.method} {route}" if route else request.method,
+        context=parent, kind=SpanKind.SERVER, start_time=started_ns, attributes=attributes,
+    )  # fmt: skip
+    g.trace_span, g.trace_ended = span, False
+    if not span.is_recording():  # sampled out: nothing more to record
+        timings.end()
+        return
+    g.trace_id = format(span.get_span_context().trace_id, "032x")
+    g.trace_threaded_ns = time.time_ns()  # the wait for a request thread ended here
+    g.trace_jobs = timings.begin(span)
+
+
+def _after(tracing: Tracing, response: Response) -> Response:
+    span = g.get("trace_span")
+    if span is None or not span.is_recording():
+        return response
+    span.set_attribute("http.response.status_code", response.status_code)
+    if response.status_code >= 500:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_attribute("error.type", str(response.status_code))
+        span.set_status(Status(StatusCode.ERROR))
+    answering = g.get("model_answering")
+    if answering is not None:
+        span.set_attribute("charlm.model.version", answering.id)
+    operation = GEN_AI_OPERATIONS.get(request.path)
+    if operation is not None:
+        span.set_attribute("gen_ai.operation.name", operation)
+        span.set_attribute("gen_ai.provider.name", "charlm-serve")
+        if answering is not None:
+            span.set_attribute("gen_ai.response.model", answering.id)
+        parsed = g.get("parsed_request")
+        for field, name in (("model", "gen_ai.request.model"), ("max_tokens", "gen_ai.request.max_tokens"),
+                            ("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"),
+                            ("seed", "gen_ai.request.seed"), ("n", "gen_ai.request.choice.count")):  # fmt: skip
+            value = getattr(parsed, field, None)
+            if isinstance(value, int | float | str) and not isinstance(value, bool):
+                span.set_attribute(name, value)
+    # The response is written after Flask's request context is gone: what _finish needs is taken now.
+    jobs = g.get("trace_jobs")  # the same list the engine's jobs join while a stream is read
+    ending = _Ending(tracing, span, [] if jobs is None else jobs, operation is not None,
+                     time.time_ns() if response.is_streamed else 0, g.trace_threaded_ns)  # fmt: skip
+    response.call_on_close(ending.finish)
+    g.trace_ended = True
+    return response
+
+
+def _teardown(tracing: Tracing) -> None:
+    """A request that raised past the error handlers never reached `_after`: its span ends here."""
+    if not g.get("trace_ended", True):
+        g.trace_ended = True
+        _Ending(tracing, g.trace_span, g.get("trace_jobs") or [], False, 0, g.get("trace_threaded_ns", 0)).finish()
+
+
+class _Ending:
+    """What ends a request's span once its response is written: the engine's records become its children."""
+
+    def __init__(self, tracing: Tracing, span: Any, jobs: list[timings.JobTrace], generative: bool,
+                 stream_from_ns: int, threaded_ns: int) -> None:  # fmt: skip
+        self.tracing, self.span, self.jobs = tracing, span, jobs
+        self.threaded_ns = threaded_ns  # when a request thread took it up
+        self.generative = generative  # a route of the generative-AI conventions: their usage attributes too
+        self.stream_from_ns = stream_from_ns  # a stream: when its writing began (its headers went out)
+
+    def finish(self) -> None:
+        from opentelemetry.trace import Link, set_span_in_context
+
+        ended_ns = time.time_ns()
+        timings.end()
+        span, tracing = self.span, self.tracing
+        tracer, context = tracing.tracer(), set_span_in_context(span)
+
+        def child(name: str, start: int, end: int, **options: Any) -> None:
+            if start and end >= start:
+                tracer.start_span(name, context=context, start_time=start, **options).end(end_time=end)
+
+        # Admission: from the loop's queue (when it waited there) to the decode scheduler taking its first job
+        # into a batch, with the wait for a thread and the wait for the scheduler as its attributes.
+        started = span.start_time
+        admitted = self.jobs[0].taken_ns if self.jobs and self.jobs[0].taken_ns else self.threaded_ns
+        waits = {"charlm.wait.thread_ms": (self.threaded_ns - started) / 1e6}
+        if self.jobs and self.jobs[0].taken_ns:
+            waits["charlm.wait.scheduler_ms"] = (self.jobs[0].taken_ns - self.jobs[0].submitted_ns) / 1e6
+        child("wait for admission", started, admitted, attributes=waits)
+        for job in self.jobs:
+            # The prompt's reading: from its prefix-cache lookup (an event, it takes microseconds) through
+            # the encoder calls that read the rest, linked to the requests those calls read prompts for too.
+            others = {id(o): o for batch in job.batches for o in batch.members if o is not job}
+            links = [Link(o.context.get_span_context()) for o in list(others.values())[:MAX_LINKS]]
+            lookup = job.cache_lookup_ns
+            begun = lookup[0] if lookup is not None else job.batches[0].started_ns if job.batches else 0
+            if begun:
+                attributes = {"charlm.prompt.chars": job.prompt_chars, "charlm.prompt.batches": len(job.batches),
+                              "charlm.prefix_cache.hit_chars": job.cache_hit_chars}  # fmt: skip
+                if job.batches:
+                    attributes["charlm.batch.prompts"] = max(b.prompts for b in job.batches)
+                encoding = tracer.start_span("encode prompt", context=context, start_time=begun, links=links,
+                                             attributes=attributes)  # fmt: skip
+                if lookup is not None:
+                    hit = {"charlm.prefix_cache.hit_chars": job.cache_hit_chars,
+                           "charlm.prefix_cache.lookup_us": (lookup[1] - lookup[0]) / 1e3}  # fmt: skip
+                    encoding.add_event("prefix cache lookup", attributes=hit, timestamp=lookup[0])
+                encoding.end(end_time=job.batches[-1].ended_ns if job.batches else lookup[1] if lookup else begun)
+            decoded = {"charlm.decode.chars": job.generated_chars}
+            child("decode", job.decode_started_ns, job.finished_ns, attributes=decoded)
+        if self.stream_from_ns:
+            child("write stream", self.stream_from_ns, ended_ns)
+        if self.jobs:
+            prompt = sum(job.prompt_chars for job in self.jobs)
+            generated = sum(job.generated_chars for job in self.jobs)
+            span.set_attribute("charlm.prefix_cache.hit_chars", sum(job.cache_hit_chars for job in self.jobs))
+            span.set_attribute("charlm.prompt.chars", prompt)
+            span.set_attribute("charlm.generated.chars", generated)
+            reasons = [reason for job in self.jobs for reason in job.finish_reasons]
+            if self.generative:
+                span.set_attribute("gen_ai.usage.input_tokens", prompt)
+                span.set_attribute("gen_ai.usage.output_tokens", generated)
+                if reasons:
+                    span.set_attribute("gen_ai.response.finish_reasons", reasons)
+        span.end(end_time=ended_ns)
