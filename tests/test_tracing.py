@@ -176,6 +176,20 @@ def test_a_request_without_traceparent_starts_a_trace_and_errors_are_traced(tiny
     assert not span.parent_span_id and attributes(span.attributes)["http.response.status_code"] == 400
 
 
+def test_requests_the_sampler_leaves_out_are_served_and_not_exported(tiny_artifacts: Path) -> None:
+    with http_receiver() as (endpoint, received):
+        env = {**EXPORT_ENV, "WORKERS": "1", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint,
+               "OTEL_TRACES_SAMPLER": "always_off"}  # fmt: skip
+        with gunicorn_process(tiny_artifacts, **env) as (_, base):
+            for number in range(5):
+                body = {"model": "char-lstm", "prompt": f"To be {number}", "max_tokens": 5, "stream": number % 2 == 0}
+                assert requests.post(f"{base}/v1/completions", json=body, timeout=30).status_code == 200
+                answer = requests.post(f"{base}/v1/next-token", json={"text": "To be"}, timeout=30)
+                assert answer.status_code == 200
+        # the server has stopped, which flushes its exporter: had it made spans, they would be here
+    assert received.spans == []
+
+
 @pytest.mark.unit
 def test_with_tracing_off_nothing_of_it_is_installed(tiny_artifacts: Path) -> None:
     app = create_app(Settings(artifacts_dir=tiny_artifacts))

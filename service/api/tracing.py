@@ -139,10 +139,10 @@ def _begin(tracing: Tracing) -> None:
         f"{request.method} {route}" if route else request.method,
         context=parent, kind=SpanKind.SERVER, start_time=started_ns, attributes=attributes,
     )  # fmt: skip
-    g.trace_span, g.trace_ended = span, False
-    if not span.is_recording():  # sampled out: nothing more to record
+    if not span.is_recording():  # sampled out: nothing to record, and nothing to end
         timings.end()
         return
+    g.trace_span, g.trace_ended = span, False
     g.trace_id = format(span.get_span_context().trace_id, "032x")
     g.trace_threaded_ns = time.time_ns()  # the wait for a request thread ended here
     g.trace_jobs = timings.begin(span)
