@@ -48,7 +48,7 @@ protos: $(VENV)/.test-installed
 train: $(VENV)/.test-installed
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m training.run
 
-## bench: serving, weight-precision, matmul, connection-balance, session-handle, slow-client, rollout, chunked-body, reference-server and concurrency benchmarks (about 40 minutes; write benchmarks/*.json and *.md; concurrency needs Debian's wrk)
+## bench: serving, weight-precision, matmul, connection-balance, session-handle, slow-client, rollout, chunked-body, reference-server, concurrency, inference-protocol, traffic, warmup and tracing benchmarks (about an hour; write benchmarks/*.json and *.md; concurrency needs Debian's wrk)
 bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks.serve
 	$(BIN)/python -m benchmarks.precision
@@ -62,3 +62,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks.reference
 	$(BIN)/python -m benchmarks.chunked
 	$(BIN)/python -m benchmarks.concurrency
+	$(BIN)/python -m benchmarks.inference_protocol
+	$(BIN)/python -m benchmarks.traffic
+	$(BIN)/python -m benchmarks.warmup
+	$(BIN)/python -m benchmarks.tracing

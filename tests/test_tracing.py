@@ -182,7 +182,12 @@ def test_requests_the_sampler_leaves_out_are_served_and_not_exported(tiny_artifa
                "OTEL_TRACES_SAMPLER": "always_off"}  # fmt: skip
         with gunicorn_process(tiny_artifacts, **env) as (_, base):
             for number in range(5):
-                body = {"model": "char-lstm", "prompt": f"To be {number}", "max_tokens": 5, "stream": number % 2 == 0}
+                body: dict[str, Any] = {
+                    "model": "char-lstm",
+                    "prompt": f"To be {number}",
+                    "max_tokens": 5,
+                    "stream": number % 2 == 0,
+                }
                 assert requests.post(f"{base}/v1/completions", json=body, timeout=30).status_code == 200
                 answer = requests.post(f"{base}/v1/next-token", json={"text": "To be"}, timeout=30)
                 assert answer.status_code == 200

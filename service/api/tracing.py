@@ -116,32 +116,51 @@ def _arrival_ns() -> int:
     return now_ns - max(int((time.monotonic() - arrived) * 1e9), 0)
 
 
+class _EnvironGetter:
+    """Reads propagation headers straight from the WSGI environ (`traceparent` is HTTP_TRACEPARENT)."""
+
+    @staticmethod
+    def get(environ: dict[str, Any], key: str) -> list[str] | None:
+        value = environ.get("HTTP_" + key.upper().replace("-", "_"))
+        return None if value is None else [value]
+
+    @staticmethod
+    def keys(environ: dict[str, Any]) -> list[str]:
+        return [k[5:].lower().replace("_", "-") for k in environ if k.startswith("HTTP_")]
+
+
 def _begin(tracing: Tracing) -> None:
-    if request.path in UNTRACED_PATHS:
+    environ = request.environ
+    path = environ.get("PATH_INFO", "")
+    if path in UNTRACED_PATHS:
         return
     from opentelemetry import propagate
     from opentelemetry.trace import SpanKind
 
-    started_ns = _arrival_ns()
-    parent = propagate.extract(request.headers)
-    route = request.url_rule.rule if request.url_rule is not None else None
-    attributes: dict[str, Any] = {
-        "http.request.method": request.method,
-        "url.path": request.path,
-        "url.scheme": request.scheme,
-        "server.address": request.host.rsplit(":", 1)[0],
-        "client.address": request.remote_addr or "",
-        "user_agent.original": request.headers.get("User-Agent", ""),
-    }
-    if route is not None:
-        attributes["http.route"] = route
+    method = environ.get("REQUEST_METHOD", "")
+    rule = request.url_rule
+    route = rule.rule if rule is not None else None
+    # The sampler decides first, on the span's name and parent (the standard samplers look at no more);
+    # a request it leaves out costs no more than that.
     span = tracing.tracer().start_span(
-        f"{request.method} {route}" if route else request.method,
-        context=parent, kind=SpanKind.SERVER, start_time=started_ns, attributes=attributes,
+        f"{method} {route}" if route else method,
+        context=propagate.extract(environ, getter=_EnvironGetter),  # type: ignore[arg-type]
+        kind=SpanKind.SERVER, start_time=_arrival_ns(),
     )  # fmt: skip
     if not span.is_recording():  # sampled out: nothing to record, and nothing to end
         timings.end()
         return
+    attributes: dict[str, Any] = {
+        "http.request.method": method,
+        "url.path": path,
+        "url.scheme": environ.get("wsgi.url_scheme", "http"),
+        "server.address": environ.get("SERVER_NAME", ""),
+        "client.address": environ.get("REMOTE_ADDR", ""),
+        "user_agent.original": environ.get("HTTP_USER_AGENT", ""),
+    }
+    if route is not None:
+        attributes["http.route"] = route
+    span.set_attributes(attributes)
     g.trace_span, g.trace_ended = span, False
     g.trace_id = format(span.get_span_context().trace_id, "032x")
     g.trace_threaded_ns = time.time_ns()  # the wait for a request thread ended here
@@ -150,30 +169,31 @@ def _begin(tracing: Tracing) -> None:
 
 def _after(tracing: Tracing, response: Response) -> Response:
     span = g.get("trace_span")
-    if span is None or not span.is_recording():
+    if span is None:
         return response
-    span.set_attribute("http.response.status_code", response.status_code)
+    attributes: dict[str, Any] = {"http.response.status_code": response.status_code}
     if response.status_code >= 500:
         from opentelemetry.trace import Status, StatusCode
 
-        span.set_attribute("error.type", str(response.status_code))
+        attributes["error.type"] = str(response.status_code)
         span.set_status(Status(StatusCode.ERROR))
     answering = g.get("model_answering")
     if answering is not None:
-        span.set_attribute("charlm.model.version", answering.id)
+        attributes["charlm.model.version"] = answering.id
     operation = GEN_AI_OPERATIONS.get(request.path)
     if operation is not None:
-        span.set_attribute("gen_ai.operation.name", operation)
-        span.set_attribute("gen_ai.provider.name", "charlm-serve")
+        attributes["gen_ai.operation.name"] = operation
+        attributes["gen_ai.provider.name"] = "charlm-serve"
         if answering is not None:
-            span.set_attribute("gen_ai.response.model", answering.id)
+            attributes["gen_ai.response.model"] = answering.id
         parsed = g.get("parsed_request")
         for field, name in (("model", "gen_ai.request.model"), ("max_tokens", "gen_ai.request.max_tokens"),
                             ("temperature", "gen_ai.request.temperature"), ("top_p", "gen_ai.request.top_p"),
                             ("seed", "gen_ai.request.seed"), ("n", "gen_ai.request.choice.count")):  # fmt: skip
             value = getattr(parsed, field, None)
             if isinstance(value, int | float | str) and not isinstance(value, bool):
-                span.set_attribute(name, value)
+                attributes[name] = value
+    span.set_attributes(attributes)
     # The response is written after Flask's request context is gone: what _finish needs is taken now.
     jobs = g.get("trace_jobs")  # the same list the engine's jobs join while a stream is read
     ending = _Ending(tracing, span, [] if jobs is None else jobs, operation is not None,
@@ -246,13 +266,15 @@ class _Ending:
         if self.jobs:
             prompt = sum(job.prompt_chars for job in self.jobs)
             generated = sum(job.generated_chars for job in self.jobs)
-            span.set_attribute("charlm.prefix_cache.hit_chars", sum(job.cache_hit_chars for job in self.jobs))
-            span.set_attribute("charlm.prompt.chars", prompt)
-            span.set_attribute("charlm.generated.chars", generated)
+            usage: dict[str, Any] = {
+                "charlm.prefix_cache.hit_chars": sum(job.cache_hit_chars for job in self.jobs),
+                "charlm.prompt.chars": prompt,
+                "charlm.generated.chars": generated,
+            }
             reasons = [reason for job in self.jobs for reason in job.finish_reasons]
             if self.generative:
-                span.set_attribute("gen_ai.usage.input_tokens", prompt)
-                span.set_attribute("gen_ai.usage.output_tokens", generated)
+                usage["gen_ai.usage.input_tokens"], usage["gen_ai.usage.output_tokens"] = prompt, generated
                 if reasons:
-                    span.set_attribute("gen_ai.response.finish_reasons", reasons)
+                    usage["gen_ai.response.finish_reasons"] = reasons
+            span.set_attributes(usage)
         span.end(end_time=ended_ns)
