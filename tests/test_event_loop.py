@@ -7,6 +7,7 @@ import collections
 import json
 import selectors
 import socket
+import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,7 +40,7 @@ def bare_loop() -> Any:
     worker.log = Log()
     worker.metrics = SimpleNamespace(LOOP_FAILURES=SimpleNamespace(inc=lambda: None))
     worker.loop_failures = 0
-    worker.reading, worker.reserved, worker.lingering = {}, {}, {}
+    worker.reading, worker.reserved, worker.lingering, worker.paused = {}, {}, {}, {}
     worker.keepalived_conns = collections.deque()
     worker.buffered = 0
     worker.nr_conns = 0
@@ -106,10 +107,22 @@ def test_clients_leaving_the_queue_while_it_drains_do_not_end_the_worker(tiny_ar
                 client.sendall(request)
             for client in clients:  # most are still queued: they leave while the thread frees up again and again
                 client.close()
-        assert requests.post(f"{base}/v1/next-token", json={"text": "To be"}, timeout=30).status_code == 200
+        waiting(base, 0)  # the loop has seen every client leave
+        answer = requests.post(f"{base}/v1/next-token", json={"text": "To be"}, timeout=30)
+        assert answer.status_code == 200, answer.text
         text = requests.get(f"{base}/metrics", timeout=5).text
         assert metric_total(text, "charlm_loop_failures_total") == 0
         assert children(master.pid) == workers  # the same worker throughout
 
 
 ROUNDS, CLIENTS = 10, 60
+
+
+def waiting(base: str, count: int) -> None:
+    """Until at most `count` model requests wait in the worker's queue (bounded)."""
+    for _ in range(200):
+        text = requests.get(f"{base}/metrics", timeout=5).text
+        if metric_total(text, "charlm_requests_waiting") <= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"more than {count} requests still wait")

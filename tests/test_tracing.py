@@ -224,3 +224,35 @@ def test_the_exporter_follows_opentelemetrys_variables() -> None:
     assert Settings(otel_exporter_otlp_protocol="grpc").otlp_traces_protocol() == "grpc"
     both = Settings(otel_exporter_otlp_protocol="grpc", otel_exporter_otlp_traces_protocol="http/protobuf")
     assert both.otlp_traces_protocol() == "http/protobuf"
+
+
+@pytest.mark.unit
+def test_a_propagator_that_is_not_installed_stops_start_up_with_a_clear_message(tiny_artifacts: Path) -> None:
+    script = (
+        "from service.api.app import create_app; from service.settings import Settings; "
+        f"create_app(Settings(artifacts_dir={str(tiny_artifacts)!r}, otel_traces_exporter='otlp'))"
+    )
+    env = {**os.environ, "OTEL_PROPAGATORS": "no_such_propagator"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0 and "OpenTelemetry traces cannot be set up as configured" in out.stderr
+
+
+@pytest.mark.unit
+def test_a_failure_of_tracing_costs_the_request_its_trace_not_its_answer(
+    tiny_artifacts: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.api.tracing import Tracing
+
+    def broken(self: Tracing) -> Any:
+        raise RuntimeError("no tracer today")
+
+    app = create_app(Settings(artifacts_dir=tiny_artifacts, otel_traces_exporter="otlp"))
+    monkeypatch.setattr(Tracing, "tracer", broken)
+    client = app.test_client()
+    answer = client.post("/v1/next-token", json={"text": "To be"})
+    assert answer.status_code == 200 and answer.get_json()["candidates"]
+    body = {"model": "char-lstm", "prompt": "To be", "max_tokens": 5, "stream": True}
+    streamed = client.post("/v1/completions", json=body)
+    assert streamed.status_code == 200 and b"[DONE]" in streamed.get_data()
+    streamed.close()
+    assert app.extensions["tracing"].failures >= 2 and timings.for_job() is None

@@ -22,6 +22,8 @@ read together; a span of its own per call would cost more than the rest of a req
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import threading
 import time
@@ -34,6 +36,8 @@ from service.engine import timings
 from service.settings import Settings
 
 MAX_LINKS = 63  # an encode span links to at most this many other requests (a batch holds 64 prompts at most)
+
+log = logging.getLogger("service.tracing")
 
 # Probes and scrapes come every few seconds from the platform, not from users: they are not traced.
 UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
@@ -61,6 +65,7 @@ class Tracing:
         self._pid = 0
         self._tracer: Any = None
         self._provider: Any = None
+        self.failures = 0  # hooks that raised (guarded)
 
     def tracer(self) -> Any:
         if self._pid != os.getpid():
@@ -81,16 +86,37 @@ class Tracing:
         exporter: SpanExporter
         if self.settings.otel_traces_exporter == "console":
             exporter = ConsoleSpanExporter()
-        elif self.settings.otlp_traces_protocol() == "grpc":
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-
-            exporter = GrpcExporter()
         else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
-
-            exporter = HttpExporter()
+            module = importlib.import_module(f"opentelemetry.exporter.otlp.proto.{self._otlp_kind()}.trace_exporter")
+            exporter = module.OTLPSpanExporter()
         provider.add_span_processor(BatchSpanProcessor(exporter))
         return provider, provider.get_tracer("service.api.tracing")
+
+    def _otlp_kind(self) -> str:
+        return "grpc" if self.settings.otlp_traces_protocol() == "grpc" else "http"
+
+    def check(self) -> None:
+        """Import what tracing will use, so that a configuration it cannot follow (OTEL_PROPAGATORS naming a
+        propagator that is not installed, say) stops start-up with a clear message, not every request."""
+        modules = ["opentelemetry.propagate", "opentelemetry.sdk.trace"]  # the first reads OTEL_PROPAGATORS
+        if self.settings.otel_traces_exporter == "otlp":
+            modules.append(f"opentelemetry.exporter.otlp.proto.{self._otlp_kind()}.trace_exporter")
+        try:
+            for name in modules:
+                importlib.import_module(name)
+        except (ImportError, ValueError) as exc:
+            raise RuntimeError(f"OpenTelemetry traces cannot be set up as configured: {exc}") from exc
+
+    def guarded(self, hook: Any, *args: Any) -> Any:
+        """Run a tracing hook; a failure of tracing is logged (the first with its traceback) and costs the
+        request its trace, never its answer."""
+        try:
+            return hook(*args)
+        except Exception:
+            self.failures += 1
+            (log.exception if self.failures == 1 else log.warning)("tracing a request failed; it goes untraced")
+            timings.end()
+            return None
 
     def flush(self, timeout_millis: int = 5000) -> bool:
         """Export what is buffered now (tests and shutdown)."""
@@ -103,9 +129,10 @@ def install(app: Flask, settings: Settings) -> None:
     if not enabled(settings):
         return
     tracing = app.extensions["tracing"] = Tracing(settings)
-    app.before_request(lambda: _begin(tracing))
-    app.after_request(lambda response: _after(tracing, response))
-    app.teardown_request(lambda _exc: _teardown(tracing))
+    tracing.check()
+    app.before_request(lambda: tracing.guarded(_begin, tracing))
+    app.after_request(lambda response: tracing.guarded(_after, tracing, response) or response)
+    app.teardown_request(lambda _exc: tracing.guarded(_teardown, tracing))
 
 
 def _arrival_ns() -> int:
@@ -198,7 +225,7 @@ def _after(tracing: Tracing, response: Response) -> Response:
     jobs = g.get("trace_jobs")  # the same list the engine's jobs join while a stream is read
     ending = _Ending(tracing, span, [] if jobs is None else jobs, operation is not None,
                      time.time_ns() if response.is_streamed else 0, g.trace_threaded_ns)  # fmt: skip
-    response.call_on_close(ending.finish)
+    response.call_on_close(lambda: tracing.guarded(ending.finish))
     g.trace_ended = True
     return response
 
@@ -207,7 +234,8 @@ def _teardown(tracing: Tracing) -> None:
     """A request that raised past the error handlers never reached `_after`: its span ends here."""
     if not g.get("trace_ended", True):
         g.trace_ended = True
-        _Ending(tracing, g.trace_span, g.get("trace_jobs") or [], False, 0, g.get("trace_threaded_ns", 0)).finish()
+        ending = _Ending(tracing, g.trace_span, g.get("trace_jobs") or [], False, 0, g.get("trace_threaded_ns", 0))
+        ending.finish()
 
 
 class _Ending:
@@ -243,8 +271,8 @@ class _Ending:
         for job in self.jobs:
             # The prompt's reading: from its prefix-cache lookup (an event, it takes microseconds) through
             # the encoder calls that read the rest, linked to the requests those calls read prompts for too.
-            others = {id(o): o for batch in job.batches for o in batch.members if o is not job}
-            links = [Link(o.context.get_span_context()) for o in list(others.values())[:MAX_LINKS]]
+            others = {id(o): o for batch in job.batches for o in batch.contexts if o is not job.context}
+            links = [Link(o.get_span_context()) for o in list(others.values())[:MAX_LINKS]]
             lookup = job.cache_lookup_ns
             begun = lookup[0] if lookup is not None else job.batches[0].started_ns if job.batches else 0
             if begun:

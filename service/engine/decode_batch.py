@@ -73,6 +73,11 @@ class _Row:
 
     def finish(self, reason: FinishReason, released: list[TokenScore], session: SessionState | None) -> None:
         """Hand the job the choice's last piece, and FINISHED after the job's last choice."""
+        if (trace := self.job.trace) is not None:  # recorded first: the reader may be done at the last piece
+            trace.generated_chars += self.produced
+            trace.finish_reasons.append(reason)
+            if self.job.open_choices == 1:
+                trace.finished_ns = time.time_ns()
         text = "".join(t.token for t in released)
         self.job.results.put(
             Delta(
@@ -86,11 +91,6 @@ class _Row:
             )
         )
         self.job.open_choices -= 1
-        if (trace := self.job.trace) is not None:
-            trace.generated_chars += self.produced
-            trace.finish_reasons.append(reason)
-            if self.job.open_choices == 0:
-                trace.finished_ns = time.time_ns()
         if self.job.open_choices == 0:
             self.job.results.put(FINISHED)
 

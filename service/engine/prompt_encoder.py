@@ -121,7 +121,8 @@ class PromptEncoder:
         logits, (h, c) = self.kernel.prefill(pieces, initial)
         self.observer.prefilled(len(encodings))
         if traced := [e.job.trace for e in encodings if e.job.trace is not None]:
-            batch = PromptBatch(started_ns=began, ended_ns=time.time_ns(), prompts=len(encodings), members=traced)
+            contexts = [trace.context for trace in traced]
+            batch = PromptBatch(started_ns=began, ended_ns=time.time_ns(), prompts=len(encodings), contexts=contexts)
             for trace in traced:
                 trace.batches.append(batch)
         for i, (e, end) in enumerate(zip(encodings, ends, strict=True)):

@@ -22,7 +22,7 @@ class PromptBatch:
     started_ns: int
     ended_ns: int
     prompts: int  # prompts read together
-    members: list[JobTrace]  # the traced jobs among them
+    contexts: list[Any]  # the request spans of the traced jobs among them (not their records: no chains)
 
 
 @dataclass(kw_only=True, eq=False)

@@ -108,7 +108,8 @@ class AdmissionQueue:
     their bodies (counted in the worker's buffer budget); and the answering rate their waits are judged by."""
 
     def __init__(self, threads: int, queue_wait: float) -> None:
-        self.heap: list[tuple[int, int, Queued]] = []
+        self.heap: list[tuple[int, int, Queued]] = []  # with the entries of clients that left, until popped
+        self.waiting = 0  # the entries whose clients are still there: what the queue's length is
         self.arrivals = 0  # the tie-breaker within a rank: first come, first served
         self.bytes = 0
         self.throughput = Throughput(cold_queue=max(4 * threads, COLD_QUEUE))
@@ -121,18 +122,18 @@ class AdmissionQueue:
         return 0.0 if held == 0 or rate is None else held / rate
 
     def __len__(self) -> int:
-        return len(self.heap)
+        return self.waiting
 
     def refusal(self, priority: int, timeout: float | None, now: float) -> tuple[str, float] | None:
         """Why a request of this rank and timeout may not wait, with the Retry-After to give; None if it may."""
-        ahead = sum(1 for rank, _, _ in self.heap if rank <= priority)
+        ahead = sum(1 for rank, _, entry in self.heap if rank <= priority and not entry.gone)
         budget = self.queue_wait if timeout is None else min(self.queue_wait, timeout)
         wait = self.throughput.expected_wait(ahead + 1, now)
-        if budget > 0 and wait <= budget and len(self.heap) < MAX_QUEUED:
+        if budget > 0 and wait <= budget and self.waiting < MAX_QUEUED:
             return None
         retry = min(wait, MAX_RETRY_AFTER)
         message = (
-            f"the server is busy: {len(self.heap)} requests are waiting, more than the {budget:g} s this one "
+            f"the server is busy: {self.waiting} requests are waiting, more than the {budget:g} s this one "
             f"may wait; retry in {math.ceil(max(retry, 1.0))} s"
         )
         return message, retry
@@ -141,6 +142,7 @@ class AdmissionQueue:
         self.arrivals += 1
         heapq.heappush(self.heap, (priority, self.arrivals, entry))
         self.bytes += entry.size
+        self.waiting += 1
 
     def pop(self) -> Queued | None:
         """The first request still waiting (clients that left are dropped on the way), or None."""
@@ -148,13 +150,19 @@ class AdmissionQueue:
             _, _, entry = heapq.heappop(self.heap)
             if not entry.gone:
                 self.bytes -= entry.size
+                self.waiting -= 1
                 return entry
         return None
 
     def leave(self, entry: Queued) -> None:
-        """Its client went away: it stays in the heap, skipped when its turn comes."""
+        """Its client went away: it no longer counts as waiting, and it stays in the heap, skipped when its turn
+        comes, unless the heap holds mostly such entries (then they are dropped now)."""
         entry.gone = True
         self.bytes -= entry.size
+        self.waiting -= 1
+        if len(self.heap) > 2 * self.waiting + 64:
+            self.heap = [item for item in self.heap if not item[2].gone]
+            heapq.heapify(self.heap)
 
     def take_due(self, now: float, draining: bool) -> list[Queued]:
         """Remove and return the requests past their timeout, or every one while the server drains."""
@@ -165,6 +173,7 @@ class AdmissionQueue:
                 continue
             if draining or (entry.deadline is not None and now >= entry.deadline):
                 self.bytes -= entry.size
+                self.waiting -= 1
                 due.append(entry)
             else:
                 kept.append(item)

@@ -27,6 +27,7 @@ CRLF = "\r\n"
 READ_SIZE = 1 << 16  # bytes read from a client per readiness event
 SWEEP_SECONDS = 0.25  # how often the loop looks for requests past their deadline
 LINGER_SECONDS = 5.0  # after an error answer that closes, unread request bytes are drained this long at most
+MAX_PAUSE_SECONDS = 1.0  # after an overload 503 that keeps the connection, it is not read again for this long
 LINGER_MAX_BYTES = 64 << 20  # ... and up to this much, so that the client reads the answer, not a reset
 
 
@@ -212,7 +213,10 @@ class LoopReadingWorker(ThreadWorker):
         connection stays open for the client's next request (`leftover`: what it pipelined behind), unless
         that request or the server's state says to close; else a close (lingering where the client sent
         more), and what the client pipelined behind is not read."""
-        keep = kept is not None and not kept.should_close() and self.alive
+        keep = (
+            kept is not None and not kept.should_close() and self.alive and self.cfg.keepalive > 0
+            and len(self.keepalived_conns) + len(self.paused) < self.max_keepalived
+        )  # fmt: skip
         answer = error_answer(
             503, "Service Unavailable", message, "service_unavailable", code,
             head_only=head_only, headers=f"Retry-After: {math.ceil(max(retry_after, 1.0))}" + CRLF,
@@ -221,24 +225,40 @@ class LoopReadingWorker(ThreadWorker):
         sent = self._send(conn, answer)
         if sent and keep:
             conn.pipelined = leftover
-            self.paused[conn] = time.monotonic() + math.ceil(max(retry_after, 1.0))
+            self.paused[conn] = time.monotonic() + min(math.ceil(max(retry_after, 1.0)), MAX_PAUSE_SECONDS)
+            if not leftover:  # watched only for the client going away; what it sends waits in the kernel
+                self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_paused_readable, conn))
         elif not sent or self._nothing_unread(conn):
             self._close(conn)  # nothing unread: the close sends FIN, not a reset, so no lingering is needed
         else:
             self._close_lingering(conn)
 
-    def _resume(self, conn: TConn) -> None:
-        """A refused connection's pause is over: read its next request (pipelined already, or when it comes)."""
-        del self.paused[conn]
-        if not self.alive:
+    def _on_paused_readable(self, conn: TConn, _sock: socket.socket) -> None:
+        """A paused connection's client sent its next request (left unread until the pause ends) or closed."""
+        try:
+            closed = not conn.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            closed = True
+        self.poller.unregister(conn.sock)
+        if closed:
+            del self.paused[conn]
             self._close(conn)
-        elif conn.pipelined:
+
+    def _resume(self, conn: TConn) -> None:
+        """A refused connection's pause is over: read its next request (pipelined already, or when it comes;
+        a stopping worker keeps it only briefly, as for any kept-alive connection)."""
+        del self.paused[conn]
+        with contextlib.suppress(KeyError, ValueError):
+            self.poller.unregister(conn.sock)  # still watched for a close
+        if conn.pipelined:
             self.enqueue_req(conn)
-        else:
-            try:
-                self._keep_alive(conn)
-            except (OSError, ValueError):  # the socket is gone
-                self._close(conn)
+            return
+        try:
+            self._keep_alive(conn)
+        except (OSError, ValueError):  # the socket is gone
+            self._close(conn)
 
     @staticmethod
     def _nothing_unread(conn: TConn) -> bool:

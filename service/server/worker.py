@@ -154,14 +154,23 @@ class GracefulThreadWorker(LoopReadingWorker):
         future.add_done_callback(lambda done: self.method_queue.defer(self._finished, conn, done, kind))
 
     def _finished(self, conn: TConn, future: Future[Any], kind: str | None) -> None:
+        """In the loop, when a request thread is done with `conn`. It never raises: it runs among the method
+        queue's callbacks, which a failure would cut short, and the queue must be served whatever happens."""
         if kind is None:
             self.admitted -= 1
             self.queue.throughput.record(time.monotonic())
         else:
             self.probes_admitted[kind] -= 1
-        self.finish_request(conn, future)
-        if kind is None:
-            self._serve_queue()
+        try:
+            self.finish_request(conn, future)
+        except Exception:
+            self.loop_failures += 1
+            self.metrics.LOOP_FAILURES.inc()
+            self.log.exception("finishing a request from %s failed; its connection is closed", conn.client)
+            self._forget(conn)
+        finally:
+            if kind is None:
+                self._serve_queue()
 
     # ------------------------------------------------------------------ model requests: admission
 
