@@ -108,3 +108,19 @@ def grpc_receiver() -> Iterator[tuple[str, Spans]]:
         yield f"http://127.0.0.1:{port}", spans
     finally:
         server.stop(grace=None)
+
+
+def main() -> int:
+    """As a process of its own (benchmarks.tracing): print the endpoint, receive until stdin closes, then
+    print how many spans came."""
+    import sys
+
+    with http_receiver() as (endpoint, received):
+        print(endpoint, flush=True)
+        sys.stdin.read()
+        print(len(received.spans), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

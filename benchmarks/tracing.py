@@ -8,7 +8,7 @@ traced (OTEL_TRACES_EXPORTER=otlp, the default sampler); and on with 10 % of tra
 (OTEL_TRACES_SAMPLER=parentbased_traceidratio, OTEL_TRACES_SAMPLER_ARG=0.1). They are up at once and loaded
 in turn, in an order reversed every other round, so all see the same machine. `--clients` closed-loop
 clients ask /v1/next-token, each prompt of its own, as in benchmarks.inference_protocol; the receiver
-(benchmarks/otlp_receiver.py, decoding every export) runs in this process, on the same cores. Reported:
+(benchmarks/otlp_receiver.py, decoding every export) runs as a process of its own, on the same cores. Reported:
 medians over the rounds of goodput (200 answers per second), p50 and p99, and the spans received. Then, in
 this process, what the SDK spends on one span: making and ending it (a server span's seven attributes),
 and encoding it for OTLP, medians of 5 runs of 5,000. Writes tracing.json and tracing.md into --out.
@@ -19,20 +19,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ARTIFACTS, RESULTS, stamp, write_report
+from benchmarks.common import ARTIFACTS, REPO, RESULTS, stamp, write_report
 from benchmarks.inference_protocol import closed_loop, v1
-from benchmarks.otlp_receiver import http_receiver
 from benchmarks.servers import start_gunicorn, stop, wait_until_up
 
 PHASES = ("off", "on, every request", "on, 10 % sampled")
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    with http_receiver() as (endpoint, received):
+    # The receiver runs as a process of its own, as a collector would: in this one, its decoding would hold
+    # the interpreter that the clients need.
+    receiver = subprocess.Popen([sys.executable, "-m", "benchmarks.otlp_receiver"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, cwd=REPO)  # fmt: skip
+    assert receiver.stdin is not None and receiver.stdout is not None
+    endpoint = receiver.stdout.readline().strip()
+    try:
         traced = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint}
         sampled = {**traced, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
         servers = {
@@ -51,7 +58,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for proc, _ in servers.values():
                 stop(proc)
-        spans = len(received.spans)
+    finally:
+        receiver.stdin.close()
+        spans = int(receiver.stdout.readline() or 0)
+        receiver.wait(timeout=30)
     medians = {phase: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for phase, runs in rounds.items()}
     return {"phases": medians, "rounds_run": rounds, "spans_received": spans}
 
