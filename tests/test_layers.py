@@ -38,13 +38,14 @@ def test_the_code_keeps_every_contract(copy_of_service: Path) -> None:
     assert "3 kept, 0 broken" in result.stdout
 
 
-def test_flask_in_the_engine_breaks_the_rule(copy_of_service: Path) -> None:
+@pytest.mark.parametrize("module", ["flask", "opentelemetry"])
+def test_flask_or_tracing_in_the_engine_breaks_the_rule(copy_of_service: Path, module: str) -> None:
     sampling = copy_of_service / "service" / "engine" / "sampling.py"
-    sampling.write_text(sampling.read_text() + "\nimport flask  # noqa: E402\n")
+    sampling.write_text(sampling.read_text() + f"\nimport {module}  # noqa: E402\n")
     result = lint_imports(copy_of_service)
     assert result.returncode == 1
-    assert "the engine and the models know nothing of HTTP BROKEN" in result.stdout
-    assert "service.engine.sampling -> flask" in result.stdout
+    assert "the engine and the models know nothing of HTTP or of tracing BROKEN" in result.stdout
+    assert f"service.engine.sampling -> {module}" in result.stdout
 
 
 def test_the_models_importing_the_api_breaks_the_rule(copy_of_service: Path) -> None:
