@@ -9,7 +9,6 @@ import secrets
 import subprocess
 import sys
 import time
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -119,34 +118,47 @@ def test_next_token_stream_and_chat_each_give_a_span_tree_under_the_clients_trac
     assert {"service.name": "charlm-test"}.items() <= received.resources[0].items()
 
 
-def test_requests_encoded_together_link_their_encode_spans_to_each_other(tiny_artifacts: Path) -> None:
-    """Bursts of concurrent next-token requests: wherever one encoder call read several of their prompts,
-    each one's `encode prompt` span links to the others' request spans."""
-    with http_receiver() as (endpoint, received):
-        env = {**EXPORT_ENV, "WORKERS": "1", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint}
-        with gunicorn_process(tiny_artifacts, **env) as (_, base):
-            for burst in range(5):
-                headers = [traceparent() for _ in range(8)]
+@pytest.mark.unit
+def test_prompts_encoded_together_link_each_others_requests(tiny_artifacts: Path) -> None:
+    """Two traced requests' prompts read by one encoder call: each one's `encode prompt` span links to the
+    other's request span (the engine's real records, made into spans as a request's end makes them)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-                def ask(header: str, number: int, burst: int = burst) -> int:
-                    body = {"text": f"burst {burst}, prompt {number}"}
-                    answer = requests.post(f"{base}/v1/next-token", json=body, headers={"traceparent": header},
-                                           timeout=30)  # fmt: skip
-                    return answer.status_code
+    from seqmodels.artifacts import load_artifacts
+    from service.api.tracing import Tracing, _Ending
+    from service.engine.decode_batch import DecodeBatch
+    from service.engine.jobs import Job
+    from service.engine.lstm_kernels import FusedStep
 
-                with futures.ThreadPoolExecutor(max_workers=8) as pool:
-                    assert list(pool.map(ask, [h for h, _, _ in headers], range(8))) == [200] * 8
-                encodes = [received.wait_for(trace_id, {"encode prompt"}) for _, trace_id, _ in headers]
-                together = [
-                    span for spans in encodes for span in spans
-                    if span.name == "encode prompt" and attributes(span.attributes).get("charlm.batch.prompts", 1) > 1
-                ]  # fmt: skip
-                if together:
-                    break
-    assert together, "no burst was encoded together"
-    ours = {span.span_id: span for spans in encodes for span in spans if span.kind == SERVER_KIND}
-    for span in together:
-        assert span.links and all(link.span_id in ours and link.trace_id != span.trace_id for link in span.links)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(Settings(otel_traces_exporter="otlp"))
+    tracing._pid, tracing._provider, tracing._tracer = os.getpid(), provider, provider.get_tracer("test")
+    models = load_artifacts(tiny_artifacts)
+    batch = DecodeBatch(FusedStep(models.lm), models.vocab.chars)
+    requests_made = []
+    for text in ("To be", "or not to be"):
+        span = tracing.tracer().start_span(f"request {text}")
+        records = timings.begin(span)
+        job = Job.next_token([models.vocab.bos_id, *models.vocab.encode(text)])
+        timings.end()
+        requests_made.append((span, records, job))
+    batch.admit([job for _, _, job in requests_made])
+    batch.step()
+    for span, records, _ in requests_made:
+        _Ending(tracing, span, records, False, 0, time.time_ns()).finish()
+    encodes = {
+        span.parent.span_id: span
+        for span in exporter.get_finished_spans()
+        if span.name == "encode prompt" and span.parent is not None
+    }
+    first, second = (span.get_span_context().span_id for span, _, _ in requests_made)
+    assert [link.context.span_id for link in encodes[first].links] == [second]
+    assert [link.context.span_id for link in encodes[second].links] == [first]
+    assert all(dict(span.attributes or {})["charlm.batch.prompts"] == 2 for span in encodes.values())
 
 
 def test_traces_go_over_otlp_grpc_too(tiny_artifacts: Path) -> None:
