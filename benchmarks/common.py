@@ -74,6 +74,14 @@ def timed(fn: Any, repeats: int) -> float:
 # --------------------------------------------------------------------------- reports
 
 
+def phase_table(setting: str, phases: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown rows of closed-loop phases (benchmarks.inference_protocol's closed_loop figures) by setting."""
+    lines = [f"| {setting} | goodput/s | p50 ms | p99 ms |", "|---|---|---|---|"]
+    for phase, figures in phases.items():
+        lines.append(f"| {phase} | {figures['goodput']:.0f} | {figures['p50_ms']:.1f} | {figures['p99_ms']:.1f} |")
+    return lines
+
+
 def write_report(folder: Path, stem: str, report: dict[str, Any], table: str) -> None:
     """`stem`.json and `stem`.md in `folder`, and the table on stdout."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ARTIFACTS, REPO, RESULTS, stamp, write_report
+from benchmarks.common import ARTIFACTS, REPO, RESULTS, phase_table, stamp, write_report
 from benchmarks.inference_protocol import closed_loop, v1
 from benchmarks.servers import start_gunicorn, stop, wait_until_up
 
@@ -107,17 +107,12 @@ def markdown(report: dict[str, Any]) -> str:
         "# What traces cost",
         "",
         f"`{report['command']}`, {report['when']}, on {report['machine']} ({report['cpu']}); three servers of "
-        "2 workers each, loopback, the OTLP receiver in the benchmark's process.",
+        "2 workers each, loopback, the OTLP receiver a process of its own.",
         "",
         f"{report['clients']} clients on /v1/next-token, medians of {report['rounds']} alternating rounds of "
         f"{report['seconds']:g} s:",
         "",
-        "| tracing | goodput/s | p50 ms | p99 ms |",
-        "|---|---|---|---|",
-    ]
-    for phase, figures in phases.items():
-        lines.append(f"| {phase} | {figures['goodput']:.0f} | {figures['p50_ms']:.1f} | {figures['p99_ms']:.1f} |")
-    lines += [
+        *phase_table("tracing", phases),
         "",
         f"Goodput against tracing off: {ratios}; the receiver got {report['tracing']['spans_received']} spans.",
         "",

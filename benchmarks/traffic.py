@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ARTIFACTS, RESULTS, stamp, write_report
+from benchmarks.common import ARTIFACTS, RESULTS, phase_table, stamp, write_report
 from benchmarks.inference_protocol import closed_loop, v1
 from benchmarks.rollout import metrics, wait_for, workers_of
 from benchmarks.servers import start_gunicorn, stop, wait_until_up
@@ -116,12 +116,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Shadow comparisons at {report['percent']:g} % of requests against none, {report['clients']} clients "
         f"on /v1/next-token, medians of {report['rounds']} alternating rounds of {report['seconds']:g} s:",
         "",
-        "| shadow | goodput/s | p50 ms | p99 ms |",
-        "|---|---|---|---|",
-    ]
-    for phase, figures in shadow.items():
-        lines.append(f"| {phase} | {figures['goodput']:.0f} | {figures['p50_ms']:.1f} | {figures['p99_ms']:.1f} |")
-    lines += [
+        *phase_table("shadow", shadow),
         "",
         f"With the shadow on, goodput is {ratio:.2f} x that with it off; {report['shadow']['compared']:.0f} "
         f"requests were compared and {report['shadow']['dropped']:.0f} dropped by a full queue.",

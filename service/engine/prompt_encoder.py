@@ -67,7 +67,7 @@ class PromptEncoder:
         if start is not None:
             encoding.h, encoding.c = start.h, start.c
         elif self.cache is not None:  # a session's state is its own: only prompts from the start are cached
-            looked_up = time.time_ns()
+            looked_up = time.time_ns() if job.trace is not None else 0
             encoding.keys = PrefixKeys(job.prompt_ids)
             hit = self.cache.lookup(encoding.keys)
             if hit is not None:
@@ -117,10 +117,11 @@ class PromptEncoder:
                 torch.stack([zeros if e.h is None else e.h for e in encodings], dim=1),
                 torch.stack([zeros if e.c is None else e.c for e in encodings], dim=1),
             )
-        began = time.time_ns()
+        traced = [e.job.trace for e in encodings if e.job.trace is not None]
+        began = time.time_ns() if traced else 0
         logits, (h, c) = self.kernel.prefill(pieces, initial)
         self.observer.prefilled(len(encodings))
-        if traced := [e.job.trace for e in encodings if e.job.trace is not None]:
+        if traced:
             contexts = [trace.context for trace in traced]
             batch = PromptBatch(started_ns=began, ended_ns=time.time_ns(), prompts=len(encodings), contexts=contexts)
             for trace in traced:

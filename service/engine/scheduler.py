@@ -171,11 +171,10 @@ class Scheduler:
         reserved = batch.reserved()
         room = self.max_rows - reserved
         taken, self._waiting = split_admissible(self._waiting, room, reserved == 0, time.monotonic())
-        now_ns = time.time_ns()
         for job in taken:
             job.taken_by = threading.current_thread()
             if job.trace is not None:
-                job.trace.taken_ns = now_ns
+                job.trace.taken_ns = time.time_ns()
         return taken
 
     # With more than one torch thread, a scheduler thread that has been idle this long ends (the next job

@@ -76,14 +76,19 @@ class LoopReadingWorker(ThreadWorker):
             try:
                 key.data(key.fileobj)
             except Exception:
-                self.loop_failures += 1
-                self.metrics.LOOP_FAILURES.inc()
-                log = self.log.exception if self.loop_failures == 1 else self.log.warning
-                log("an event of %r failed; its connection is closed", key.fileobj)
                 target = key.data.args[0] if isinstance(key.data, partial) and key.data.args else None
-                conn = self._connection_of(target)
-                if conn is not None:  # else the loop's own (a listener, the method queue): kept registered
-                    self._forget(conn)
+                # No connection: the loop's own (a listener, the method queue), which stays registered.
+                self._failed(f"an event of {key.fileobj!r}", self._connection_of(target))
+
+    def _failed(self, what: str, conn: TConn | None) -> None:
+        """A loop callback raised: log it (the first with its traceback), count it, and let go of its
+        connection."""
+        self.loop_failures += 1
+        self.metrics.LOOP_FAILURES.inc()
+        log = self.log.exception if self.loop_failures == 1 else self.log.warning
+        log("%s failed; its connection is closed", what)
+        if conn is not None:
+            self._forget(conn)
 
     def _connection_of(self, target: Any) -> TConn | None:
         """The connection a callback's first argument stands for (a subclass knows its own kinds)."""
@@ -217,15 +222,16 @@ class LoopReadingWorker(ThreadWorker):
             kept is not None and not kept.should_close() and self.alive and self.cfg.keepalive > 0
             and len(self.keepalived_conns) + len(self.paused) < self.max_keepalived
         )  # fmt: skip
+        seconds = math.ceil(max(retry_after, 1.0))
         answer = error_answer(
             503, "Service Unavailable", message, "service_unavailable", code,
-            head_only=head_only, headers=f"Retry-After: {math.ceil(max(retry_after, 1.0))}" + CRLF,
+            head_only=head_only, headers=f"Retry-After: {seconds}" + CRLF,
             protocol=is_protocol_path(path), close=not keep,
         )  # fmt: skip
         sent = self._send(conn, answer)
         if sent and keep:
             conn.pipelined = leftover
-            self.paused[conn] = time.monotonic() + min(math.ceil(max(retry_after, 1.0)), MAX_PAUSE_SECONDS)
+            self.paused[conn] = time.monotonic() + min(seconds, MAX_PAUSE_SECONDS)
             if not leftover:  # watched only for the client going away; what it sends waits in the kernel
                 self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_paused_readable, conn))
         elif not sent or self._nothing_unread(conn):

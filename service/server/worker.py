@@ -164,10 +164,7 @@ class GracefulThreadWorker(LoopReadingWorker):
         try:
             self.finish_request(conn, future)
         except Exception:
-            self.loop_failures += 1
-            self.metrics.LOOP_FAILURES.inc()
-            self.log.exception("finishing a request from %s failed; its connection is closed", conn.client)
-            self._forget(conn)
+            self._failed(f"finishing a request from {conn.client}", conn)
         finally:
             if kind is None:
                 self._serve_queue()
